@@ -1,0 +1,451 @@
+"""The library facade: what the CLI does, usable without it.
+
+Every function takes the target namespace (`netns`: a name, a path, or None for the caller's)
+and the bpffs directory, and raises SklookupError subclasses with a hint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import layout, sockets, state
+from .bpfsys import BpfError, query_netns_programs
+from .errors import (
+    EnvironmentProblem,
+    InvalidArgument,
+    NotLoaded,
+    PermissionDenied,
+    RuleConflict,
+    SocketRejected,
+)
+from .netns import Netns, open_netns
+from .rules import (
+    DROP,
+    ON_MISSING,
+    Rule,
+    RuleKey,
+    RuleSet,
+    check_name,
+    format_endpoint,
+    format_ports,
+    make_rule,
+    parse_endpoint,
+    parse_ports,
+    parse_prefix,
+    parse_protocol,
+)
+from .state import Dispatcher, Target
+
+DEFAULT_BPFFS = "/sys/fs/bpf"
+
+CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
+CAP_SYS_PTRACE = 19
+CAP_BPF = 39
+
+
+def _effective_caps() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def require_privileges() -> None:
+    caps = _effective_caps()
+    needed = {"CAP_SYS_ADMIN": CAP_SYS_ADMIN, "CAP_NET_ADMIN": CAP_NET_ADMIN, "CAP_BPF": CAP_BPF}
+    missing = [n for n, bit in needed.items() if not caps & (1 << bit)]
+    if missing:
+        raise PermissionDenied(
+            f"sklookupctl needs root here (missing {', '.join(missing)})", "run it with sudo"
+        )
+
+
+@dataclass
+class AttachResult:
+    rule: Rule
+    changed: bool
+    loaded: bool  # this call loaded the dispatcher into the netns
+    netns: str
+    target: str | None = None
+    socket: str = ""  # where the target's socket listens, and who holds it
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "netns": self.netns,
+            "rule": _rule_json(self.rule, None),
+            "changed": self.changed,
+            "loaded_dispatcher": self.loaded,
+            "target": self.target,
+            "socket": self.socket,
+            "notes": self.notes,
+        }
+
+
+def _rule_json(r: Rule, rule_id: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "protocol": r.key.proto,
+        "prefix": str(r.key.prefix),
+        "ports": format_ports(r.key.lo, r.key.hi),
+        "action": r.action,
+        "target": r.target,
+        "on_missing": r.on_missing,
+    }
+    if rule_id is not None:
+        out["id"] = rule_id
+    return out
+
+
+def _open_existing(base: str, ns: Netns, writer: bool) -> Dispatcher | None:
+    """The netns's dispatcher, None if there is none. A directory left by a dead namespace
+    that had the same inode is removed (writers) or ignored (readers)."""
+    path = state.netns_dir(base, ns)
+    if not os.path.isdir(path):
+        return None
+    d = Dispatcher.open(path)
+    if d.read_config().netns_cookie != ns.cookie():
+        d.close()
+        if writer:
+            state.unpin_dir(path)
+        return None
+    if d.link_netns_inode() != ns.inode:
+        d.close()
+        raise EnvironmentProblem(
+            f"the dispatcher in {ns.label} was detached by something other than sklookupctl",
+            "run `sklookupctl detach --all`, then attach again",
+        )
+    return d
+
+
+def _acquire(ns: Netns, proto: str, to: str | None, pid: int | None, fd: int | None
+             ) -> tuple[sockets.SocketInfo, str]:
+    if to is not None:
+        addr, port = parse_endpoint(to)
+        info = sockets.acquire_by_address(ns, proto, addr, port)
+        return info, format_endpoint(addr, port)
+    assert pid is not None and fd is not None
+    info = sockets.acquire_by_fd(ns, pid, fd)
+    if info.proto != proto:
+        info.close()
+        raise SocketRejected(
+            f"fd {fd} of pid {pid} is a {info.proto} socket, the rule is {proto}",
+            f"give a {proto} socket or change the rule's protocol",
+        )
+    return info, info.endpoint
+
+
+def _check_family(rule: Rule, info: sockets.SocketInfo) -> None:
+    v = rule.key.prefix.version
+    if v == 6 and info.family == socket.AF_INET:
+        raise SocketRejected(
+            f"the socket at {info.endpoint} is IPv4 and cannot take IPv6 rule {rule.key}",
+            "use an IPv6 socket for IPv6 prefixes",
+        )
+    if v == 4 and info.v6only:
+        raise SocketRejected(
+            f"the socket at {info.endpoint} is IPv6-only (IPV6_V6ONLY) and cannot take IPv4 "
+            f"rule {rule.key}",
+            "use an IPv4 socket, or a dual-stack IPv6 one bound to [::]",
+        )
+
+
+def _free_id(targets: dict[str, Target]) -> int:
+    used = {t.id for t in targets.values()}
+    for i in range(layout.MAX_TARGETS):
+        if i not in used:
+            return i
+    raise RuleConflict(f"all {layout.MAX_TARGETS} target slots are in use",
+                       "detach rules whose targets are no longer needed")
+
+
+def attach(
+    netns: str | None,
+    proto: str,
+    prefix: str,
+    ports: str,
+    *,
+    to: str | None = None,
+    pid: int | None = None,
+    fd: int | None = None,
+    drop: bool = False,
+    name: str | None = None,
+    on_missing: str = "drop",
+    replace: bool = False,
+    bpffs: str = DEFAULT_BPFFS,
+) -> AttachResult:
+    """Add (or with `replace`, change) one rule; load the dispatcher on first use."""
+    modes = sum([to is not None, pid is not None or fd is not None, drop])
+    if modes != 1:
+        raise InvalidArgument("give exactly one of --to ADDR:PORT, --pid PID --fd FD, or --drop")
+    if (pid is None) != (fd is None):
+        raise InvalidArgument("--pid and --fd go together", "pass both, or use --to ADDR:PORT")
+    if on_missing not in ON_MISSING:
+        raise InvalidArgument(f"--on-missing {on_missing!r} is not valid", "use drop or pass")
+    if drop and name:
+        raise InvalidArgument("--name names a target; a --drop rule has none")
+    if name is not None:
+        check_name(name)
+    rule_proto = parse_protocol(proto)
+    rule = make_rule(rule_proto, prefix, ports, target="?", drop=drop, on_missing=on_missing)
+    require_privileges()
+
+    with open_netns(netns) as ns:
+        info: sockets.SocketInfo | None = None
+        try:
+            if not drop:
+                info, where = _acquire(ns, rule_proto, to, pid, fd)
+                _check_family(rule, info)
+                target_name = name or f"{rule_proto}-{where}"
+                rule = Rule(rule.key, rule.action, target_name, on_missing)
+            return _attach_locked(ns, bpffs, rule, info, replace, to)
+        finally:
+            if info is not None:
+                info.close()
+
+
+def _attach_locked(ns: Netns, bpffs: str, rule: Rule, info: sockets.SocketInfo | None,
+                   replace: bool, to: str | None) -> AttachResult:
+    result = AttachResult(rule, changed=False, loaded=False, netns=ns.label, target=rule.target,
+                          socket=f"{info.endpoint}, {info.holder}" if info else "")
+    with state.locked(bpffs, exclusive=True) as base:
+        state.clean_staging(base)
+        d = _open_existing(base, ns, writer=True)
+        staging = None
+        if d is None:
+            staging = os.path.join(base, f"staging-{ns.inode}-{os.getpid()}")
+            d = state.create(staging, ns)
+            result.loaded = True
+        try:
+            with d:
+                targets = d.read_targets()
+                rs, ids = d.read_rules(targets)
+                rule_changed = rs.check_add(rule, replace)
+                new_socket = False
+                if info is not None and rule.target is not None:
+                    new_socket = _place_target(d, targets, rule, info, replace, to, result)
+                if rule_changed:
+                    rs.add(rule, replace)
+                    d.commit(rs, ids, targets)
+                    _gc_targets(d, rs, targets)
+                result.changed = rule_changed or new_socket or result.loaded
+                if staging is not None:
+                    state.attach_link(d, ns)
+                    os.rename(staging, state.netns_dir(base, ns))
+                    staging = None
+        finally:
+            if staging is not None:
+                state.unpin_dir(staging)
+    return result
+
+
+def _place_target(d: Dispatcher, targets: dict[str, Target], rule: Rule,
+                  info: sockets.SocketInfo, replace: bool, to: str | None,
+                  result: AttachResult) -> bool:
+    """Register the rule's target socket (before any rule points at it). True if it changed."""
+    name = rule.target or ""
+    existing = targets.get(name)
+    if existing is not None and existing.proto != info.proto:
+        raise RuleConflict(f"target {name} is a {existing.proto} target, the socket is "
+                           f"{info.proto}", "use another --name")
+    addr, port = parse_endpoint(to) if to else (info.addr, info.port)
+    if existing is not None and (existing.addr, existing.port) != (addr, port) and not replace:
+        raise RuleConflict(
+            f"target {name} points at {format_endpoint(existing.addr, existing.port)}",
+            "pass --replace to point it elsewhere, or use another --name",
+        )
+    if existing is not None and d.socket_cookie(existing.id) == info.cookie \
+            and (existing.addr, existing.port) == (addr, port):
+        return False
+    tid = existing.id if existing is not None else _free_id(targets)
+    target = Target(tid, name, info.proto, info.family, addr, port, info.cookie)
+    if existing is not None:
+        result.notes.append(f"target {name}: socket registered again ({info.holder})")
+    d.put_target(target, info.fd)
+    targets[name] = target
+    return True
+
+
+def _gc_targets(d: Dispatcher, rs: RuleSet, targets: dict[str, Target]) -> None:
+    used = rs.targets_in_use()
+    for name, t in list(targets.items()):
+        if name not in used:
+            d.drop_target(t.id)
+            del targets[name]
+
+
+@dataclass
+class DetachResult:
+    netns: str
+    removed: str
+    dispatcher_removed: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"netns": self.netns, "removed": self.removed,
+                "dispatcher_removed": self.dispatcher_removed}
+
+
+def detach(netns: str | None, proto: str, prefix: str, ports: str, *,
+           bpffs: str = DEFAULT_BPFFS) -> DetachResult:
+    """Remove one rule (and its target when no other rule uses it)."""
+    lo, hi = parse_ports(ports)
+    key = RuleKey(parse_protocol(proto), parse_prefix(prefix), lo, hi)
+    require_privileges()
+    with open_netns(netns) as ns, state.locked(bpffs, exclusive=True) as base:
+        d = _open_existing(base, ns, writer=True)
+        if d is None:
+            raise NotLoaded(f"no sklookupctl dispatcher in {ns.label}, so no rule {key}",
+                            "see `sklookupctl status`")
+        with d:
+            targets = d.read_targets()
+            rs, ids = d.read_rules(targets)
+            removed = rs.remove(key)
+            d.commit(rs, ids, targets)
+            _gc_targets(d, rs, targets)
+        return DetachResult(ns.label, f"{key} {removed.describe()}", False)
+
+
+def detach_all(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> DetachResult:
+    """Detach our dispatcher from the netns and remove its pins. Other tools' links stay."""
+    require_privileges()
+    with open_netns(netns) as ns, state.locked(bpffs, exclusive=True) as base:
+        path = state.netns_dir(base, ns)
+        if not os.path.isdir(path):
+            return DetachResult(ns.label, "nothing: no dispatcher was attached", False)
+        try:
+            d = Dispatcher.open(path)
+        except EnvironmentProblem:
+            # incomplete or foreign-layout state: unpinning is all that can be done, and it
+            # releases a link that only the pin held
+            state.unpin_dir(path)
+            return DetachResult(ns.label, "damaged state directory", True)
+        with d:
+            # a directory left by a dead namespace with this inode has a link that is already
+            # detached; LINK_DETACH on it is harmless
+            state.remove(d)
+        return DetachResult(ns.label, "dispatcher and all rules", True)
+
+
+def status(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> dict[str, Any]:
+    """What is loaded in the netns: program, link, rules, targets and their sockets."""
+    require_privileges()
+    with open_netns(netns) as ns, state.locked(bpffs, exclusive=False) as base:
+        out: dict[str, Any] = {"netns": ns.label, "netns_inode": ns.inode, "bpffs": bpffs}
+        try:
+            attached = query_netns_programs(ns.fd)
+        except BpfError as e:
+            raise EnvironmentProblem(f"cannot query {ns.label}: {e.strerror}") from None
+        d = _open_existing(base, ns, writer=False) if os.path.isdir(base) else None
+        if d is None:
+            out.update(loaded=False, other_programs=attached, rules=[], targets=[])
+            return out
+        with d:
+            prog_id = int(d.program.info().id)
+            link = d.link.info() if d.link else None
+            targets = d.read_targets()
+            rs, ids = d.read_rules(targets)
+            cookies = {t.name: d.socket_cookie(t.id) for t in targets.values()}
+            holders = sockets.owners_by_cookie(ns, [c for c in cookies.values() if c])
+            out.update(
+                loaded=True,
+                path=d.path,
+                program_id=prog_id,
+                link_id=int(link.id) if link else None,
+                position=attached.index(prog_id) + 1 if prog_id in attached else None,
+                other_programs=[p for p in attached if p != prog_id],
+                generation=int(d.read_config().gen),
+                rules=[_rule_json(r, ids.get(r.key)) for r in rs.sorted()],
+                targets=[_target_json(t, cookies[t.name], holders) for t in
+                         sorted(targets.values(), key=lambda t: t.name)],
+            )
+        return out
+
+
+def _target_json(t: Target, cookie: int | None, holders: dict[int, list[sockets.Holder]]
+                 ) -> dict[str, Any]:
+    hs = holders.get(cookie, []) if cookie else []
+    return {
+        "name": t.name,
+        "protocol": t.proto,
+        "address": format_endpoint(t.addr, t.port),
+        "socket": "live" if cookie else "missing",
+        "cookie": cookie,
+        "holders": [{"pid": h.pid, "comm": h.comm, "fd": h.fd} for h in hs],
+    }
+
+
+# -- namespaces and addresses --------------------------------------------------------------
+
+
+def netns_add(name: str) -> None:
+    from . import netns as nsmod
+
+    require_privileges()
+    nsmod.create(name)
+
+
+def netns_del(name: str, *, bpffs: str = DEFAULT_BPFFS) -> bool:
+    """Delete a named netns, first detaching our dispatcher from it. True if one was there."""
+    from . import netns as nsmod
+
+    require_privileges()
+    nsmod._check_name(name)
+    had = False
+    with contextlib.suppress(EnvironmentProblem):
+        had = detach_all(name, bpffs=bpffs).dispatcher_removed
+    nsmod.delete(name)
+    return had
+
+
+def netns_list() -> list[dict[str, object]]:
+    from . import netns as nsmod
+
+    return nsmod.list_named()
+
+
+def addr_add(netns: str | None, prefix: str) -> bool:
+    from . import netns as nsmod
+
+    net = parse_prefix(prefix)
+    require_privileges()
+    with open_netns(netns) as ns:
+        return nsmod.addr_add(ns, net)
+
+
+def addr_del(netns: str | None, prefix: str) -> None:
+    from . import netns as nsmod
+
+    net = parse_prefix(prefix)
+    require_privileges()
+    with open_netns(netns) as ns:
+        nsmod.addr_del(ns, net)
+
+
+def addr_list(netns: str | None) -> list[str]:
+    from . import netns as nsmod
+
+    require_privileges()
+    with open_netns(netns) as ns:
+        return [str(n) for n in nsmod.addr_list(ns)]
+
+
+__all__ = [
+    "DROP",
+    "AttachResult",
+    "DetachResult",
+    "addr_add",
+    "addr_del",
+    "addr_list",
+    "attach",
+    "detach",
+    "detach_all",
+    "netns_add",
+    "netns_del",
+    "netns_list",
+    "status",
+]

@@ -1,0 +1,383 @@
+"""The bpf() system call, through ctypes: maps, pins, links, object info, queries, test runs.
+
+The only module that talks bpf() directly. It does not import BCC, so commands that only read
+or change rules of an already loaded dispatcher stay fast. Objects own their fd: close them (or
+use them as context managers) when done.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+SYS_BPF = 321  # x86_64
+
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_PIN = 6
+BPF_OBJ_GET = 7
+BPF_PROG_TEST_RUN = 10
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_PROG_QUERY = 16
+BPF_LINK_CREATE = 28
+BPF_LINK_GET_FD_BY_ID = 30
+BPF_LINK_GET_NEXT_ID = 31
+BPF_LINK_DETACH = 34
+
+BPF_SK_LOOKUP = 36
+BPF_PROG_TYPE_SK_LOOKUP = 30
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+
+BPF_FS_MAGIC = 0xCAFE4A11
+
+
+class BpfError(OSError):
+    """A failed bpf() command; `op` names it."""
+
+    def __init__(self, op: str, err: int) -> None:
+        super().__init__(err, f"{op}: {os.strerror(err)}")
+        self.op = op
+
+
+class _Attr(ctypes.Structure):
+    # union bpf_attr is 160 bytes on 6.x; pass a zeroed buffer of that size
+    _fields_ = [("raw", ctypes.c_uint8 * 160)]
+
+
+def _bpf(cmd: int, attr: ctypes.Structure, op: str) -> int:
+    buf = _Attr()
+    ctypes.memmove(ctypes.byref(buf), ctypes.byref(attr), ctypes.sizeof(attr))
+    ret = _libc.syscall(SYS_BPF, cmd, ctypes.byref(buf), ctypes.sizeof(buf))
+    if ret < 0:
+        raise BpfError(op, ctypes.get_errno())
+    ctypes.memmove(ctypes.byref(attr), ctypes.byref(buf), ctypes.sizeof(attr))
+    return int(ret)
+
+
+class _ElemAttr(ctypes.Structure):
+    _fields_ = [
+        ("map_fd", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("key", ctypes.c_uint64),
+        ("value", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+class _ObjAttr(ctypes.Structure):
+    _fields_ = [
+        ("pathname", ctypes.c_uint64),
+        ("bpf_fd", ctypes.c_uint32),
+        ("file_flags", ctypes.c_uint32),
+    ]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [
+        ("bpf_fd", ctypes.c_uint32),
+        ("info_len", ctypes.c_uint32),
+        ("info", ctypes.c_uint64),
+    ]
+
+
+class _QueryAttr(ctypes.Structure):
+    _fields_ = [
+        ("target_fd", ctypes.c_uint32),
+        ("attach_type", ctypes.c_uint32),
+        ("query_flags", ctypes.c_uint32),
+        ("attach_flags", ctypes.c_uint32),
+        ("prog_ids", ctypes.c_uint64),
+        ("prog_cnt", ctypes.c_uint32),
+    ]
+
+
+class _LinkCreateAttr(ctypes.Structure):
+    _fields_ = [
+        ("prog_fd", ctypes.c_uint32),
+        ("target_fd", ctypes.c_uint32),
+        ("attach_type", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+    ]
+
+
+class _IdAttr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32), ("open_flags", ctypes.c_uint32)]
+
+
+class _TestRunAttr(ctypes.Structure):
+    _fields_ = [
+        ("prog_fd", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("data_in", ctypes.c_uint64),
+        ("data_out", ctypes.c_uint64),
+        ("repeat", ctypes.c_uint32),
+        ("duration", ctypes.c_uint32),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_uint64),
+        ("ctx_out", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+    ]
+
+
+class ProgInfo(ctypes.Structure):
+    """mirrors the head of struct bpf_prog_info"""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+class MapInfo(ctypes.Structure):
+    """mirrors the head of struct bpf_map_info"""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+class LinkInfo(ctypes.Structure):
+    """mirrors the head of struct bpf_link_info, with its netns member"""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("prog_id", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("netns_ino", ctypes.c_uint32),
+        ("attach_type", ctypes.c_uint32),
+    ]
+
+
+_InfoT = TypeVar("_InfoT", ProgInfo, MapInfo, LinkInfo)
+
+
+def _get_info(fd: int, info: _InfoT) -> _InfoT:
+    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "get object info")
+    return info
+
+
+class Fd:
+    """A file descriptor this object owns."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self: _SelfT) -> _SelfT:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except OSError:
+            pass
+
+    def pin(self, path: str) -> None:
+        name = os.fsencode(path)
+        attr = _ObjAttr(pathname=ctypes.cast(ctypes.c_char_p(name), ctypes.c_void_p).value or 0,
+                        bpf_fd=self.fd)
+        _bpf(BPF_OBJ_PIN, attr, f"pin {path}")
+
+
+_SelfT = TypeVar("_SelfT", bound=Fd)
+
+
+def obj_get(path: str) -> int:
+    """Open a pinned object; returns a new fd."""
+    name = ctypes.c_char_p(os.fsencode(path))
+    attr = _ObjAttr(pathname=ctypes.cast(name, ctypes.c_void_p).value or 0)
+    return _bpf(BPF_OBJ_GET, attr, f"open pinned {path}")
+
+
+K = TypeVar("K", bound=Any)
+V = TypeVar("V", bound=Any)
+
+
+class Map(Fd, Generic[K, V]):
+    """A BPF map with ctypes key and value types."""
+
+    def __init__(self, fd: int, key_type: type[K], value_type: type[V]) -> None:
+        super().__init__(fd)
+        self.key_type = key_type
+        self.value_type = value_type
+
+    @classmethod
+    def from_pin(cls, path: str, key_type: type[K], value_type: type[V]) -> Map[K, V]:
+        return cls(obj_get(path), key_type, value_type)
+
+    def info(self) -> MapInfo:
+        return _get_info(self.fd, MapInfo())
+
+    def lookup(self, key: K) -> V | None:
+        value = self.value_type()
+        attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(key), value=ctypes.addressof(value))
+        try:
+            _bpf(BPF_MAP_LOOKUP_ELEM, attr, "map lookup")
+        except BpfError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+        return value
+
+    def update(self, key: K, value: Any, flags: int = BPF_ANY) -> None:
+        attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(key),
+                         value=ctypes.addressof(value), flags=flags)
+        _bpf(BPF_MAP_UPDATE_ELEM, attr, "map update")
+
+    def delete(self, key: K) -> bool:
+        """Delete `key`; False when it was not there."""
+        attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(key))
+        try:
+            _bpf(BPF_MAP_DELETE_ELEM, attr, "map delete")
+        except BpfError as e:
+            if e.errno == errno.ENOENT:
+                return False
+            raise
+        return True
+
+    def keys(self) -> Iterator[K]:
+        """All keys. Collected first, so callers may delete while iterating."""
+        found: list[K] = []
+        key: K | None = None
+        while True:
+            nxt = self.key_type()
+            attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(key) if key is not None else 0,
+                             value=ctypes.addressof(nxt))
+            try:
+                _bpf(BPF_MAP_GET_NEXT_KEY, attr, "map iterate")
+            except BpfError as e:
+                if e.errno == errno.ENOENT:
+                    break
+                raise
+            found.append(nxt)
+            key = nxt
+        return iter(found)
+
+    def items(self) -> Iterator[tuple[K, V]]:
+        for k in self.keys():
+            v = self.lookup(k)
+            if v is not None:
+                yield k, v
+
+
+class Program(Fd):
+    @classmethod
+    def from_pin(cls, path: str) -> Program:
+        return cls(obj_get(path))
+
+    @classmethod
+    def from_id(cls, prog_id: int) -> Program:
+        return cls(_bpf(BPF_PROG_GET_FD_BY_ID, _IdAttr(id=prog_id), f"open program {prog_id}"))
+
+    def info(self) -> ProgInfo:
+        return _get_info(self.fd, ProgInfo())
+
+    def test_run(self, ctx: ctypes.Structure, repeat: int = 1) -> tuple[int, int, bytes]:
+        """BPF_PROG_TEST_RUN with `ctx` as context: (return value, ns per run, ctx out)."""
+        out = (ctypes.c_uint8 * ctypes.sizeof(ctx))()
+        attr = _TestRunAttr(prog_fd=self.fd, repeat=repeat,
+                            ctx_size_in=ctypes.sizeof(ctx), ctx_in=ctypes.addressof(ctx),
+                            ctx_size_out=ctypes.sizeof(out), ctx_out=ctypes.addressof(out))
+        _bpf(BPF_PROG_TEST_RUN, attr, "test run")
+        return attr.retval, attr.duration, bytes(out)
+
+
+class Link(Fd):
+    """A bpf_link. Closing it while unpinned detaches it."""
+
+    @classmethod
+    def create_netns(cls, prog: Program, netns_fd: int) -> Link:
+        attr = _LinkCreateAttr(prog_fd=prog.fd, target_fd=netns_fd, attach_type=BPF_SK_LOOKUP)
+        return cls(_bpf(BPF_LINK_CREATE, attr, "attach to netns"))
+
+    @classmethod
+    def from_pin(cls, path: str) -> Link:
+        return cls(obj_get(path))
+
+    @classmethod
+    def from_id(cls, link_id: int) -> Link:
+        return cls(_bpf(BPF_LINK_GET_FD_BY_ID, _IdAttr(id=link_id), f"open link {link_id}"))
+
+    def info(self) -> LinkInfo:
+        return _get_info(self.fd, LinkInfo())
+
+    def detach(self) -> None:
+        _bpf(BPF_LINK_DETACH, _IdAttr(id=self.fd), "detach link")
+
+
+def link_ids() -> Iterator[int]:
+    """Ids of every bpf_link on the machine."""
+    cur = 0
+    while True:
+        attr = _IdAttr(id=cur)
+        try:
+            _bpf(BPF_LINK_GET_NEXT_ID, attr, "list links")
+        except BpfError as e:
+            if e.errno == errno.ENOENT:
+                return
+            raise
+        cur = attr.next_id
+        yield cur
+
+
+def query_netns_programs(netns_fd: int) -> list[int]:
+    """Ids of the sk_lookup programs attached to a netns, in run order."""
+    ids = (ctypes.c_uint32 * 64)()
+    attr = _QueryAttr(target_fd=netns_fd, attach_type=BPF_SK_LOOKUP,
+                      prog_ids=ctypes.addressof(ids), prog_cnt=64)
+    _bpf(BPF_PROG_QUERY, attr, "query netns programs")
+    return list(ids[: attr.prog_cnt])
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_long * 15)]
+
+
+def is_bpffs(path: str) -> bool:
+    buf = _Statfs()
+    if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return (buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC

@@ -1,0 +1,272 @@
+"""The sklookupctl command line: a thin layer over sklookupctl.api.
+
+Noun commands read; verb commands change state. Library errors become one-line messages here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from . import __version__, api, render
+from .bpfsys import BpfError
+from .errors import CompileError, SklookupError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class Obj:
+    def __init__(self, netns: str | None, bpffs: str) -> None:
+        self.netns = netns
+        self.bpffs = bpffs
+
+
+class UserError(click.ClickException):
+    """A library error as one line (plus the compiler/verifier log when there is one)."""
+
+    def __init__(self, message: str, log: str = "") -> None:
+        super().__init__(message)
+        self.log = log
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+        if self.log:
+            click.echo(self.log, err=True)
+
+
+class Group(click.Group):
+    """Turns library errors into one-line messages for every subcommand."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CompileError as e:
+            raise UserError(e.message, e.log) from None
+        except SklookupError as e:
+            raise UserError(e.message + (f" ({e.hint})" if e.hint else "")) from None
+        except (BpfError, PermissionError) as e:
+            hint = " (run as root)" if e.errno == 1 else ""
+            raise UserError(f"{e}{hint}") from None
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+
+@click.group(cls=Group, context_settings=CONTEXT)
+@click.option("--netns", "-n", metavar="NS",
+              help="Target network namespace: a name under /run/netns or a path such as "
+                   "/proc/PID/ns/net. Default: the caller's own.")
+@click.option("--bpffs", default=api.DEFAULT_BPFFS, show_default=True, metavar="DIR",
+              help="bpffs mount where the dispatcher's pins live (one directory per netns).")
+@click.version_option(__version__, prog_name="sklookupctl")
+@click.pass_context
+def cli(ctx: click.Context, netns: str | None, bpffs: str) -> None:
+    """Steer connections for whole prefixes and port ranges to one socket (BPF sk_lookup).
+
+    \b
+    Typical runbook:
+      sklookupctl netns add edge                     # or use an existing namespace
+      sklookupctl -n edge addr add 192.0.2.0/24      # make the prefix local (AnyIP)
+      sklookupctl -n edge attach tcp 192.0.2.0/24 all --to 127.0.0.1:8080
+      sklookupctl -n edge status
+
+    Steering lives in bpffs and outlives this command. Run as root.
+    """
+    ctx.obj = Obj(netns, bpffs)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("proto", metavar="PROTO")
+@click.argument("prefix", metavar="PREFIX")
+@click.argument("ports", metavar="PORTS")
+@click.option("--to", "to", metavar="ADDR:PORT",
+              help="Steer to the socket listening (TCP) or bound (UDP) at this address in the "
+                   "target netns; a wildcard listener on the port also matches. IPv6: [::1]:80.")
+@click.option("--pid", type=int, metavar="PID", help="With --fd: steer to fd FD of process PID.")
+@click.option("--fd", type=int, metavar="FD", help="With --pid: the socket's fd in that process.")
+@click.option("--drop", is_flag=True, help="Refuse matching connections and datagrams.")
+@click.option("--name", metavar="TARGET",
+              help="Name of the target (default: PROTO-ADDR:PORT). Rules naming the same target "
+                   "share its socket; re-running attach re-registers a restarted proxy.")
+@click.option("--on-missing", type=click.Choice(["drop", "pass"]), default="drop",
+              show_default=True,
+              help="When the target's socket is gone: drop, or pass to the normal lookup.")
+@click.option("--replace", is_flag=True,
+              help="Change an existing rule with the same PROTO PREFIX PORTS (or re-point TARGET).")
+@json_option
+@click.pass_obj
+def attach(obj: Obj, proto: str, prefix: str, ports: str, to: str | None, pid: int | None,
+           fd: int | None, drop: bool, name: str | None, on_missing: str, replace: bool,
+           as_json: bool) -> None:
+    """Steer PROTO traffic to PREFIX on PORTS to one socket (or drop it).
+
+    \b
+    PROTO   tcp or udp
+    PREFIX  an IPv4/IPv6 CIDR (192.0.2.0/24, 2001:db8::/64) or one address
+    PORTS   N, LO-HI or all
+
+    The longest prefix wins, then the narrowest port range. Port ranges of one protocol and
+    prefix must nest or be disjoint. Re-running the same attach changes nothing. The first
+    attach in a netns compiles and attaches the dispatcher; later ones only add rules.
+
+    \b
+    Examples:
+      sklookupctl -n edge attach tcp 192.0.2.0/24 1-65535 --to 127.0.0.1:8080
+      sklookupctl -n edge attach udp 2001:db8::/64 53 --to [::1]:5353
+      sklookupctl -n edge attach tcp 192.0.2.66 22 --drop
+    """
+    res = api.attach(obj.netns, proto, prefix, ports, to=to, pid=pid, fd=fd, drop=drop,
+                     name=name, on_missing=on_missing, replace=replace, bpffs=obj.bpffs)
+    if as_json:
+        render.emit_json(res.to_json())
+        return
+    if res.loaded:
+        render.say(f"loaded the dispatcher into {res.netns}")
+    verb = "added" if res.changed else "unchanged:"
+    render.say(f"{verb} {res.rule.key} {res.rule.describe()}"
+               + (f"  (socket {res.socket})" if res.socket and res.changed else ""))
+    for note in res.notes:
+        render.say(note)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("proto", metavar="PROTO", required=False)
+@click.argument("prefix", metavar="PREFIX", required=False)
+@click.argument("ports", metavar="PORTS", required=False)
+@click.option("--all", "all_", is_flag=True,
+              help="Detach the dispatcher from the netns and remove all its rules and pins. "
+                   "Links of other tools stay.")
+@json_option
+@click.pass_obj
+def detach(obj: Obj, proto: str | None, prefix: str | None, ports: str | None, all_: bool,
+           as_json: bool) -> None:
+    """Remove the rule PROTO PREFIX PORTS, or with --all everything sklookupctl attached.
+
+    \b
+    Examples:
+      sklookupctl -n edge detach tcp 192.0.2.0/24 1-65535
+      sklookupctl -n edge detach --all
+    """
+    given = [a for a in (proto, prefix, ports) if a is not None]
+    if all_ and given:
+        raise click.UsageError("give either PROTO PREFIX PORTS or --all, not both")
+    if not all_ and len(given) != 3:
+        raise click.UsageError("give PROTO PREFIX PORTS of the rule to remove, or --all")
+    if all_:
+        res = api.detach_all(obj.netns, bpffs=obj.bpffs)
+    else:
+        assert proto and prefix and ports
+        res = api.detach(obj.netns, proto, prefix, ports, bpffs=obj.bpffs)
+    if as_json:
+        render.emit_json(res.to_json())
+    else:
+        render.say(f"removed {res.removed} from {res.netns}")
+
+
+@cli.command(context_settings=CONTEXT)
+@json_option
+@click.pass_obj
+def status(obj: Obj, as_json: bool) -> None:
+    """Show the dispatcher, its rules, and each target's socket and holder."""
+    st = api.status(obj.netns, bpffs=obj.bpffs)
+    if as_json:
+        render.emit_json(st)
+    else:
+        render.status(st)
+
+
+@cli.group(cls=Group, context_settings=CONTEXT)
+def netns() -> None:
+    """Named network namespaces (under /run/netns)."""
+
+
+@netns.command("add", context_settings=CONTEXT)
+@click.argument("name")
+def netns_add(name: str) -> None:
+    """Create namespace NAME with lo up."""
+    api.netns_add(name)
+    render.say(f"created network namespace {name}")
+
+
+@netns.command("del", context_settings=CONTEXT)
+@click.argument("name")
+@click.pass_obj
+def netns_del(obj: Obj, name: str) -> None:
+    """Delete namespace NAME (detaching sklookupctl's dispatcher from it first)."""
+    had = api.netns_del(name, bpffs=obj.bpffs)
+    render.say(f"deleted network namespace {name}" + (" and its dispatcher" if had else ""))
+
+
+@netns.command("list", context_settings=CONTEXT)
+@json_option
+def netns_list(as_json: bool) -> None:
+    """List named namespaces."""
+    items = api.netns_list()
+    if as_json:
+        render.emit_json(items)
+    elif items:
+        render.simple_table("Network namespaces", ["name", "inode"],
+                            [[str(i["name"]), str(i["inode"])] for i in items])
+    else:
+        render.say("no named network namespaces")
+
+
+@cli.group(cls=Group, context_settings=CONTEXT)
+def addr() -> None:
+    """AnyIP prefixes of the target netns: local routes on lo, so every address is local."""
+
+
+@addr.command("add", context_settings=CONTEXT)
+@click.argument("prefix")
+@click.pass_obj
+def addr_add(obj: Obj, prefix: str) -> None:
+    """Make every address in PREFIX local to the netns."""
+    added = api.addr_add(obj.netns, prefix)
+    render.say(f"{'added' if added else 'unchanged: already there'} {prefix}")
+
+
+@addr.command("del", context_settings=CONTEXT)
+@click.argument("prefix")
+@click.pass_obj
+def addr_del(obj: Obj, prefix: str) -> None:
+    """Remove an AnyIP PREFIX."""
+    api.addr_del(obj.netns, prefix)
+    render.say(f"removed {prefix}")
+
+
+@addr.command("list", context_settings=CONTEXT)
+@json_option
+@click.pass_obj
+def addr_list(obj: Obj, as_json: bool) -> None:
+    """List AnyIP prefixes."""
+    items = api.addr_list(obj.netns)
+    if as_json:
+        render.emit_json(items)
+    elif items:
+        for i in items:
+            render.say(i)
+    else:
+        render.say("no AnyIP prefixes")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--keep", is_flag=True, help="Leave the namespace, proxy and rules running.")
+@click.option("--samples", default=12, show_default=True, type=click.IntRange(1, 1000),
+              help="Random (address, port) pairs to dial.")
+@json_option
+@click.pass_obj
+def demo(obj: Obj, keep: bool, samples: int, as_json: bool) -> None:
+    """Show sklookupctl working, in a namespace of its own.
+
+    Creates a netns with 192.0.2.0/24 and 2001:db8::/64 as AnyIP, runs an echo proxy with one
+    TCP and one UDP socket, steers tcp and udp on all ports of both prefixes to it, dials random
+    addresses and ports, and shows where each landed. Then removes everything (unless --keep).
+    """
+    from . import demo as demo_mod
+
+    demo_mod.run(keep=keep, samples=samples, as_json=as_json, bpffs=obj.bpffs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="sklookupctl")

@@ -1,0 +1,210 @@
+"""A small echo proxy used by the demo and the tests: `python -m sklookupctl.echo`.
+
+It enters a network namespace, opens one TCP listener and/or one UDP socket, prints one JSON
+line (pid, fds, addresses) and serves until killed or until --lifetime seconds have passed.
+Each TCP connection first receives the original destination ("ADDR PORT\\n", from
+getsockname()), then its own bytes back. Each UDP datagram is answered with the original
+destination (from IP_RECVORIGDSTADDR / IPV6_RECVORIGDSTADDR) followed by the datagram.
+Client helpers for the same protocol live here too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+
+IP_RECVORIGDSTADDR = 20
+IP_ORIGDSTADDR = 20
+IPV6_RECVORIGDSTADDR = 74
+IPV6_ORIGDSTADDR = 74
+CLONE_NEWNET = 0x40000000
+IP_FREEBIND = 15
+
+
+def parse(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+
+
+def open_tcp(endpoint: str, v6only: bool = False) -> socket.socket:
+    host, port = parse(endpoint)
+    s = socket.socket(_family(host), socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if s.family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+    s.bind((host, port))
+    s.listen(128)
+    return s
+
+
+def open_udp(endpoint: str, v6only: bool = False) -> socket.socket:
+    host, port = parse(endpoint)
+    s = socket.socket(_family(host), socket.SOCK_DGRAM)
+    if s.family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+        s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
+    s.setsockopt(socket.IPPROTO_IP, IP_RECVORIGDSTADDR, 1)
+    s.bind((host, port))
+    return s
+
+
+def orig_dst(ancdata: list[tuple[int, int, bytes]]) -> str:
+    """The original destination of a datagram, as 'ADDR PORT'."""
+    for level, ctype, data in ancdata:
+        if level == socket.IPPROTO_IP and ctype == IP_ORIGDSTADDR:
+            port = struct.unpack_from("!H", data, 2)[0]
+            return f"{ipaddress.IPv4Address(data[4:8])} {port}"
+        if level == socket.IPPROTO_IPV6 and ctype == IPV6_ORIGDSTADDR:
+            port = struct.unpack_from("!H", data, 2)[0]
+            addr = ipaddress.IPv6Address(data[8:24])
+            mapped = addr.ipv4_mapped
+            return f"{mapped or addr} {port}"
+    return "? ?"
+
+
+def _serve_conn(conn: socket.socket) -> None:
+    with conn:
+        host, port = conn.getsockname()[:2]
+        addr = ipaddress.ip_address(host.split("%")[0])
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        try:
+            conn.sendall(f"{addr} {port}\n".encode())
+            while data := conn.recv(4096):
+                conn.sendall(data)
+        except OSError:
+            pass
+
+
+def serve_tcp(s: socket.socket) -> None:
+    while True:
+        try:
+            conn, _ = s.accept()
+        except OSError:
+            return
+        threading.Thread(target=_serve_conn, args=(conn,), daemon=True).start()
+
+
+def _reply_from(dst: str, peer: tuple[str, int], payload: bytes, fallback: socket.socket) -> None:
+    """Reply from the original destination, so a client connected to it accepts the answer."""
+    host, _, port = dst.partition(" ")
+    peer_addr = ipaddress.ip_address(peer[0].split("%")[0])
+    if isinstance(peer_addr, ipaddress.IPv6Address) and peer_addr.ipv4_mapped:
+        peer_addr = peer_addr.ipv4_mapped
+    try:
+        with socket.socket(_family(host), socket.SOCK_DGRAM) as r:
+            r.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            r.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+            r.bind((host, int(port)))
+            r.sendto(payload, (str(peer_addr), peer[1]))
+    except (OSError, ValueError):
+        fallback.sendto(payload, peer)
+
+
+def serve_udp(s: socket.socket) -> None:
+    while True:
+        try:
+            data, anc, _flags, peer = s.recvmsg(4096, 1024)
+        except OSError:
+            return
+        dst = orig_dst(anc)
+        _reply_from(dst, peer, dst.encode() + b"\n" + data, s)
+
+
+# -- clients: what tests and the demo dial with ----------------------------------------------
+
+
+def dial_tcp(host: str, port: int, timeout: float = 2.0, payload: bytes = b"") -> str:
+    """Connect and return the first line the server sends ('ADDR PORT'), or 'refused' or
+    'timeout'. The calling thread must already be in the namespace to dial from."""
+    s = socket.socket(_family(host), socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect((host, port))
+        if payload:
+            s.sendall(payload)
+        return _readline(s)
+    except ConnectionRefusedError:
+        return "refused"
+    except (TimeoutError, socket.timeout):
+        return "timeout"
+    except ConnectionResetError:
+        return "reset"
+    finally:
+        s.close()
+
+
+def _readline(s: socket.socket) -> str:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode().strip() or "closed"
+
+
+def dial_udp(host: str, port: int, timeout: float = 1.0) -> str:
+    """Send one datagram and return the first reply line, or 'refused' or 'timeout'."""
+    s = socket.socket(_family(host), socket.SOCK_DGRAM)
+    s.settimeout(timeout)
+    try:
+        s.connect((host, port))  # so an ICMP port unreachable comes back as ECONNREFUSED
+        s.send(b"ping")
+        return s.recv(4096).split(b"\n", 1)[0].decode()
+    except ConnectionRefusedError:
+        return "refused"
+    except (TimeoutError, socket.timeout):
+        return "timeout"
+    finally:
+        s.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--netns", help="path of the network namespace to serve in")
+    ap.add_argument("--tcp", metavar="ADDR:PORT")
+    ap.add_argument("--udp", metavar="ADDR:PORT")
+    ap.add_argument("--v6only", action="store_true")
+    ap.add_argument("--lifetime", type=float, default=600.0,
+                    help="exit after this many seconds (0: never)")
+    args = ap.parse_args()
+    if args.netns:
+        import ctypes
+
+        fd = os.open(args.netns, os.O_RDONLY)
+        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+            sys.exit(f"setns {args.netns}: {os.strerror(ctypes.get_errno())}")
+        os.close(fd)
+    ready: dict[str, object] = {"pid": os.getpid()}
+    socks = []
+    if args.tcp:
+        t = open_tcp(args.tcp, args.v6only)
+        socks.append(t)
+        ready.update(tcp_fd=t.fileno(), tcp_port=t.getsockname()[1])
+        threading.Thread(target=serve_tcp, args=(t,), daemon=True).start()
+    if args.udp:
+        u = open_udp(args.udp, args.v6only)
+        socks.append(u)
+        ready.update(udp_fd=u.fileno(), udp_port=u.getsockname()[1])
+        threading.Thread(target=serve_udp, args=(u,), daemon=True).start()
+    print(json.dumps(ready), flush=True)
+    if args.lifetime > 0:
+        time.sleep(args.lifetime)
+    else:
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

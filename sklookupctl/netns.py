@@ -1,0 +1,237 @@
+"""Network namespaces and AnyIP addresses, through pyroute2.
+
+A target namespace is named (a file under /run/netns), given as a path (/proc/PID/ns/net), or
+the caller's own. It is never created by accident: only `create()` makes one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import ipaddress
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .errors import InvalidArgument, NotFound, PermissionDenied, SklookupError
+from .rules import IPNetwork
+
+NETNS_RUN_DIR = "/run/netns"
+CLONE_NEWNET = 0x40000000
+NS_GET_NSTYPE = 0xB703
+SO_NETNS_COOKIE = 71
+RT_TABLE_LOCAL = 255
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass
+class Netns:
+    """An open network namespace. Owns `fd`."""
+
+    spec: str  # as the user gave it ("" for the caller's own)
+    path: str
+    fd: int
+    inode: int
+
+    @property
+    def label(self) -> str:
+        return self.spec or f"caller's netns ({self.inode})"
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Netns:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def cookie(self) -> int:
+        """The netns cookie: unlike the inode, never reused after the namespace is gone."""
+        with enter(self), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+
+
+def path_of(spec: str | None) -> str:
+    if not spec:
+        return "/proc/thread-self/ns/net"
+    if "/" in spec:
+        return spec
+    if spec in (".", ".."):
+        raise InvalidArgument(f"netns name {spec!r} is not valid")
+    return os.path.join(NETNS_RUN_DIR, spec)
+
+
+def open_netns(spec: str | None) -> Netns:
+    """Open the namespace named or located by `spec` (None: the caller's)."""
+    path = path_of(spec)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound(
+            f"network namespace {spec!r} does not exist",
+            f"see `sklookupctl netns list`, or create it with `sklookupctl netns add {spec}`"
+            if spec and "/" not in spec
+            else "give a name under /run/netns or a path such as /proc/PID/ns/net",
+        ) from None
+    except PermissionError:
+        raise PermissionDenied(f"cannot open network namespace {path}", "run as root") from None
+    st = os.fstat(fd)
+    try:
+        nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        nstype = -1
+    if nstype != CLONE_NEWNET:
+        os.close(fd)
+        raise InvalidArgument(
+            f"{path} is not a network namespace",
+            "give a name under /run/netns or a path such as /proc/PID/ns/net",
+        )
+    return Netns(spec or "", path, fd, st.st_ino)
+
+
+_own_fd: int | None = None
+
+
+def _own() -> int:
+    global _own_fd
+    if _own_fd is None:
+        _own_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    return _own_fd
+
+
+def _restore_own() -> None:
+    if _own_fd is not None and _libc.setns(_own_fd, CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "cannot return to the original network namespace")
+
+
+@contextlib.contextmanager
+def enter(ns: Netns) -> Iterator[None]:
+    """Run the block with this thread in `ns`. Sockets made inside stay in `ns`."""
+    _own()
+    if _libc.setns(ns.fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        if err == 1:
+            raise PermissionDenied(f"cannot enter network namespace {ns.label}", "run as root")
+        raise OSError(err, os.strerror(err), ns.path)
+    try:
+        yield
+    finally:
+        _restore_own()
+
+
+# -- named namespaces -----------------------------------------------------------------------
+
+
+def list_named() -> list[dict[str, object]]:
+    out = []
+    names = sorted(os.listdir(NETNS_RUN_DIR)) if os.path.isdir(NETNS_RUN_DIR) else []
+    for name in names:
+        try:
+            ino = os.stat(os.path.join(NETNS_RUN_DIR, name)).st_ino
+        except OSError:
+            continue
+        out.append({"name": name, "inode": ino})
+    return out
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or name in (".", "..") or len(name) > 255:
+        raise InvalidArgument(f"netns name {name!r} is not valid", "use a plain name like edge")
+
+
+def create(name: str) -> None:
+    """Create a named namespace with lo up. Fails if it exists."""
+    from pyroute2 import IPRoute, netns
+
+    _check_name(name)
+    if os.path.exists(os.path.join(NETNS_RUN_DIR, name)):
+        raise SklookupError(f"network namespace {name!r} already exists")
+    netns.create(name)
+    with open_netns(name) as ns, enter(ns), IPRoute() as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+
+
+def delete(name: str) -> None:
+    from pyroute2 import netns
+
+    _check_name(name)
+    if not os.path.exists(os.path.join(NETNS_RUN_DIR, name)):
+        raise NotFound(f"network namespace {name!r} does not exist", "see `sklookupctl netns list`")
+    netns.remove(name)
+
+
+# -- AnyIP addresses: local routes on lo ----------------------------------------------------
+
+
+def _route_args(prefix: IPNetwork, lo_index: int) -> dict[str, object]:
+    return {
+        "dst": str(prefix.network_address),
+        "dst_len": prefix.prefixlen,
+        "family": socket.AF_INET if prefix.version == 4 else socket.AF_INET6,
+        "type": "local",
+        "scope": "host",
+        "table": RT_TABLE_LOCAL,
+        "oif": lo_index,
+        "proto": "static",
+    }
+
+
+def _lo(ipr: object) -> int:
+    return int(ipr.link_lookup(ifname="lo")[0])  # type: ignore[attr-defined]
+
+
+def addr_add(ns: Netns, prefix: IPNetwork) -> bool:
+    """Make every address of `prefix` local to `ns` (AnyIP). False if it already was."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with enter(ns), IPRoute() as ipr:
+        lo = _lo(ipr)
+        ipr.link("set", index=lo, state="up")
+        try:
+            ipr.route("add", **_route_args(prefix, lo))
+        except NetlinkError as e:
+            if e.code == 17:  # EEXIST
+                return False
+            raise SklookupError(f"cannot add {prefix} in {ns.label}: {e}") from None
+    return True
+
+
+def addr_del(ns: Netns, prefix: IPNetwork) -> None:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with enter(ns), IPRoute() as ipr:
+        try:
+            ipr.route("del", **_route_args(prefix, _lo(ipr)))
+        except NetlinkError as e:
+            if e.code in (3, 2):  # ESRCH, ENOENT
+                raise NotFound(
+                    f"{prefix} is not an AnyIP prefix in {ns.label}",
+                    "see `sklookupctl addr list`",
+                ) from None
+            raise SklookupError(f"cannot delete {prefix} in {ns.label}: {e}") from None
+
+
+def addr_list(ns: Netns) -> list[IPNetwork]:
+    """AnyIP prefixes: local routes on lo that the kernel did not make for an address."""
+    from pyroute2 import IPRoute
+
+    out: list[IPNetwork] = []
+    with enter(ns), IPRoute() as ipr:
+        lo = _lo(ipr)
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for r in ipr.get_routes(family=family, table=RT_TABLE_LOCAL):
+                if r.get("type") != 2 or r.get("proto") == 2:  # RTN_LOCAL, not RTPROT_KERNEL
+                    continue
+                if r.get_attr("RTA_OIF") != lo:
+                    continue
+                dst = r.get_attr("RTA_DST")
+                out.append(ipaddress.ip_network(f"{dst}/{r['dst_len']}"))
+    return sorted(out, key=lambda n: (n.version, n))

@@ -1,0 +1,350 @@
+"""The rule model: parsing, validation, precedence, and compilation into lookup segments.
+
+Pure Python, no kernel: everything here is unit tested without root.
+
+A rule matches the protocol, the destination address within its prefix and the destination port
+within its range. Precedence: the longest prefix wins; among rules of that prefix, the narrowest
+port range wins. Port ranges of one protocol and prefix must nest or be disjoint.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .errors import InvalidArgument, NotFound, RuleConflict
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+PROTO_NAMES = {v: k for k, v in PROTOCOLS.items()}
+
+STEER = "steer"
+DROP = "drop"
+ON_MISSING = ("drop", "pass")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9._:@\[\]/-]{1,63}$")
+
+
+def parse_protocol(text: str) -> str:
+    proto = text.strip().lower()
+    if proto not in PROTOCOLS:
+        raise InvalidArgument(f"unknown protocol {text!r}", "use tcp or udp")
+    return proto
+
+
+def parse_prefix(text: str) -> IPNetwork:
+    """An IPv4/IPv6 CIDR or a single address (a /32 or /128)."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=True)
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise InvalidArgument(
+            f"{text!r} is not an IP address or prefix",
+            "write an address such as 192.0.2.1 or 2001:db8::1, or a CIDR such as 192.0.2.0/24",
+        ) from None
+    raise InvalidArgument(f"prefix {text} has host bits set", f"did you mean {loose}?")
+
+
+def parse_port(text: str, what: str = "port") -> int:
+    t = text.strip()
+    if not t.isdigit():
+        raise InvalidArgument(f"{what} {text!r} is not a number", "ports are 1-65535")
+    port = int(t)
+    if port == 0:
+        raise InvalidArgument(f"{what} 0 is not a port", "ports are 1-65535")
+    if port > 65535:
+        raise InvalidArgument(f"{what} {port} is too large", "ports are 1-65535")
+    return port
+
+
+def parse_ports(text: str) -> tuple[int, int]:
+    """`N`, `LO-HI` or `all` (1-65535)."""
+    t = text.strip().lower()
+    if t == "all":
+        return 1, 65535
+    if "-" in t:
+        lo_text, _, hi_text = t.partition("-")
+        lo, hi = parse_port(lo_text, "range start"), parse_port(hi_text, "range end")
+        if lo > hi:
+            raise InvalidArgument(f"port range {text} is reversed", f"write {hi}-{lo}")
+        return lo, hi
+    port = parse_port(t)
+    return port, port
+
+
+def parse_endpoint(text: str) -> tuple[IPAddress, int]:
+    """`ADDR:PORT`, IPv6 as `[ADDR]:PORT`."""
+    t = text.strip()
+    hint = "write ADDR:PORT, such as 127.0.0.1:8080 or [::1]:8080"
+    if t.startswith("["):
+        host, sep, rest = t[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise InvalidArgument(f"{text!r} has no port", hint)
+        port_text = rest[1:]
+    else:
+        if t.count(":") > 1:
+            raise InvalidArgument(f"{text!r}: put an IPv6 address in brackets", hint)
+        host, sep, port_text = t.rpartition(":")
+        if not sep:
+            raise InvalidArgument(f"{text!r} has no port", hint)
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise InvalidArgument(f"{host!r} is not an IP address", hint) from None
+    return addr, parse_port(port_text)
+
+
+def format_endpoint(addr: IPAddress, port: int) -> str:
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+
+
+def format_ports(lo: int, hi: int) -> str:
+    if (lo, hi) == (1, 65535):
+        return "all"
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise InvalidArgument(
+            f"target name {name!r} is not valid",
+            "use 1-63 letters, digits and . _ : @ [ ] / -",
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class RuleKey:
+    """What a rule covers: protocol, prefix and port range. Unique within a rule set."""
+
+    proto: str
+    prefix: IPNetwork
+    lo: int
+    hi: int
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET if self.prefix.version == 4 else socket.AF_INET6
+
+    def covers(self, proto: str, addr: IPAddress, port: int) -> bool:
+        return (
+            proto == self.proto
+            and addr.version == self.prefix.version
+            and addr in self.prefix
+            and self.lo <= port <= self.hi
+        )
+
+    def __str__(self) -> str:
+        return f"{self.proto} {self.prefix} {format_ports(self.lo, self.hi)}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A rule: its key, and either a target name (steer) or drop."""
+
+    key: RuleKey
+    action: str  # STEER or DROP
+    target: str | None = None
+    on_missing: str = "drop"
+
+    def __post_init__(self) -> None:
+        if self.action == STEER and not self.target:
+            raise InvalidArgument(f"rule {self.key} steers but has no target")
+        if self.action == DROP and self.target:
+            raise InvalidArgument(f"rule {self.key} drops and cannot have a target")
+        if self.on_missing not in ON_MISSING:
+            raise InvalidArgument(f"on-missing {self.on_missing!r} is not valid", "use drop or pass")
+
+    def same_effect(self, other: Rule) -> bool:
+        return (self.action, self.target, self.on_missing) == (
+            other.action,
+            other.target,
+            other.on_missing,
+        )
+
+    def describe(self) -> str:
+        if self.action == DROP:
+            return "drop"
+        extra = ", on missing socket: pass" if self.on_missing == "pass" else ""
+        return f"-> {self.target}{extra}"
+
+    def precedence(self) -> tuple[int, int]:
+        """Larger wins: longer prefix, then narrower range."""
+        return self.key.prefix.prefixlen, -(self.key.hi - self.key.lo)
+
+
+def make_rule(
+    proto: str, prefix: str, ports: str, *, target: str | None = None, drop: bool = False,
+    on_missing: str = "drop",
+) -> Rule:
+    """Parse a rule from its textual parts (as the CLI gives them)."""
+    lo, hi = parse_ports(ports)
+    key = RuleKey(parse_protocol(proto), parse_prefix(prefix), lo, hi)
+    if drop:
+        return Rule(key, DROP, None, on_missing)
+    return Rule(key, STEER, target, on_missing)
+
+
+@dataclass
+class RuleSet:
+    """A netns's rules, keyed by (protocol, prefix, ports)."""
+
+    rules: dict[RuleKey, Rule] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterable[Rule]:  # type: ignore[override]
+        return iter(self.sorted())
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def sorted(self) -> list[Rule]:
+        """Rules by protocol, family, then precedence (most specific first)."""
+        return sorted(
+            self.rules.values(),
+            key=lambda r: (
+                r.key.proto,
+                r.key.prefix.version,
+                -r.key.prefix.prefixlen,
+                r.key.prefix.network_address,
+                r.key.hi - r.key.lo,
+                r.key.lo,
+            ),
+        )
+
+    def check_add(self, rule: Rule, replace: bool = False) -> bool:
+        """Validate adding `rule`. Returns False when an identical rule is already there.
+
+        Raises RuleConflict for a partial port overlap with a rule of the same protocol and
+        prefix, or for the same key with another effect (unless `replace`).
+        """
+        existing = self.rules.get(rule.key)
+        if existing is not None:
+            if existing.same_effect(rule):
+                return False
+            if not replace:
+                raise RuleConflict(
+                    f"rule {rule.key} already exists ({existing.describe()})",
+                    "pass --replace to change it, or detach it first",
+                )
+            return True
+        k = rule.key
+        for other in self.rules.values():
+            o = other.key
+            if o.proto != k.proto or o.prefix != k.prefix:
+                continue
+            disjoint = k.hi < o.lo or o.hi < k.lo
+            nested = (k.lo <= o.lo and o.hi <= k.hi) or (o.lo <= k.lo and k.hi <= o.hi)
+            if not disjoint and not nested:
+                raise RuleConflict(
+                    f"ports {format_ports(k.lo, k.hi)} partly overlap rule {o}: ambiguous",
+                    "port ranges of one protocol and prefix must nest or be disjoint",
+                )
+        return True
+
+    def add(self, rule: Rule, replace: bool = False) -> bool:
+        """Add `rule`; False when it was already there unchanged."""
+        if not self.check_add(rule, replace):
+            return False
+        self.rules[rule.key] = rule
+        return True
+
+    def remove(self, key: RuleKey) -> Rule:
+        try:
+            return self.rules.pop(key)
+        except KeyError:
+            raise NotFound(
+                f"no rule {key}", "see `sklookupctl status` for the rules in place"
+            ) from None
+
+    def targets_in_use(self) -> set[str]:
+        return {r.target for r in self.rules.values() if r.target is not None}
+
+    def match(self, proto: str, addr: IPAddress, port: int) -> Rule | None:
+        """The rule that wins for a lookup, by the definition (a scan: the reference)."""
+        best: Rule | None = None
+        for rule in self.rules.values():
+            if rule.key.covers(proto, addr, port) and (
+                best is None or rule.precedence() > best.precedence()
+            ):
+                best = rule
+        return best
+
+    def compile(self) -> Compiled:
+        return compile_rules(self.rules.values())
+
+
+@dataclass(frozen=True)
+class Seg:
+    """Ports `lo` up to the next segment's `lo` - 1 go to `rule` (None: no rule)."""
+
+    lo: int
+    rule: Rule | None
+
+
+@dataclass
+class Compiled:
+    """Per (protocol, prefix): the port space cut into segments, shorter prefixes folded in."""
+
+    prefixes: dict[tuple[str, IPNetwork], list[Seg]]
+
+    def lookup(self, proto: str, addr: IPAddress, port: int) -> Rule | None:
+        """What the BPF program does: longest matching prefix, then the segment for the port."""
+        best: tuple[str, IPNetwork] | None = None
+        for key in self.prefixes:
+            p, net = key
+            if (p == proto and net.version == addr.version and addr in net
+                    and (best is None or net.prefixlen > best[1].prefixlen)):
+                best = key
+        if best is None:
+            return None
+        segs = self.prefixes[best]
+        chosen = segs[0]
+        for seg in segs:
+            if seg.lo <= port:
+                chosen = seg
+        return chosen.rule
+
+    def segment_count(self) -> int:
+        return sum(len(s) for s in self.prefixes.values())
+
+
+def compile_rules(rules: Iterable[Rule]) -> Compiled:
+    """Fold every prefix's rules with those of the shorter prefixes that contain it.
+
+    For each prefix that has rules, the result covers ports 0..65535 with disjoint segments,
+    each naming the rule that wins there (or None), merged where neighbours agree.
+    """
+    by_group: dict[tuple[str, int], list[Rule]] = {}
+    for r in rules:
+        by_group.setdefault((r.key.proto, r.key.prefix.version), []).append(r)
+    out: dict[tuple[str, IPNetwork], list[Seg]] = {}
+    for (proto, _version), group in by_group.items():
+        nets = {r.key.prefix for r in group}
+        for net in nets:
+            relevant = [r for r in group if net.subnet_of(r.key.prefix)]  # type: ignore[arg-type]
+            bounds = {0}
+            for r in relevant:
+                bounds.add(r.key.lo)
+                if r.key.hi < 65535:
+                    bounds.add(r.key.hi + 1)
+            segs: list[Seg] = []
+            for lo in sorted(bounds):
+                winner: Rule | None = None
+                for r in relevant:
+                    if r.key.lo <= lo <= r.key.hi and (
+                        winner is None or r.precedence() > winner.precedence()
+                    ):
+                        winner = r
+                if segs and segs[-1].rule == winner:
+                    continue
+                segs.append(Seg(lo, winner))
+            out[(proto, net)] = segs
+    return Compiled(out)

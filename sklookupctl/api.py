@@ -123,8 +123,9 @@ def _open_existing(base: str, ns: Netns, writer: bool) -> Dispatcher | None:
     return d
 
 
-def _acquire(ns: Netns, proto: str, to: str | None, pid: int | None, fd: int | None
-             ) -> tuple[sockets.SocketInfo, str]:
+def _acquire(
+    ns: Netns, proto: str, to: str | None, pid: int | None, fd: int | None
+) -> tuple[sockets.SocketInfo, str]:
     if to is not None:
         addr, port = parse_endpoint(to)
         info = sockets.acquire_by_address(ns, proto, addr, port)
@@ -160,8 +161,10 @@ def _free_id(targets: dict[str, Target]) -> int:
     for i in range(layout.MAX_TARGETS):
         if i not in used:
             return i
-    raise RuleConflict(f"all {layout.MAX_TARGETS} target slots are in use",
-                       "detach rules whose targets are no longer needed")
+    raise RuleConflict(
+        f"all {layout.MAX_TARGETS} target slots are in use",
+        "detach rules whose targets are no longer needed",
+    )
 
 
 def attach(
@@ -209,10 +212,22 @@ def attach(
                 info.close()
 
 
-def _attach_locked(ns: Netns, bpffs: str, rule: Rule, info: sockets.SocketInfo | None,
-                   replace: bool, to: str | None) -> AttachResult:
-    result = AttachResult(rule, changed=False, loaded=False, netns=ns.label, target=rule.target,
-                          socket=f"{info.endpoint}, {info.holder}" if info else "")
+def _attach_locked(
+    ns: Netns,
+    bpffs: str,
+    rule: Rule,
+    info: sockets.SocketInfo | None,
+    replace: bool,
+    to: str | None,
+) -> AttachResult:
+    result = AttachResult(
+        rule,
+        changed=False,
+        loaded=False,
+        netns=ns.label,
+        target=rule.target,
+        socket=f"{info.endpoint}, {info.holder}" if info else "",
+    )
     with state.locked(bpffs, exclusive=True) as base:
         state.clean_staging(base)
         d = _open_existing(base, ns, writer=True)
@@ -244,23 +259,34 @@ def _attach_locked(ns: Netns, bpffs: str, rule: Rule, info: sockets.SocketInfo |
     return result
 
 
-def _place_target(d: Dispatcher, targets: dict[str, Target], rule: Rule,
-                  info: sockets.SocketInfo, replace: bool, to: str | None,
-                  result: AttachResult) -> bool:
+def _place_target(
+    d: Dispatcher,
+    targets: dict[str, Target],
+    rule: Rule,
+    info: sockets.SocketInfo,
+    replace: bool,
+    to: str | None,
+    result: AttachResult,
+) -> bool:
     """Register the rule's target socket (before any rule points at it). True if it changed."""
     name = rule.target or ""
     existing = targets.get(name)
     if existing is not None and existing.proto != info.proto:
-        raise RuleConflict(f"target {name} is a {existing.proto} target, the socket is "
-                           f"{info.proto}", "use another --name")
+        raise RuleConflict(
+            f"target {name} is a {existing.proto} target, the socket is {info.proto}",
+            "use another --name",
+        )
     addr, port = parse_endpoint(to) if to else (info.addr, info.port)
     if existing is not None and (existing.addr, existing.port) != (addr, port) and not replace:
         raise RuleConflict(
             f"target {name} points at {format_endpoint(existing.addr, existing.port)}",
             "pass --replace to point it elsewhere, or use another --name",
         )
-    if existing is not None and d.socket_cookie(existing.id) == info.cookie \
-            and (existing.addr, existing.port) == (addr, port):
+    if (
+        existing is not None
+        and d.socket_cookie(existing.id) == info.cookie
+        and (existing.addr, existing.port) == (addr, port)
+    ):
         return False
     tid = existing.id if existing is not None else _free_id(targets)
     target = Target(tid, name, info.proto, info.family, addr, port, info.cookie)
@@ -286,12 +312,16 @@ class DetachResult:
     dispatcher_removed: bool
 
     def to_json(self) -> dict[str, Any]:
-        return {"netns": self.netns, "removed": self.removed,
-                "dispatcher_removed": self.dispatcher_removed}
+        return {
+            "netns": self.netns,
+            "removed": self.removed,
+            "dispatcher_removed": self.dispatcher_removed,
+        }
 
 
-def detach(netns: str | None, proto: str, prefix: str, ports: str, *,
-           bpffs: str = DEFAULT_BPFFS) -> DetachResult:
+def detach(
+    netns: str | None, proto: str, prefix: str, ports: str, *, bpffs: str = DEFAULT_BPFFS
+) -> DetachResult:
     """Remove one rule (and its target when no other rule uses it)."""
     lo, hi = parse_ports(ports)
     key = RuleKey(parse_protocol(proto), parse_prefix(prefix), lo, hi)
@@ -299,8 +329,10 @@ def detach(netns: str | None, proto: str, prefix: str, ports: str, *,
     with open_netns(netns) as ns, state.locked(bpffs, exclusive=True) as base:
         d = _open_existing(base, ns, writer=True)
         if d is None:
-            raise NotLoaded(f"no sklookupctl dispatcher in {ns.label}, so no rule {key}",
-                            "see `sklookupctl status`")
+            raise NotLoaded(
+                f"no sklookupctl dispatcher in {ns.label}, so no rule {key}",
+                "see `sklookupctl status`",
+            )
         with d:
             targets = d.read_targets()
             rs, ids = d.read_rules(targets)
@@ -360,14 +392,17 @@ def status(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> dict[str, Any]:
                 other_programs=[p for p in attached if p != prog_id],
                 generation=int(d.read_config().gen),
                 rules=[_rule_json(r, ids.get(r.key)) for r in rs.sorted()],
-                targets=[_target_json(t, cookies[t.name], holders) for t in
-                         sorted(targets.values(), key=lambda t: t.name)],
+                targets=[
+                    _target_json(t, cookies[t.name], holders)
+                    for t in sorted(targets.values(), key=lambda t: t.name)
+                ],
             )
         return out
 
 
-def _target_json(t: Target, cookie: int | None, holders: dict[int, list[sockets.Holder]]
-                 ) -> dict[str, Any]:
+def _target_json(
+    t: Target, cookie: int | None, holders: dict[int, list[sockets.Holder]]
+) -> dict[str, Any]:
     hs = holders.get(cookie, []) if cookie else []
     return {
         "name": t.name,

@@ -7,6 +7,7 @@ use them as context managers) when done.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -113,7 +114,11 @@ class _LinkCreateAttr(ctypes.Structure):
 
 
 class _IdAttr(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32), ("open_flags", ctypes.c_uint32)]
+    _fields_ = [
+        ("id", ctypes.c_uint32),
+        ("next_id", ctypes.c_uint32),
+        ("open_flags", ctypes.c_uint32),
+    ]
 
 
 class _TestRunAttr(ctypes.Structure):
@@ -209,15 +214,14 @@ class Fd:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.close()
-        except OSError:
-            pass
 
     def pin(self, path: str) -> None:
         name = os.fsencode(path)
-        attr = _ObjAttr(pathname=ctypes.cast(ctypes.c_char_p(name), ctypes.c_void_p).value or 0,
-                        bpf_fd=self.fd)
+        attr = _ObjAttr(
+            pathname=ctypes.cast(ctypes.c_char_p(name), ctypes.c_void_p).value or 0, bpf_fd=self.fd
+        )
         _bpf(BPF_OBJ_PIN, attr, f"pin {path}")
 
 
@@ -251,7 +255,7 @@ class Map(Fd, Generic[K, V]):
         return _get_info(self.fd, MapInfo())
 
     def lookup(self, key: K) -> V | None:
-        value = self.value_type()
+        value: V = self.value_type()
         attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(key), value=ctypes.addressof(value))
         try:
             _bpf(BPF_MAP_LOOKUP_ELEM, attr, "map lookup")
@@ -262,8 +266,9 @@ class Map(Fd, Generic[K, V]):
         return value
 
     def update(self, key: K, value: Any, flags: int = BPF_ANY) -> None:
-        attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(key),
-                         value=ctypes.addressof(value), flags=flags)
+        attr = _ElemAttr(
+            map_fd=self.fd, key=ctypes.addressof(key), value=ctypes.addressof(value), flags=flags
+        )
         _bpf(BPF_MAP_UPDATE_ELEM, attr, "map update")
 
     def delete(self, key: K) -> bool:
@@ -283,8 +288,11 @@ class Map(Fd, Generic[K, V]):
         key: K | None = None
         while True:
             nxt = self.key_type()
-            attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(key) if key is not None else 0,
-                             value=ctypes.addressof(nxt))
+            attr = _ElemAttr(
+                map_fd=self.fd,
+                key=ctypes.addressof(key) if key is not None else 0,
+                value=ctypes.addressof(nxt),
+            )
             try:
                 _bpf(BPF_MAP_GET_NEXT_KEY, attr, "map iterate")
             except BpfError as e:
@@ -317,9 +325,14 @@ class Program(Fd):
     def test_run(self, ctx: ctypes.Structure, repeat: int = 1) -> tuple[int, int, bytes]:
         """BPF_PROG_TEST_RUN with `ctx` as context: (return value, ns per run, ctx out)."""
         out = (ctypes.c_uint8 * ctypes.sizeof(ctx))()
-        attr = _TestRunAttr(prog_fd=self.fd, repeat=repeat,
-                            ctx_size_in=ctypes.sizeof(ctx), ctx_in=ctypes.addressof(ctx),
-                            ctx_size_out=ctypes.sizeof(out), ctx_out=ctypes.addressof(out))
+        attr = _TestRunAttr(
+            prog_fd=self.fd,
+            repeat=repeat,
+            ctx_size_in=ctypes.sizeof(ctx),
+            ctx_in=ctypes.addressof(ctx),
+            ctx_size_out=ctypes.sizeof(out),
+            ctx_out=ctypes.addressof(out),
+        )
         _bpf(BPF_PROG_TEST_RUN, attr, "test run")
         return attr.retval, attr.duration, bytes(out)
 
@@ -365,8 +378,9 @@ def link_ids() -> Iterator[int]:
 def query_netns_programs(netns_fd: int) -> list[int]:
     """Ids of the sk_lookup programs attached to a netns, in run order."""
     ids = (ctypes.c_uint32 * 64)()
-    attr = _QueryAttr(target_fd=netns_fd, attach_type=BPF_SK_LOOKUP,
-                      prog_ids=ctypes.addressof(ids), prog_cnt=64)
+    attr = _QueryAttr(
+        target_fd=netns_fd, attach_type=BPF_SK_LOOKUP, prog_ids=ctypes.addressof(ids), prog_cnt=64
+    )
     _bpf(BPF_PROG_QUERY, attr, "query netns programs")
     return list(ids[: attr.prog_cnt])
 
@@ -380,4 +394,4 @@ def is_bpffs(path: str) -> bool:
     if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)
-    return (buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC
+    return bool((buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC)

@@ -54,11 +54,20 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
-@click.option("--netns", "-n", metavar="NS",
-              help="Target network namespace: a name under /run/netns or a path such as "
-                   "/proc/PID/ns/net. Default: the caller's own.")
-@click.option("--bpffs", default=api.DEFAULT_BPFFS, show_default=True, metavar="DIR",
-              help="bpffs mount where the dispatcher's pins live (one directory per netns).")
+@click.option(
+    "--netns",
+    "-n",
+    metavar="NS",
+    help="Target network namespace: a name under /run/netns or a path such as "
+    "/proc/PID/ns/net. Default: the caller's own.",
+)
+@click.option(
+    "--bpffs",
+    default=api.DEFAULT_BPFFS,
+    show_default=True,
+    metavar="DIR",
+    help="bpffs mount where the dispatcher's pins live (one directory per netns).",
+)
 @click.version_option(__version__, prog_name="sklookupctl")
 @click.pass_context
 def cli(ctx: click.Context, netns: str | None, bpffs: str) -> None:
@@ -80,25 +89,50 @@ def cli(ctx: click.Context, netns: str | None, bpffs: str) -> None:
 @click.argument("proto", metavar="PROTO")
 @click.argument("prefix", metavar="PREFIX")
 @click.argument("ports", metavar="PORTS")
-@click.option("--to", "to", metavar="ADDR:PORT",
-              help="Steer to the socket listening (TCP) or bound (UDP) at this address in the "
-                   "target netns; a wildcard listener on the port also matches. IPv6: [::1]:80.")
+@click.option(
+    "--to",
+    "to",
+    metavar="ADDR:PORT",
+    help="Steer to the socket listening (TCP) or bound (UDP) at this address in the "
+    "target netns; a wildcard listener on the port also matches. IPv6: [::1]:80.",
+)
 @click.option("--pid", type=int, metavar="PID", help="With --fd: steer to fd FD of process PID.")
 @click.option("--fd", type=int, metavar="FD", help="With --pid: the socket's fd in that process.")
 @click.option("--drop", is_flag=True, help="Refuse matching connections and datagrams.")
-@click.option("--name", metavar="TARGET",
-              help="Name of the target (default: PROTO-ADDR:PORT). Rules naming the same target "
-                   "share its socket; re-running attach re-registers a restarted proxy.")
-@click.option("--on-missing", type=click.Choice(["drop", "pass"]), default="drop",
-              show_default=True,
-              help="When the target's socket is gone: drop, or pass to the normal lookup.")
-@click.option("--replace", is_flag=True,
-              help="Change an existing rule with the same PROTO PREFIX PORTS (or re-point TARGET).")
+@click.option(
+    "--name",
+    metavar="TARGET",
+    help="Name of the target (default: PROTO-ADDR:PORT). Rules naming the same target "
+    "share its socket; re-running attach re-registers a restarted proxy.",
+)
+@click.option(
+    "--on-missing",
+    type=click.Choice(["drop", "pass"]),
+    default="drop",
+    show_default=True,
+    help="When the target's socket is gone: drop, or pass to the normal lookup.",
+)
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Change an existing rule with the same PROTO PREFIX PORTS (or re-point TARGET).",
+)
 @json_option
 @click.pass_obj
-def attach(obj: Obj, proto: str, prefix: str, ports: str, to: str | None, pid: int | None,
-           fd: int | None, drop: bool, name: str | None, on_missing: str, replace: bool,
-           as_json: bool) -> None:
+def attach(
+    obj: Obj,
+    proto: str,
+    prefix: str,
+    ports: str,
+    to: str | None,
+    pid: int | None,
+    fd: int | None,
+    drop: bool,
+    name: str | None,
+    on_missing: str,
+    replace: bool,
+    as_json: bool,
+) -> None:
     """Steer PROTO traffic to PREFIX on PORTS to one socket (or drop it).
 
     \b
@@ -116,16 +150,30 @@ def attach(obj: Obj, proto: str, prefix: str, ports: str, to: str | None, pid: i
       sklookupctl -n edge attach udp 2001:db8::/64 53 --to [::1]:5353
       sklookupctl -n edge attach tcp 192.0.2.66 22 --drop
     """
-    res = api.attach(obj.netns, proto, prefix, ports, to=to, pid=pid, fd=fd, drop=drop,
-                     name=name, on_missing=on_missing, replace=replace, bpffs=obj.bpffs)
+    res = api.attach(
+        obj.netns,
+        proto,
+        prefix,
+        ports,
+        to=to,
+        pid=pid,
+        fd=fd,
+        drop=drop,
+        name=name,
+        on_missing=on_missing,
+        replace=replace,
+        bpffs=obj.bpffs,
+    )
     if as_json:
         render.emit_json(res.to_json())
         return
     if res.loaded:
         render.say(f"loaded the dispatcher into {res.netns}")
     verb = "added" if res.changed else "unchanged:"
-    render.say(f"{verb} {res.rule.key} {res.rule.describe()}"
-               + (f"  (socket {res.socket})" if res.socket and res.changed else ""))
+    render.say(
+        f"{verb} {res.rule.key} {res.rule.describe()}"
+        + (f"  (socket {res.socket})" if res.socket and res.changed else "")
+    )
     for note in res.notes:
         render.say(note)
 
@@ -134,13 +182,18 @@ def attach(obj: Obj, proto: str, prefix: str, ports: str, to: str | None, pid: i
 @click.argument("proto", metavar="PROTO", required=False)
 @click.argument("prefix", metavar="PREFIX", required=False)
 @click.argument("ports", metavar="PORTS", required=False)
-@click.option("--all", "all_", is_flag=True,
-              help="Detach the dispatcher from the netns and remove all its rules and pins. "
-                   "Links of other tools stay.")
+@click.option(
+    "--all",
+    "all_",
+    is_flag=True,
+    help="Detach the dispatcher from the netns and remove all its rules and pins. "
+    "Links of other tools stay.",
+)
 @json_option
 @click.pass_obj
-def detach(obj: Obj, proto: str | None, prefix: str | None, ports: str | None, all_: bool,
-           as_json: bool) -> None:
+def detach(
+    obj: Obj, proto: str | None, prefix: str | None, ports: str | None, all_: bool, as_json: bool
+) -> None:
     """Remove the rule PROTO PREFIX PORTS, or with --all everything sklookupctl attached.
 
     \b
@@ -206,8 +259,11 @@ def netns_list(as_json: bool) -> None:
     if as_json:
         render.emit_json(items)
     elif items:
-        render.simple_table("Network namespaces", ["name", "inode"],
-                            [[str(i["name"]), str(i["inode"])] for i in items])
+        render.simple_table(
+            "Network namespaces",
+            ["name", "inode"],
+            [[str(i["name"]), str(i["inode"])] for i in items],
+        )
     else:
         render.say("no named network namespaces")
 
@@ -252,8 +308,13 @@ def addr_list(obj: Obj, as_json: bool) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.option("--keep", is_flag=True, help="Leave the namespace, proxy and rules running.")
-@click.option("--samples", default=12, show_default=True, type=click.IntRange(1, 1000),
-              help="Random (address, port) pairs to dial.")
+@click.option(
+    "--samples",
+    default=12,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="Random (address, port) pairs to dial.",
+)
 @json_option
 @click.pass_obj
 def demo(obj: Obj, keep: bool, samples: int, as_json: bool) -> None:

@@ -149,8 +149,9 @@ def load(source: str | None = None) -> Loaded:
         try:
             with _capture_stderr() as log:
                 try:
-                    fn = mod.load_func(b"dispatch", BPF_PROG_TYPE_SK_LOOKUP,
-                                       attach_type=BPF_SK_LOOKUP)
+                    fn = mod.load_func(
+                        b"dispatch", BPF_PROG_TYPE_SK_LOOKUP, attach_type=BPF_SK_LOOKUP
+                    )
                 except Exception as e:
                     fn = None
                     err = str(e)
@@ -158,8 +159,10 @@ def load(source: str | None = None) -> Loaded:
                 raise CompileError(
                     f"the kernel's verifier rejected the dispatcher ({err})", log[0].strip()
                 )
-            maps = {n: os.dup(bcc.libbcc.lib.bpf_table_fd(mod.module, n.encode()))
-                    for n in layout.MAP_NAMES}
+            maps = {
+                n: os.dup(bcc.libbcc.lib.bpf_table_fd(mod.module, n.encode()))
+                for n in layout.MAP_NAMES
+            }
             return Loaded(Program(os.dup(fn.fd)), maps)
         finally:
             mod.cleanup()
@@ -169,4 +172,3 @@ def load(source: str | None = None) -> Loaded:
                 os.environ.pop("BCC_KERNEL_SOURCE", None)
             else:
                 os.environ["BCC_KERNEL_SOURCE"] = old_env
-

@@ -29,9 +29,22 @@ def run(keep: bool, samples: int, as_json: bool, bpffs: str = api.DEFAULT_BPFFS)
         api.addr_add(name, V4)
         api.addr_add(name, V6)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sklookupctl.echo", "--netns", nsmod.path_of(name),
-             "--tcp", PROXY, "--udp", PROXY, "--lifetime", "0" if keep else "300"],
-            stdout=subprocess.PIPE, text=True, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "sklookupctl.echo",
+                "--netns",
+                nsmod.path_of(name),
+                "--tcp",
+                PROXY,
+                "--udp",
+                PROXY,
+                "--lifetime",
+                "0" if keep else "300",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
         )
         assert proc.stdout is not None
         ready = json.loads(proc.stdout.readline() or "{}")
@@ -39,21 +52,24 @@ def run(keep: bool, samples: int, as_json: bool, bpffs: str = api.DEFAULT_BPFFS)
             raise RuntimeError("the demo's echo proxy did not start")
         for proto in ("tcp", "udp"):
             for prefix in (V4, V6):
-                api.attach(name, proto, prefix, "all", to=PROXY, name=f"proxy-{proto}",
-                           bpffs=bpffs)
+                api.attach(name, proto, prefix, "all", to=PROXY, name=f"proxy-{proto}", bpffs=bpffs)
         rows = _dial(name, samples)
         st = api.status(name, bpffs=bpffs)
         if as_json:
             render.emit_json({"netns": name, "proxy_pid": proc.pid, "dials": rows, "status": st})
         else:
-            render.say(f"netns {name}: {V4} and {V6} are AnyIP; one echo proxy (pid "
-                       f"{proc.pid}) listens on {PROXY} for tcp and udp; every port of both "
-                       "prefixes is steered to it.")
+            render.say(
+                f"netns {name}: {V4} and {V6} are AnyIP; one echo proxy (pid "
+                f"{proc.pid}) listens on {PROXY} for tcp and udp; every port of both "
+                "prefixes is steered to it."
+            )
             render.simple_table(
                 "Where each dial landed (the destination the proxy saw)",
                 ["proto", "dialled", "proxy saw", ""],
-                [[r["protocol"], r["dialled"], r["landed"], "ok" if r["ok"] else "WRONG"]
-                 for r in rows],
+                [
+                    [r["protocol"], r["dialled"], r["landed"], "ok" if r["ok"] else "WRONG"]
+                    for r in rows
+                ],
             )
             render.status(st)
         if not all(r["ok"] for r in rows):
@@ -88,6 +104,12 @@ def _dial(name: str, samples: int) -> list[dict[str, Any]]:
             port = rng.randrange(1, 65536)
             dial = echo.dial_tcp if proto == "tcp" else echo.dial_udp
             landed = dial(str(addr), port)
-            rows.append({"protocol": proto, "dialled": f"{addr} {port}", "landed": landed,
-                         "ok": landed == f"{addr} {port}"})
+            rows.append(
+                {
+                    "protocol": proto,
+                    "dialled": f"{addr} {port}",
+                    "landed": landed,
+                    "ok": landed == f"{addr} {port}",
+                }
+            )
     return rows

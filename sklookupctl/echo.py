@@ -2,7 +2,7 @@
 
 It enters a network namespace, opens one TCP listener and/or one UDP socket, prints one JSON
 line (pid, fds, addresses) and serves until killed or until --lifetime seconds have passed.
-Each TCP connection first receives the original destination ("ADDR PORT\\n", from
+Each TCP connection first receives the original destination ("ADDR PORT[ TAG]\\n", from
 getsockname()), then its own bytes back. Each UDP datagram is answered with the original
 destination (from IP_RECVORIGDSTADDR / IPV6_RECVORIGDSTADDR) followed by the datagram.
 Client helpers for the same protocol live here too.
@@ -73,6 +73,9 @@ def orig_dst(ancdata: list[tuple[int, int, bytes]]) -> str:
     return "? ?"
 
 
+TAG = ""  # --tag: appended to each first line, so tests can tell servers apart
+
+
 def _serve_conn(conn: socket.socket) -> None:
     with conn:
         host, port = conn.getsockname()[:2]
@@ -80,7 +83,7 @@ def _serve_conn(conn: socket.socket) -> None:
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
             addr = addr.ipv4_mapped
         try:
-            conn.sendall(f"{addr} {port}\n".encode())
+            conn.sendall(f"{addr} {port}{TAG}\n".encode())
             while data := conn.recv(4096):
                 conn.sendall(data)
         except OSError:
@@ -119,7 +122,7 @@ def serve_udp(s: socket.socket) -> None:
         except OSError:
             return
         dst = orig_dst(anc)
-        _reply_from(dst, peer, dst.encode() + b"\n" + data, s)
+        _reply_from(dst, peer, f"{dst}{TAG}\n".encode() + data, s)
 
 
 # -- clients: what tests and the demo dial with ----------------------------------------------
@@ -137,7 +140,7 @@ def dial_tcp(host: str, port: int, timeout: float = 2.0, payload: bytes = b"") -
         return _readline(s)
     except ConnectionRefusedError:
         return "refused"
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return "timeout"
     except ConnectionResetError:
         return "reset"
@@ -165,7 +168,7 @@ def dial_udp(host: str, port: int, timeout: float = 1.0) -> str:
         return s.recv(4096).split(b"\n", 1)[0].decode()
     except ConnectionRefusedError:
         return "refused"
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return "timeout"
     finally:
         s.close()
@@ -177,9 +180,13 @@ def main() -> None:
     ap.add_argument("--tcp", metavar="ADDR:PORT")
     ap.add_argument("--udp", metavar="ADDR:PORT")
     ap.add_argument("--v6only", action="store_true")
-    ap.add_argument("--lifetime", type=float, default=600.0,
-                    help="exit after this many seconds (0: never)")
+    ap.add_argument("--tag", default="", help="word appended to each reply's first line")
+    ap.add_argument(
+        "--lifetime", type=float, default=600.0, help="exit after this many seconds (0: never)"
+    )
     args = ap.parse_args()
+    global TAG
+    TAG = f" {args.tag}" if args.tag else ""
     if args.netns:
         import ctypes
 
@@ -195,7 +202,10 @@ def main() -> None:
         ready.update(tcp_fd=t.fileno(), tcp_port=t.getsockname()[1])
         threading.Thread(target=serve_tcp, args=(t,), daemon=True).start()
     if args.udp:
-        u = open_udp(args.udp, args.v6only)
+        udp = args.udp
+        if args.tcp and udp.endswith(":0"):  # same port number as the TCP socket
+            udp = f"{udp[:-2]}:{ready['tcp_port']}"
+        u = open_udp(udp, args.v6only)
         socks.append(u)
         ready.update(udp_fd=u.fileno(), udp_port=u.getsockname()[1])
         threading.Thread(target=serve_udp, args=(u,), daemon=True).start()

@@ -44,8 +44,7 @@ def status(st: dict[str, Any]) -> None:
     for r in st["rules"]:
         action = "drop" if r["action"] == "drop" else f"steer -> {r['target']}"
         missing = "" if r["action"] == "drop" else r["on_missing"]
-        rules.add_row(str(r.get("id", "")), r["protocol"], r["prefix"], r["ports"], action,
-                      missing)
+        rules.add_row(str(r.get("id", "")), r["protocol"], r["prefix"], r["ports"], action, missing)
     if st["rules"]:
         c.print(rules)
     else:
@@ -57,12 +56,15 @@ def status(st: dict[str, Any]) -> None:
         for t in st["targets"]:
             held = ", ".join(f"{h['pid']} ({h['comm']}) fd {h['fd']}" for h in t["holders"])
             sock = "live" if t["socket"] == "live" else "[bold red]MISSING[/]"
-            targets.add_row(t["name"], t["protocol"], t["address"], sock,
-                            str(t["cookie"] or "-"), held or "-")
+            targets.add_row(
+                t["name"], t["protocol"], t["address"], sock, str(t["cookie"] or "-"), held or "-"
+            )
         c.print(targets)
         if any(t["socket"] == "missing" for t in st["targets"]):
-            c.print("A missing socket was closed by its owner: its rules drop (or pass where "
-                    "on-missing is pass) until `attach` registers a new one.")
+            c.print(
+                "A missing socket was closed by its owner: its rules drop (or pass where "
+                "on-missing is pass) until `attach` registers a new one."
+            )
 
 
 def _ids(ids: list[int]) -> str:

@@ -161,7 +161,9 @@ class Rule:
         if self.action == DROP and self.target:
             raise InvalidArgument(f"rule {self.key} drops and cannot have a target")
         if self.on_missing not in ON_MISSING:
-            raise InvalidArgument(f"on-missing {self.on_missing!r} is not valid", "use drop or pass")
+            raise InvalidArgument(
+                f"on-missing {self.on_missing!r} is not valid", "use drop or pass"
+            )
 
     def same_effect(self, other: Rule) -> bool:
         return (self.action, self.target, self.on_missing) == (
@@ -182,7 +184,12 @@ class Rule:
 
 
 def make_rule(
-    proto: str, prefix: str, ports: str, *, target: str | None = None, drop: bool = False,
+    proto: str,
+    prefix: str,
+    ports: str,
+    *,
+    target: str | None = None,
+    drop: bool = False,
     on_missing: str = "drop",
 ) -> Rule:
     """Parse a rule from its textual parts (as the CLI gives them)."""
@@ -198,9 +205,6 @@ class RuleSet:
     """A netns's rules, keyed by (protocol, prefix, ports)."""
 
     rules: dict[RuleKey, Rule] = field(default_factory=dict)
-
-    def __iter__(self) -> Iterable[Rule]:  # type: ignore[override]
-        return iter(self.sorted())
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -300,8 +304,12 @@ class Compiled:
         best: tuple[str, IPNetwork] | None = None
         for key in self.prefixes:
             p, net = key
-            if (p == proto and net.version == addr.version and addr in net
-                    and (best is None or net.prefixlen > best[1].prefixlen)):
+            if (
+                p == proto
+                and net.version == addr.version
+                and addr in net
+                and (best is None or net.prefixlen > best[1].prefixlen)
+            ):
                 best = key
         if best is None:
             return None

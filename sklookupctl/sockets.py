@@ -53,7 +53,9 @@ class DiagEntry:
 def _diag_dump(family: int, proto: int, states: int) -> list[DiagEntry]:
     # mirrors struct nlmsghdr + struct inet_diag_req_v2 (sockid zeroed: dump everything)
     req = struct.pack("=BBBBI48x", family, proto, 0, 0, states)
-    hdr = struct.pack("=IHHII", 16 + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+    hdr = struct.pack(
+        "=IHHII", 16 + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0
+    )
     out: list[DiagEntry] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 4) as nl:  # NETLINK_SOCK_DIAG
         nl.sendto(hdr + req, (0, 0))
@@ -77,11 +79,15 @@ def _diag_dump(family: int, proto: int, states: int) -> list[DiagEntry]:
                 c0, c1 = struct.unpack_from("=II", data, body + 44)
                 inode = struct.unpack_from("=I", data, body + 68)[0]
                 addr: IPAddress = (
-                    ipaddress.IPv4Address(src[:4]) if fam == socket.AF_INET
+                    ipaddress.IPv4Address(src[:4])
+                    if fam == socket.AF_INET
                     else ipaddress.IPv6Address(src)
                 )
-                out.append(DiagEntry(fam, PROTO_NAMES[proto], state, addr, sport, dport, inode,
-                                     c0 | (c1 << 32)))
+                out.append(
+                    DiagEntry(
+                        fam, PROTO_NAMES[proto], state, addr, sport, dport, inode, c0 | (c1 << 32)
+                    )
+                )
                 off += (length + 3) & ~3
             if not data:
                 return out
@@ -90,8 +96,11 @@ def _diag_dump(family: int, proto: int, states: int) -> list[DiagEntry]:
 def diag(ns: Netns, proto: str, states: int = 0xFFFFFFFF) -> list[DiagEntry]:
     """Every TCP or UDP socket of `ns` (both families) in the given states."""
     with netns_mod.enter(ns):
-        return [e for fam in (socket.AF_INET, socket.AF_INET6)
-                for e in _diag_dump(fam, PROTOCOLS[proto], states)]
+        return [
+            e
+            for fam in (socket.AF_INET, socket.AF_INET6)
+            for e in _diag_dump(fam, PROTOCOLS[proto], states)
+        ]
 
 
 def _is_unspecified(addr: IPAddress) -> bool:
@@ -110,12 +119,16 @@ def _candidates(entries: Iterable[DiagEntry], addr: IPAddress, port: int) -> lis
             exact.append(e)
         elif e.addr.version == addr.version and _is_unspecified(e.addr):
             wild.append(e)
-        elif mapped is not None and e.addr.version == 6 and (
-            _is_unspecified(e.addr) or e.addr == mapped
+        elif (
+            mapped is not None
+            and e.addr.version == 6
+            and (_is_unspecified(e.addr) or e.addr == mapped)
         ):
             dual.append(e)
-    return sorted(exact, key=lambda e: e.inode) + sorted(wild, key=lambda e: e.inode) + sorted(
-        dual, key=lambda e: e.inode
+    return (
+        sorted(exact, key=lambda e: e.inode)
+        + sorted(wild, key=lambda e: e.inode)
+        + sorted(dual, key=lambda e: e.inode)
     )
 
 

@@ -2,9 +2,10 @@
 
     <bpffs>/sklookupctl/<netns inode>/   program, link, and one pin per map
 
-All state lives there; there is no daemon. A new directory is built under a staging name (bpffs allows no dots in names),
-attached, then renamed into place, so a load either fully happens or not at all. The
-`<bpffs>/sklookupctl` directory is flocked: exclusive for writers, shared for readers.
+All state lives there; there is no daemon. A new directory is built under a staging name
+(bpffs allows no dots in names), attached, then renamed into place, so a load either fully
+happens or not at all. The `<bpffs>/sklookupctl` directory is flocked: exclusive for writers,
+shared for readers.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from . import layout
 from .bpfsys import BPF_NOEXIST, BpfError, Link, Map, Program, is_bpffs
-from .errors import EnvironmentProblem, NotLoaded, PermissionDenied, RuleConflict
+from .errors import EnvironmentProblem, PermissionDenied, RuleConflict
 from .layout import (
     Config,
     LpmKey,
@@ -125,18 +126,20 @@ class Dispatcher:
         self.program = program
         self.link = link
         self.sockets: Map[ctypes.c_uint32, ctypes.c_uint64] = Map(
-            maps["sockets"], ctypes.c_uint32, ctypes.c_uint64)
+            maps["sockets"], ctypes.c_uint32, ctypes.c_uint64
+        )
         self.prefixes: Map[LpmKey, LpmValue] = Map(maps["prefixes"], LpmKey, LpmValue)
         self.segments: Map[ctypes.c_uint32, Segment] = Map(
-            maps["segments"], ctypes.c_uint32, Segment)
+            maps["segments"], ctypes.c_uint32, Segment
+        )
         self.config: Map[ctypes.c_uint32, Config] = Map(maps["config"], ctypes.c_uint32, Config)
         self.rules: Map[RuleKey, RuleValue] = Map(maps["rules"], RuleKey, RuleValue)
         self.targets: Map[ctypes.c_uint32, TargetInfo] = Map(
-            maps["targets"], ctypes.c_uint32, TargetInfo)
+            maps["targets"], ctypes.c_uint32, TargetInfo
+        )
 
     def _maps(self) -> list[Map[object, object]]:
-        return [self.sockets, self.prefixes, self.segments, self.config, self.rules,
-                self.targets]  # type: ignore[list-item]
+        return [self.sockets, self.prefixes, self.segments, self.config, self.rules, self.targets]  # type: ignore[list-item]
 
     def close(self) -> None:
         self.program.close()
@@ -219,8 +222,15 @@ class Dispatcher:
         out: dict[str, Target] = {}
         for k, v in self.targets.items():
             name = v.name.decode()
-            out[name] = Target(int(k.value), name, PROTO_NAMES[v.proto], v.family,
-                               _addr_from(bytes(v.addr), v.family), v.port, v.cookie)
+            out[name] = Target(
+                int(k.value),
+                name,
+                PROTO_NAMES[v.proto],
+                v.family,
+                _addr_from(bytes(v.addr), v.family),
+                v.port,
+                v.cookie,
+            )
         return out
 
     def read_rules(self, targets: dict[str, Target]) -> tuple[RuleSet, dict[ModelKey, int]]:
@@ -258,8 +268,13 @@ class Dispatcher:
                     f"the kernel refused socket {target.name} in the SOCKMAP: {e.strerror}",
                     "it must be a listening TCP or bound unconnected UDP socket",
                 ) from None
-        info = TargetInfo(name=target.name.encode(), proto=PROTOCOLS[target.proto],
-                          family=target.family, port=target.port, cookie=target.cookie)
+        info = TargetInfo(
+            name=target.name.encode(),
+            proto=PROTOCOLS[target.proto],
+            family=target.family,
+            port=target.port,
+            cookie=target.cookie,
+        )
         info.addr[:] = list(_addr_bytes(target.addr))
         self.targets.update(ctypes.c_uint32(target.id), info)
 
@@ -276,7 +291,9 @@ class Dispatcher:
         if compiled.segment_count() > layout.SEGMENTS_PER_GEN:
             raise RuleConflict(
                 f"the rule set needs {compiled.segment_count()} segments, more than the "
-                f"{layout.SEGMENTS_PER_GEN} this version holds", "use fewer rules")
+                f"{layout.SEGMENTS_PER_GEN} this version holds",
+                "use fewer rules",
+            )
         if len(compiled.prefixes) * 2 > layout.MAX_PREFIXES:
             raise RuleConflict(f"too many prefixes ({len(compiled.prefixes)})", "use fewer rules")
         next_id = max(ids.values(), default=0) + 1
@@ -299,8 +316,9 @@ class Dispatcher:
                     rec.action = layout.ACTION_NONE
                 else:
                     rec.rule = ids[s.rule.key]
-                    rec.on_missing = (layout.MISSING_PASS if s.rule.on_missing == "pass"
-                                      else layout.MISSING_DROP)
+                    rec.on_missing = (
+                        layout.MISSING_PASS if s.rule.on_missing == "pass" else layout.MISSING_DROP
+                    )
                     if s.rule.action == DROP:
                         rec.action = layout.ACTION_DROP
                     else:
@@ -308,8 +326,9 @@ class Dispatcher:
                         rec.target = target_ids[s.rule.target or ""]
                 self.segments.update(ctypes.c_uint32(pos), rec)
                 pos += 1
-            self.prefixes.update(self._lpm_key(new_gen, proto, net),
-                                 LpmValue(start=start, count=len(segs)))
+            self.prefixes.update(
+                self._lpm_key(new_gen, proto, net), LpmValue(start=start, count=len(segs))
+            )
         cfg.gen = new_gen
         self.config.update(ctypes.c_uint32(0), cfg)
         self._clear_gen(old_gen)
@@ -323,9 +342,10 @@ class Dispatcher:
         for mk in wanted.values():
             r = rs.rules[mk]
             rk = self._rule_key(mk)
-            val = RuleValue(id=ids[mk],
-                            on_missing=layout.MISSING_PASS if r.on_missing == "pass"
-                            else layout.MISSING_DROP)
+            val = RuleValue(
+                id=ids[mk],
+                on_missing=layout.MISSING_PASS if r.on_missing == "pass" else layout.MISSING_DROP,
+            )
             if r.action == DROP:
                 val.action = layout.ACTION_DROP
             else:
@@ -334,17 +354,27 @@ class Dispatcher:
             self.rules.update(rk, val)
 
     @staticmethod
-    def _lpm_key(gen: int, proto: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network
-                 ) -> LpmKey:
-        k = LpmKey(prefixlen=32 + net.prefixlen, gen=gen, proto=PROTOCOLS[proto],
-                   family=socket.AF_INET if net.version == 4 else socket.AF_INET6)
+    def _lpm_key(
+        gen: int, proto: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network
+    ) -> LpmKey:
+        k = LpmKey(
+            prefixlen=32 + net.prefixlen,
+            gen=gen,
+            proto=PROTOCOLS[proto],
+            family=socket.AF_INET if net.version == 4 else socket.AF_INET6,
+        )
         k.addr[:] = list(_addr_bytes(net.network_address))
         return k
 
     @staticmethod
     def _rule_key(k: ModelKey) -> RuleKey:
-        rk = RuleKey(proto=PROTOCOLS[k.proto], family=k.family, prefixlen=k.prefix.prefixlen,
-                     port_lo=k.lo, port_hi=k.hi)
+        rk = RuleKey(
+            proto=PROTOCOLS[k.proto],
+            family=k.family,
+            prefixlen=k.prefix.prefixlen,
+            port_lo=k.lo,
+            port_hi=k.hi,
+        )
         rk.addr[:] = list(_addr_bytes(k.prefix.network_address))
         return rk
 
@@ -364,10 +394,16 @@ def create(path: str, ns: Netns) -> Dispatcher:
         for name, fd in loaded.maps.items():
             Map(os.dup(fd), object, object).pin(os.path.join(path, name))
         loaded.program.pin(os.path.join(path, "program"))
-        d = Dispatcher(path, Program(os.dup(loaded.program.fd)), None,
-                       {n: os.dup(fd) for n, fd in loaded.maps.items()})
-        d.config.update(ctypes.c_uint32(0), Config(gen=0, layout=layout.LAYOUT_VERSION,
-                                                   netns_cookie=ns.cookie()))
+        d = Dispatcher(
+            path,
+            Program(os.dup(loaded.program.fd)),
+            None,
+            {n: os.dup(fd) for n, fd in loaded.maps.items()},
+        )
+        d.config.update(
+            ctypes.c_uint32(0),
+            Config(gen=0, layout=layout.LAYOUT_VERSION, netns_cookie=ns.cookie()),
+        )
         return d
     except BaseException:
         _unpin_dir(path)
@@ -381,8 +417,11 @@ def attach_link(d: Dispatcher, ns: Netns) -> None:
     try:
         link = Link.create_netns(d.program, ns.fd)
     except BpfError as e:
-        hint = ("a netns holds at most 64 sk_lookup links" if e.errno == errno.E2BIG
-                else "the kernel needs sk_lookup support (5.9+)")
+        hint = (
+            "a netns holds at most 64 sk_lookup links"
+            if e.errno == errno.E2BIG
+            else "the kernel needs sk_lookup support (5.9+)"
+        )
         raise EnvironmentProblem(f"cannot attach to {ns.label}: {e.strerror}", hint) from None
     d.link = link
     link.pin(os.path.join(d.path, "link"))

@@ -1,0 +1,187 @@
+"""Kernel tests: real kernel, real sockets, each test in network namespaces of its own.
+
+Every test gets a fresh netns with 192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24 and
+2001:db8::/64 as AnyIP,
+and the whole session uses a private bpffs mount, so nothing touches the machine's root netns
+or /sys/fs/bpf. Namespaces, pins and processes are removed also when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from click.testing import CliRunner, Result
+
+from sklookupctl import api, echo
+from sklookupctl import netns as nsmod
+from sklookupctl.cli import cli
+
+PREFIXES = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/64")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "sklookupctl")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/kernel" in str(item.fspath):
+            item.add_marker(pytest.mark.kernel)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _need_root() -> None:
+    if os.geteuid() == 0:
+        return
+    if os.environ.get("SKLOOKUPCTL_KERNEL_TESTS") == "required":
+        pytest.fail("kernel tests are required here but this is not root")
+    pytest.skip("kernel tests need root (run scripts/test as root)")
+
+
+@pytest.fixture(scope="session")
+def bpffs() -> Iterator[str]:
+    """A private bpffs instance: unmounting it drops every pin the tests made."""
+    path = tempfile.mkdtemp(prefix="sklt-bpffs-")
+    subprocess.run(["mount", "-t", "bpf", "bpf", path], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", path], check=False)
+        os.rmdir(path)
+
+
+@dataclass
+class Proxy:
+    pid: int
+    tcp_fd: int | None
+    udp_fd: int | None
+    port: int
+    proc: subprocess.Popen[str]
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+@dataclass
+class NS:
+    """A throwaway namespace and helpers to act in it."""
+
+    name: str
+    bpffs: str
+    procs: list[Proxy] = field(default_factory=list)
+
+    @property
+    def path(self) -> str:
+        return nsmod.path_of(self.name)
+
+    def cli(self, *args: str) -> Result:
+        return CliRunner().invoke(cli, ["--netns", self.name, "--bpffs", self.bpffs, *args])
+
+    def ok(self, *args: str) -> Result:
+        res = self.cli(*args)
+        assert res.exit_code == 0, f"{args}: {res.output}"
+        return res
+
+    def status(self) -> dict[str, object]:
+        res = self.ok("status", "--json")
+        return json.loads(res.stdout)  # type: ignore[no-any-return]
+
+    def proxy(
+        self, tcp: str | None = None, udp: str | None = None, v6only: bool = False, tag: str = ""
+    ) -> Proxy:
+        """Start an echo server in this netns (a process of its own)."""
+        cmd = [sys.executable, "-m", "sklookupctl.echo", "--netns", self.path, "--lifetime", "300"]
+        if tcp:
+            cmd += ["--tcp", tcp]
+        if udp:
+            cmd += ["--udp", udp]
+        if v6only:
+            cmd.append("--v6only")
+        if tag:
+            cmd += ["--tag", tag]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        ready = json.loads(proc.stdout.readline())
+        p = Proxy(
+            ready["pid"],
+            ready.get("tcp_fd"),
+            ready.get("udp_fd"),
+            ready.get("tcp_port") or ready.get("udp_port"),
+            proc,
+        )
+        self.procs.append(p)
+        return p
+
+    def dial(self, proto: str, host: str, port: int, payload: bytes = b"") -> str:
+        """Dial from inside the netns: 'ADDR PORT' the server saw, 'refused' or 'timeout'."""
+        with nsmod.open_netns(self.name) as ns, nsmod.enter(ns):
+            if proto == "tcp":
+                return echo.dial_tcp(host, port, payload=payload)
+            return echo.dial_udp(host, port)
+
+    def files(self) -> list[str]:
+        """Everything sklookupctl has pinned under the test bpffs."""
+        out = []
+        for root, dirs, files in os.walk(os.path.join(self.bpffs, "sklookupctl")):
+            out += [os.path.join(root, d) for d in dirs] + [os.path.join(root, f) for f in files]
+        return sorted(out)
+
+
+@pytest.fixture
+def ns(bpffs: str) -> Iterator[NS]:
+    name = f"sklt-{uuid.uuid4().hex[:10]}"
+    api.netns_add(name)
+    n = NS(name, bpffs)
+    try:
+        for p in PREFIXES:
+            api.addr_add(name, p)
+        yield n
+    finally:
+        for p in n.procs:
+            p.stop()
+        api.netns_del(name, bpffs=bpffs)
+
+
+@pytest.fixture
+def ns2(bpffs: str) -> Iterator[NS]:
+    """A second namespace, for cross-namespace cases."""
+    name = f"sklt-{uuid.uuid4().hex[:10]}"
+    api.netns_add(name)
+    n = NS(name, bpffs)
+    try:
+        yield n
+    finally:
+        for p in n.procs:
+            p.stop()
+        api.netns_del(name, bpffs=bpffs)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leftovers(bpffs: str) -> Iterator[None]:
+    yield
+    left = (
+        [n for n in os.listdir(nsmod.NETNS_RUN_DIR) if n.startswith("sklt-")]
+        if os.path.isdir(nsmod.NETNS_RUN_DIR)
+        else []
+    )
+    for n in left:
+        api.netns_del(n, bpffs=bpffs)
+    assert not left, f"tests left namespaces behind: {left}"
+
+
+def listener(n: NS, proto: str, endpoint: str) -> Proxy:
+    """A 'normal' socket bound directly to an address (no steering)."""
+    return n.proxy(tcp=endpoint) if proto == "tcp" else n.proxy(udp=endpoint)
+
+
+__all__ = ["CONSOLE_SCRIPT", "NS", "REPO", "Proxy", "listener"]

@@ -254,7 +254,7 @@ def netns_del(obj: Obj, name: str) -> None:
 @netns.command("list", context_settings=CONTEXT)
 @json_option
 def netns_list(as_json: bool) -> None:
-    """List named namespaces."""
+    """List named network namespaces (/run/netns)."""
     items = api.netns_list()
     if as_json:
         render.emit_json(items)
@@ -295,7 +295,7 @@ def addr_del(obj: Obj, prefix: str) -> None:
 @json_option
 @click.pass_obj
 def addr_list(obj: Obj, as_json: bool) -> None:
-    """List AnyIP prefixes."""
+    """List the AnyIP prefixes of the target netns."""
     items = api.addr_list(obj.netns)
     if as_json:
         render.emit_json(items)

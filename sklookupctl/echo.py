@@ -180,6 +180,8 @@ def main() -> None:
     ap.add_argument("--tcp", metavar="ADDR:PORT")
     ap.add_argument("--udp", metavar="ADDR:PORT")
     ap.add_argument("--v6only", action="store_true")
+    ap.add_argument("--tcp-bound", metavar="ADDR:PORT", help="a TCP socket that never listens")
+    ap.add_argument("--udp-connected", metavar="ADDR:PORT", help="a connected UDP socket")
     ap.add_argument("--tag", default="", help="word appended to each reply's first line")
     ap.add_argument(
         "--lifetime", type=float, default=600.0, help="exit after this many seconds (0: never)"
@@ -209,6 +211,17 @@ def main() -> None:
         socks.append(u)
         ready.update(udp_fd=u.fileno(), udp_port=u.getsockname()[1])
         threading.Thread(target=serve_udp, args=(u,), daemon=True).start()
+    if args.tcp_bound:  # bound, never listening: for tests of what attach refuses
+        b = socket.socket(_family(parse(args.tcp_bound)[0]), socket.SOCK_STREAM)
+        b.bind(parse(args.tcp_bound))
+        socks.append(b)
+        ready.update(tcp_bound_fd=b.fileno(), tcp_bound_port=b.getsockname()[1])
+    if args.udp_connected:  # bound and connected: for tests of what attach refuses
+        c = socket.socket(_family(parse(args.udp_connected)[0]), socket.SOCK_DGRAM)
+        c.bind(parse(args.udp_connected))
+        c.connect((c.getsockname()[0], 9))
+        socks.append(c)
+        ready.update(udp_connected_fd=c.fileno(), udp_connected_port=c.getsockname()[1])
     print(json.dumps(ready), flush=True)
     if args.lifetime > 0:
         time.sleep(args.lifetime)

@@ -65,6 +65,7 @@ class Proxy:
     udp_fd: int | None
     port: int
     proc: subprocess.Popen[str]
+    ready: dict[str, int] = field(default_factory=dict)
 
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -97,7 +98,12 @@ class NS:
         return json.loads(res.stdout)  # type: ignore[no-any-return]
 
     def proxy(
-        self, tcp: str | None = None, udp: str | None = None, v6only: bool = False, tag: str = ""
+        self,
+        tcp: str | None = None,
+        udp: str | None = None,
+        v6only: bool = False,
+        tag: str = "",
+        extra: tuple[str, ...] = (),
     ) -> Proxy:
         """Start an echo server in this netns (a process of its own)."""
         cmd = [sys.executable, "-m", "sklookupctl.echo", "--netns", self.path, "--lifetime", "300"]
@@ -109,6 +115,7 @@ class NS:
             cmd.append("--v6only")
         if tag:
             cmd += ["--tag", tag]
+        cmd += extra
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None
         ready = json.loads(proc.stdout.readline())
@@ -118,6 +125,7 @@ class NS:
             ready.get("udp_fd"),
             ready.get("tcp_port") or ready.get("udp_port"),
             proc,
+            ready,
         )
         self.procs.append(p)
         return p

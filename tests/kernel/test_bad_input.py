@@ -1,0 +1,389 @@
+"""Every bad input: a one-line message that says what is wrong, exit 1, no traceback, and the
+state exactly as it was (same pins, same status)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+
+from sklookupctl import compiler
+
+from .conftest import CONSOLE_SCRIPT, NS, Proxy
+
+
+@dataclass(frozen=True)
+class Bad:
+    desc: str
+    args: Callable[[NS, Proxy], list[str]]
+    message: str
+
+
+def to(p: Proxy) -> str:
+    return f"127.0.0.1:{p.port}"
+
+
+BAD = [
+    Bad(
+        "malformed prefix",
+        lambda n, p: ["attach", "tcp", "192.0.2.300/24", "all", "--to", to(p)],
+        "is not an IP address or prefix",
+    ),
+    Bad(
+        "malformed v6 prefix",
+        lambda n, p: ["attach", "tcp", "2001:db8::g/64", "all", "--to", to(p)],
+        "is not an IP address or prefix",
+    ),
+    Bad(
+        "host bits set",
+        lambda n, p: ["attach", "tcp", "192.0.2.1/24", "all", "--to", to(p)],
+        "has host bits set (did you mean 192.0.2.0/24?)",
+    ),
+    Bad(
+        "port 0",
+        lambda n, p: ["attach", "tcp", "192.0.2.0/24", "0", "--to", to(p)],
+        "port 0 is not a port",
+    ),
+    Bad(
+        "port too large",
+        lambda n, p: ["attach", "tcp", "192.0.2.0/24", "65536", "--to", to(p)],
+        "port 65536 is too large",
+    ),
+    Bad(
+        "reversed range",
+        lambda n, p: ["attach", "tcp", "192.0.2.0/24", "2000-1000", "--to", to(p)],
+        "port range 2000-1000 is reversed",
+    ),
+    Bad(
+        "non-numeric range",
+        lambda n, p: ["attach", "tcp", "192.0.2.0/24", "80-http", "--to", to(p)],
+        "is not a number",
+    ),
+    Bad(
+        "unknown protocol",
+        lambda n, p: ["attach", "sctp", "192.0.2.0/24", "all", "--to", to(p)],
+        "unknown protocol 'sctp'",
+    ),
+    Bad(
+        "no socket at --to",
+        lambda n, p: ["attach", "tcp", "192.0.2.0/24", "all", "--to", "127.0.0.1:1"],
+        "no tcp socket listens at 127.0.0.1:1",
+    ),
+    Bad(
+        "--to without port",
+        lambda n, p: ["attach", "tcp", "192.0.2.0/24", "all", "--to", "127.0.0.1"],
+        "has no port",
+    ),
+    Bad(
+        "v6 --to without brackets",
+        lambda n, p: ["attach", "tcp", "2001:db8::/64", "all", "--to", "::1:80"],
+        "in brackets",
+    ),
+    Bad(
+        "pid does not exist",
+        lambda n, p: ["attach", "tcp", "192.0.2.0/24", "all", "--pid", "4194303", "--fd", "3"],
+        "no process with pid",
+    ),
+    Bad(
+        "fd does not exist",
+        lambda n, p: ["attach", "tcp", "192.0.2.0/24", "all", "--pid", str(p.pid), "--fd", "999"],
+        "has no fd 999",
+    ),
+    Bad(
+        "fd is not a socket",
+        lambda n, p: ["attach", "tcp", "192.0.2.0/24", "all", "--pid", str(p.pid), "--fd", "1"],
+        "is not a socket",
+    ),
+    Bad(
+        "tcp socket not listening (--to)",
+        lambda n, p: [
+            "attach",
+            "tcp",
+            "192.0.2.0/24",
+            "all",
+            "--to",
+            f"127.0.0.1:{p.ready['tcp_bound_port']}",
+        ],
+        "is not listening",
+    ),
+    Bad(
+        "tcp socket not listening (--fd)",
+        lambda n, p: [
+            "attach",
+            "tcp",
+            "192.0.2.0/24",
+            "all",
+            "--pid",
+            str(p.pid),
+            "--fd",
+            str(p.ready["tcp_bound_fd"]),
+        ],
+        "TCP socket that is not listening",
+    ),
+    Bad(
+        "connected udp (--to)",
+        lambda n, p: [
+            "attach",
+            "udp",
+            "192.0.2.0/24",
+            "all",
+            "--to",
+            f"127.0.0.1:{p.ready['udp_connected_port']}",
+        ],
+        "is connected",
+    ),
+    Bad(
+        "connected udp (--fd)",
+        lambda n, p: [
+            "attach",
+            "udp",
+            "192.0.2.0/24",
+            "all",
+            "--pid",
+            str(p.pid),
+            "--fd",
+            str(p.ready["udp_connected_fd"]),
+        ],
+        "connected UDP socket",
+    ),
+    Bad(
+        "wrong protocol",
+        lambda n, p: [
+            "attach",
+            "udp",
+            "192.0.2.0/24",
+            "all",
+            "--pid",
+            str(p.pid),
+            "--fd",
+            str(p.tcp_fd),
+        ],
+        "is a tcp socket, the rule is udp",
+    ),
+    Bad(
+        "wrong protocol (--to)",
+        lambda n, p: ["attach", "udp", "192.0.2.0/24", "all", "--to", to(p)],
+        "no udp socket is bound",
+    ),
+    Bad(
+        "wrong family",
+        lambda n, p: ["attach", "tcp", "2001:db8::/64", "all", "--to", to(p)],
+        "is IPv4 and cannot take IPv6 rule",
+    ),
+    Bad(
+        "--to and --drop",
+        lambda n, p: ["attach", "tcp", "192.0.2.0/24", "all", "--to", to(p), "--drop"],
+        "give exactly one of",
+    ),
+    Bad(
+        "--pid without --fd",
+        lambda n, p: ["attach", "tcp", "192.0.2.0/24", "all", "--pid", str(p.pid)],
+        "--pid and --fd go together",
+    ),
+    Bad(
+        "detach of a rule that does not exist",
+        lambda n, p: ["detach", "tcp", "192.0.2.0/24", "1-2"],
+        "no rule tcp 192.0.2.0/24 1-2",
+    ),
+    Bad(
+        "conflicting rule",
+        lambda n, p: ["attach", "tcp", "198.51.100.0/24", "all", "--drop"],
+        "already exists",
+    ),
+    Bad(
+        "range end too large",
+        lambda n, p: ["attach", "tcp", "198.51.100.0/24", "100-70000", "--drop"],
+        "too large",
+    ),
+    Bad(
+        "bad target name",
+        lambda n, p: ["attach", "tcp", "192.0.2.0/24", "all", "--to", to(p), "--name", "a b"],
+        "is not valid",
+    ),
+]
+
+
+def _bad_proxy(ns: NS) -> Proxy:
+    return ns.proxy(
+        tcp="127.0.0.1:0", extra=("--tcp-bound", "127.0.0.1:0", "--udp-connected", "127.0.0.1:0")
+    )
+
+
+def _assert_refused(ns: NS, args: list[str], message: str) -> None:
+    files, st = ns.files(), ns.status()
+    res = ns.cli(*args)
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    assert message in lines[0]
+    assert ns.files() == files
+    assert ns.status() == st
+
+
+@pytest.mark.parametrize("case", BAD, ids=lambda c: c.desc)
+def test_bad_input_with_dispatcher_loaded(ns: NS, case: Bad) -> None:
+    p = _bad_proxy(ns)
+    ns.ok("attach", "tcp", "198.51.100.0/24", "all", "--to", to(p))  # state to keep intact
+    _assert_refused(ns, case.args(ns, p), case.message)
+    assert ns.dial("tcp", "198.51.100.1", 80) == "198.51.100.1 80"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c for c in BAD if c.desc not in ("conflicting rule", "detach of a rule that does not exist")],
+    ids=lambda c: c.desc,
+)
+def test_bad_input_before_any_dispatcher(ns: NS, case: Bad) -> None:
+    p = _bad_proxy(ns)
+    _assert_refused(ns, case.args(ns, p), case.message)
+    assert ns.files() == []
+
+
+def test_detach_without_dispatcher(ns: NS) -> None:
+    res = ns.cli("detach", "tcp", "192.0.2.0/24", "all")
+    assert res.exit_code == 1 and "no sklookupctl dispatcher" in res.output
+
+
+def test_partial_overlap(ns: NS) -> None:
+    ns.ok("attach", "tcp", "192.0.2.0/24", "100-200", "--drop")
+    _assert_refused(ns, ["attach", "tcp", "192.0.2.0/24", "150-300", "--drop"], "partly overlap")
+
+
+def test_socket_in_another_netns_is_refused(ns: NS, ns2: NS) -> None:
+    other = ns2.proxy(tcp="127.0.0.1:0")
+    _assert_refused(
+        ns,
+        [
+            "attach",
+            "tcp",
+            "192.0.2.0/24",
+            "all",
+            "--pid",
+            str(other.pid),
+            "--fd",
+            str(other.tcp_fd),
+        ],
+        "lives in another network namespace",
+    )
+
+
+def test_v6only_socket_refuses_v4_rule(ns: NS) -> None:
+    p = ns.proxy(tcp="[::]:0", v6only=True)
+    _assert_refused(
+        ns,
+        ["attach", "tcp", "192.0.2.0/24", "all", "--pid", str(p.pid), "--fd", str(p.tcp_fd)],
+        "IPv6-only",
+    )
+
+
+def test_netns_that_does_not_exist_is_not_created(ns: NS) -> None:
+    res = ns.cli("--netns", "sklt-no-such-ns", "attach", "tcp", "192.0.2.0/24", "all", "--drop")
+    assert res.exit_code == 1
+    assert "network namespace 'sklt-no-such-ns' does not exist" in res.output
+    assert not os.path.exists("/run/netns/sklt-no-such-ns")
+    for cmd in (["status"], ["addr", "list"], ["detach", "--all"]):
+        res = ns.cli("--netns", "/proc/4194303/ns/net", *cmd)
+        assert res.exit_code == 1 and "does not exist" in res.output, cmd
+
+
+def test_bpffs_that_is_not_bpffs(ns: NS) -> None:
+    res = ns.cli("--bpffs", "/tmp", "attach", "tcp", "192.0.2.0/24", "all", "--drop")
+    assert res.exit_code == 1 and "/tmp is not a bpffs mount" in res.output
+    assert not os.path.exists("/tmp/sklookupctl")
+
+
+def test_unprivileged_caller(ns: NS) -> None:
+    for cmd in (
+        ["attach", "tcp", "192.0.2.0/24", "all", "--drop"],
+        ["status"],
+        ["detach", "--all"],
+    ):
+        out = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                CONSOLE_SCRIPT,
+                "--netns",
+                ns.name,
+                "--bpffs",
+                ns.bpffs,
+                *cmd,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 1, out
+        assert out.stderr.startswith("error: sklookupctl needs root"), out.stderr
+        assert "Traceback" not in out.stderr
+    assert ns.files() == []
+
+
+def test_bcc_missing(ns: NS, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "bcc", None)
+    _assert_refused(
+        ns,
+        ["attach", "tcp", "192.0.2.0/24", "all", "--drop"],
+        "BCC's Python module (import bcc) is missing",
+    )
+    assert ns.files() == []
+
+
+def test_compile_error_shows_the_log(ns: NS, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        compiler,
+        "read_source",
+        lambda: "int dispatch(struct bpf_sk_lookup *c){ return undefined_thing; }",
+    )
+    res = ns.cli("attach", "tcp", "192.0.2.0/24", "all", "--drop")
+    assert res.exit_code == 1
+    assert "error: the dispatcher failed to compile" in res.output
+    assert "undefined_thing" in res.output  # the compiler's own words
+    assert "Traceback" not in res.output
+    assert ns.files() == []
+
+
+def test_verifier_rejection_shows_the_log(ns: NS, monkeypatch: pytest.MonkeyPatch) -> None:
+    # compiles, but reads a map value without checking the lookup found one
+    bad = (
+        "BPF_ARRAY(a, u64, 1);\n"
+        "int dispatch(struct bpf_sk_lookup *ctx) {\n"
+        "  u32 k = ctx->local_port; u64 *v = a.lookup(&k);\n"
+        "  return *v ? SK_PASS : SK_DROP;\n"
+        "}\n"
+    )
+    monkeypatch.setattr(compiler, "read_source", lambda: bad)
+    res = ns.cli("attach", "tcp", "192.0.2.0/24", "all", "--drop")
+    assert res.exit_code == 1
+    assert "error: the kernel's verifier rejected the dispatcher" in res.output
+    assert "invalid mem access 'map_value_or_null'" in res.output  # the verifier's log
+    assert "Traceback" not in res.output
+    assert ns.files() == []
+
+
+def test_quiet_when_all_is_well(ns: NS) -> None:
+    out = subprocess.run(
+        [
+            CONSOLE_SCRIPT,
+            "--netns",
+            ns.name,
+            "--bpffs",
+            ns.bpffs,
+            "attach",
+            "tcp",
+            "192.0.2.0/24",
+            "all",
+            "--drop",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0 and out.stderr == ""

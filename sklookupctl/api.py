@@ -24,7 +24,6 @@ from .errors import (
 )
 from .netns import Netns, open_netns
 from .rules import (
-    DROP,
     ON_MISSING,
     Rule,
     RuleKey,
@@ -192,6 +191,8 @@ def attach(
         raise InvalidArgument(f"--on-missing {on_missing!r} is not valid", "use drop or pass")
     if drop and name:
         raise InvalidArgument("--name names a target; a --drop rule has none")
+    if drop and on_missing != "drop":
+        raise InvalidArgument("--on-missing applies to rules with a target, not to --drop")
     if name is not None:
         check_name(name)
     rule_proto = parse_protocol(proto)
@@ -417,11 +418,12 @@ def _target_json(
 # -- namespaces and addresses --------------------------------------------------------------
 
 
-def netns_add(name: str) -> None:
+def netns_add(name: str) -> bool:
+    """Create a named netns with lo up; False if it already existed."""
     from . import netns as nsmod
 
     require_privileges()
-    nsmod.create(name)
+    return nsmod.create(name)
 
 
 def netns_del(name: str, *, bpffs: str = DEFAULT_BPFFS) -> bool:
@@ -467,20 +469,3 @@ def addr_list(netns: str | None) -> list[str]:
     require_privileges()
     with open_netns(netns) as ns:
         return [str(n) for n in nsmod.addr_list(ns)]
-
-
-__all__ = [
-    "DROP",
-    "AttachResult",
-    "DetachResult",
-    "addr_add",
-    "addr_del",
-    "addr_list",
-    "attach",
-    "detach",
-    "detach_all",
-    "netns_add",
-    "netns_del",
-    "netns_list",
-    "status",
-]

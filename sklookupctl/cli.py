@@ -237,9 +237,11 @@ def netns() -> None:
 @netns.command("add", context_settings=CONTEXT)
 @click.argument("name")
 def netns_add(name: str) -> None:
-    """Create namespace NAME with lo up."""
-    api.netns_add(name)
-    render.say(f"created network namespace {name}")
+    """Create namespace NAME with lo up (unchanged if it exists)."""
+    if api.netns_add(name):
+        render.say(f"created network namespace {name}")
+    else:
+        render.say(f"unchanged: network namespace {name} already exists")
 
 
 @netns.command("del", context_settings=CONTEXT)

@@ -145,16 +145,17 @@ def _check_name(name: str) -> None:
         raise InvalidArgument(f"netns name {name!r} is not valid", "use a plain name like edge")
 
 
-def create(name: str) -> None:
-    """Create a named namespace with lo up. Fails if it exists."""
+def create(name: str) -> bool:
+    """Create a named namespace with lo up. False if it already existed (lo is brought up)."""
     from pyroute2 import IPRoute, netns
 
     _check_name(name)
-    if os.path.exists(os.path.join(NETNS_RUN_DIR, name)):
-        raise SklookupError(f"network namespace {name!r} already exists")
-    netns.create(name)
+    created = not os.path.exists(os.path.join(NETNS_RUN_DIR, name))
+    if created:
+        netns.create(name)
     with open_netns(name) as ns, enter(ns), IPRoute() as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    return created
 
 
 def delete(name: str) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import layout
-from .bpfsys import BPF_NOEXIST, BpfError, Link, Map, Program, is_bpffs
+from .bpfsys import BpfError, Link, Map, Program, is_bpffs
 from .errors import EnvironmentProblem, PermissionDenied, RuleConflict
 from .layout import (
     Config,
@@ -447,6 +447,3 @@ def clean_staging(base: str) -> None:
 
 def unpin_dir(path: str) -> None:
     _unpin_dir(path)
-
-
-__all__ = ["BPF_NOEXIST", "Dispatcher", "Target", "attach_link", "create", "locked", "remove"]

@@ -349,3 +349,39 @@ def test_pid_and_fd(ns: NS) -> None:
     ns.ok("attach", "udp", "2001:db8::/64", "all", "--pid", str(p.pid), "--fd", str(p.udp_fd))
     assert ns.dial("tcp", "192.0.2.8", 8) == "192.0.2.8 8"
     assert ns.dial("udp", "2001:db8::8", 8) == "2001:db8::8 8"
+
+
+def test_concurrent_invocations_load_one_dispatcher(ns: NS) -> None:
+    """Eight CLI processes race on a namespace with no dispatcher: the lock and the staging
+    directory give exactly one dispatcher holding all eight rules."""
+    p = ns.proxy(tcp="127.0.0.1:0")
+    procs = [
+        subprocess.Popen(
+            [
+                CONSOLE_SCRIPT,
+                "--netns",
+                ns.name,
+                "--bpffs",
+                ns.bpffs,
+                "attach",
+                "tcp",
+                f"192.0.2.{i}",
+                "all",
+                "--to",
+                f"127.0.0.1:{p.port}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(1, 9)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    st = ns.status()
+    assert len(st["rules"]) == 8  # type: ignore[arg-type]
+    assert st["other_programs"] == []
+    assert [f for f in ns.files() if "staging" in f] == []
+    for i in range(1, 9):
+        assert ns.dial("tcp", f"192.0.2.{i}", 1000 + i) == f"192.0.2.{i} {1000 + i}"

@@ -59,7 +59,7 @@ def rec(monkeypatch: pytest.MonkeyPatch) -> Recorder:
         r.fake("detach_all", api.DetachResult("edge", "dispatcher and all rules", True)),
     )
     monkeypatch.setattr(api, "status", r.fake("status", STATUS))
-    monkeypatch.setattr(api, "netns_add", r.fake("netns_add"))
+    monkeypatch.setattr(api, "netns_add", r.fake("netns_add", True))
     monkeypatch.setattr(api, "netns_del", r.fake("netns_del", True))
     monkeypatch.setattr(api, "netns_list", r.fake("netns_list", [{"name": "edge", "inode": 7}]))
     monkeypatch.setattr(api, "addr_add", r.fake("addr_add", True))

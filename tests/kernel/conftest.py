@@ -27,7 +27,6 @@ from sklookupctl import netns as nsmod
 from sklookupctl.cli import cli
 
 PREFIXES = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/64")
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "sklookupctl")
 
 
@@ -137,6 +136,14 @@ class NS:
                 return echo.dial_tcp(host, port, payload=payload)
             return echo.dial_udp(host, port)
 
+    def script_argv(self, *args: str) -> list[str]:
+        """The installed console script, aimed at this netns and the test bpffs."""
+        return [CONSOLE_SCRIPT, "--netns", self.name, "--bpffs", self.bpffs, *args]
+
+    def script(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run the installed console script in a process of its own."""
+        return subprocess.run(self.script_argv(*args), capture_output=True, text=True, timeout=60)
+
     def files(self) -> list[str]:
         """Everything sklookupctl has pinned under the test bpffs."""
         out = []
@@ -145,13 +152,14 @@ class NS:
         return sorted(out)
 
 
-@pytest.fixture
-def ns(bpffs: str) -> Iterator[NS]:
+@contextlib.contextmanager
+def throwaway(bpffs: str, prefixes: tuple[str, ...]) -> Iterator[NS]:
+    """A new netns with lo up and `prefixes` as AnyIP; removed with its processes and pins."""
     name = f"sklt-{uuid.uuid4().hex[:10]}"
     api.netns_add(name)
     n = NS(name, bpffs)
     try:
-        for p in PREFIXES:
+        for p in prefixes:
             api.addr_add(name, p)
         yield n
     finally:
@@ -161,17 +169,16 @@ def ns(bpffs: str) -> Iterator[NS]:
 
 
 @pytest.fixture
+def ns(bpffs: str) -> Iterator[NS]:
+    with throwaway(bpffs, PREFIXES) as n:
+        yield n
+
+
+@pytest.fixture
 def ns2(bpffs: str) -> Iterator[NS]:
     """A second namespace, for cross-namespace cases."""
-    name = f"sklt-{uuid.uuid4().hex[:10]}"
-    api.netns_add(name)
-    n = NS(name, bpffs)
-    try:
+    with throwaway(bpffs, ()) as n:
         yield n
-    finally:
-        for p in n.procs:
-            p.stop()
-        api.netns_del(name, bpffs=bpffs)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -187,9 +194,4 @@ def _no_leftovers(bpffs: str) -> Iterator[None]:
     assert not left, f"tests left namespaces behind: {left}"
 
 
-def listener(n: NS, proto: str, endpoint: str) -> Proxy:
-    """A 'normal' socket bound directly to an address (no steering)."""
-    return n.proxy(tcp=endpoint) if proto == "tcp" else n.proxy(udp=endpoint)
-
-
-__all__ = ["CONSOLE_SCRIPT", "NS", "REPO", "Proxy", "listener"]
+__all__ = ["NS", "Proxy", "throwaway"]

@@ -13,7 +13,7 @@ import pytest
 
 from sklookupctl import compiler
 
-from .conftest import CONSOLE_SCRIPT, NS, Proxy
+from .conftest import NS, Proxy
 
 
 @dataclass(frozen=True)
@@ -309,7 +309,7 @@ def test_unprivileged_caller(ns: NS) -> None:
         ["addr", "add", "192.0.2.0/24"],
     ):
         out = subprocess.run(
-            [*drop_all, CONSOLE_SCRIPT, "--netns", ns.name, "--bpffs", ns.bpffs, *cmd],
+            [*drop_all, *ns.script_argv(*cmd)],
             capture_output=True,
             text=True,
             timeout=60,
@@ -363,21 +363,5 @@ def test_verifier_rejection_shows_the_log(ns: NS, monkeypatch: pytest.MonkeyPatc
 
 
 def test_quiet_when_all_is_well(ns: NS) -> None:
-    out = subprocess.run(
-        [
-            CONSOLE_SCRIPT,
-            "--netns",
-            ns.name,
-            "--bpffs",
-            ns.bpffs,
-            "attach",
-            "tcp",
-            "192.0.2.0/24",
-            "all",
-            "--drop",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = ns.script("attach", "tcp", "192.0.2.0/24", "all", "--drop")
     assert out.returncode == 0 and out.stderr == ""

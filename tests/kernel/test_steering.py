@@ -12,7 +12,7 @@ import pytest
 
 from sklookupctl import netns as nsmod
 
-from .conftest import CONSOLE_SCRIPT, NS
+from .conftest import NS
 
 LANDS = "lands"  # on the steered proxy, which saw the original destination
 REFUSED = "refused"
@@ -230,34 +230,11 @@ def test_precedence(ns: NS) -> None:
 
 def test_steering_persists_after_the_cli_exits(ns: NS) -> None:
     p = ns.proxy(tcp="127.0.0.1:0")
-    out = subprocess.run(
-        [
-            CONSOLE_SCRIPT,
-            "--netns",
-            ns.name,
-            "--bpffs",
-            ns.bpffs,
-            "attach",
-            "tcp",
-            "192.0.2.0/24",
-            "all",
-            "--to",
-            f"127.0.0.1:{p.port}",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = ns.script("attach", "tcp", "192.0.2.0/24", "all", "--to", f"127.0.0.1:{p.port}", "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["loaded_dispatcher"] is True
     assert ns.dial("tcp", "192.0.2.77", 31337) == "192.0.2.77 31337"
-    st = subprocess.run(
-        [CONSOLE_SCRIPT, "--netns", ns.name, "--bpffs", ns.bpffs, "status", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    st = ns.script("status", "--json")
     assert json.loads(st.stdout)["rules"][0]["prefix"] == "192.0.2.0/24"
 
 
@@ -357,19 +334,7 @@ def test_concurrent_invocations_load_one_dispatcher(ns: NS) -> None:
     p = ns.proxy(tcp="127.0.0.1:0")
     procs = [
         subprocess.Popen(
-            [
-                CONSOLE_SCRIPT,
-                "--netns",
-                ns.name,
-                "--bpffs",
-                ns.bpffs,
-                "attach",
-                "tcp",
-                f"192.0.2.{i}",
-                "all",
-                "--to",
-                f"127.0.0.1:{p.port}",
-            ],
+            ns.script_argv("attach", "tcp", f"192.0.2.{i}", "all", "--to", f"127.0.0.1:{p.port}"),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

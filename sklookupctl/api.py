@@ -25,6 +25,7 @@ from .errors import (
 from .netns import Netns, open_netns
 from .rules import (
     ON_MISSING,
+    IPAddress,
     Rule,
     RuleKey,
     RuleSet,
@@ -124,11 +125,11 @@ def _open_existing(base: str, ns: Netns, writer: bool) -> Dispatcher | None:
 
 def _acquire(
     ns: Netns, proto: str, to: str | None, pid: int | None, fd: int | None
-) -> tuple[sockets.SocketInfo, str]:
+) -> tuple[sockets.SocketInfo, tuple[IPAddress, int]]:
+    """The socket, and the address the target is known by (--to as given, else its own)."""
     if to is not None:
         addr, port = parse_endpoint(to)
-        info = sockets.acquire_by_address(ns, proto, addr, port)
-        return info, format_endpoint(addr, port)
+        return sockets.acquire_by_address(ns, proto, addr, port), (addr, port)
     assert pid is not None and fd is not None
     info = sockets.acquire_by_fd(ns, pid, fd)
     if info.proto != proto:
@@ -137,7 +138,7 @@ def _acquire(
             f"fd {fd} of pid {pid} is a {info.proto} socket, the rule is {proto}",
             f"give a {proto} socket or change the rule's protocol",
         )
-    return info, info.endpoint
+    return info, (info.addr, info.port)
 
 
 def _check_family(rule: Rule, info: sockets.SocketInfo) -> None:
@@ -201,13 +202,14 @@ def attach(
 
     with open_netns(netns) as ns:
         info: sockets.SocketInfo | None = None
+        known_as: tuple[IPAddress, int] | None = None
         try:
             if not drop:
-                info, where = _acquire(ns, rule_proto, to, pid, fd)
+                info, known_as = _acquire(ns, rule_proto, to, pid, fd)
                 _check_family(rule, info)
-                target_name = name or f"{rule_proto}-{where}"
+                target_name = name or f"{rule_proto}-{format_endpoint(*known_as)}"
                 rule = Rule(rule.key, rule.action, target_name, on_missing)
-            return _attach_locked(ns, bpffs, rule, info, replace, to)
+            return _attach_locked(ns, bpffs, rule, info, replace, known_as)
         finally:
             if info is not None:
                 info.close()
@@ -219,7 +221,7 @@ def _attach_locked(
     rule: Rule,
     info: sockets.SocketInfo | None,
     replace: bool,
-    to: str | None,
+    known_as: tuple[IPAddress, int] | None,
 ) -> AttachResult:
     result = AttachResult(
         rule,
@@ -244,7 +246,7 @@ def _attach_locked(
                 rule_changed = rs.check_add(rule, replace)
                 new_socket = False
                 if info is not None and rule.target is not None:
-                    new_socket = _place_target(d, targets, rule, info, replace, to, result)
+                    new_socket = _place_target(d, targets, rule, info, replace, known_as, result)
                 if rule_changed:
                     rs.add(rule, replace)
                     d.commit(rs, ids, targets)
@@ -266,7 +268,7 @@ def _place_target(
     rule: Rule,
     info: sockets.SocketInfo,
     replace: bool,
-    to: str | None,
+    known_as: tuple[IPAddress, int] | None,
     result: AttachResult,
 ) -> bool:
     """Register the rule's target socket (before any rule points at it). True if it changed."""
@@ -277,7 +279,7 @@ def _place_target(
             f"target {name} is a {existing.proto} target, the socket is {info.proto}",
             "use another --name",
         )
-    addr, port = parse_endpoint(to) if to else (info.addr, info.port)
+    addr, port = known_as or (info.addr, info.port)
     if existing is not None and (existing.addr, existing.port) != (addr, port) and not replace:
         raise RuleConflict(
             f"target {name} points at {format_endpoint(existing.addr, existing.port)}",

@@ -103,10 +103,6 @@ def diag(ns: Netns, proto: str, states: int = 0xFFFFFFFF) -> list[DiagEntry]:
         ]
 
 
-def _is_unspecified(addr: IPAddress) -> bool:
-    return addr.is_unspecified
-
-
 def _candidates(entries: Iterable[DiagEntry], addr: IPAddress, port: int) -> list[DiagEntry]:
     """Sockets that would receive traffic for addr:port, best first: exact address, wildcard of
     the same family, then (for IPv4) an IPv6 wildcard or v4-mapped socket."""
@@ -117,12 +113,12 @@ def _candidates(entries: Iterable[DiagEntry], addr: IPAddress, port: int) -> lis
             continue
         if e.addr == addr:
             exact.append(e)
-        elif e.addr.version == addr.version and _is_unspecified(e.addr):
+        elif e.addr.version == addr.version and e.addr.is_unspecified:
             wild.append(e)
         elif (
             mapped is not None
             and e.addr.version == 6
-            and (_is_unspecified(e.addr) or e.addr == mapped)
+            and (e.addr.is_unspecified or e.addr == mapped)
         ):
             dual.append(e)
     return (

@@ -110,7 +110,7 @@ def _addr_from(raw: bytes, family: int) -> IPAddress:
     return ipaddress.IPv6Address(bytes(raw[:16]))
 
 
-def _unpin_dir(path: str) -> None:
+def unpin_dir(path: str) -> None:
     for name in os.listdir(path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(path, name))
@@ -179,20 +179,16 @@ class Dispatcher:
             prog = Program.from_pin(os.path.join(path, "program"))
             with contextlib.suppress(FileNotFoundError):
                 link = Link.from_pin(os.path.join(path, "link"))
-        except FileNotFoundError as e:
+        except BaseException as e:
             for fd in fds.values():
                 os.close(fd)
             if prog is not None:
                 prog.close()
-            raise EnvironmentProblem(
-                f"incomplete sklookupctl state in {path}: {e.filename} is missing",
-                "run `sklookupctl detach --all` to clear it, then attach again",
-            ) from None
-        except BaseException:
-            for fd in fds.values():
-                os.close(fd)
-            if prog is not None:
-                prog.close()
+            if isinstance(e, FileNotFoundError):
+                raise EnvironmentProblem(
+                    f"incomplete sklookupctl state in {path}: {e.filename} is missing",
+                    "run `sklookupctl detach --all` to clear it, then attach again",
+                ) from None
             raise
         d = cls(path, prog, link, fds)
         cfg = d.read_config()
@@ -406,7 +402,7 @@ def create(path: str, ns: Netns) -> Dispatcher:
         )
         return d
     except BaseException:
-        _unpin_dir(path)
+        unpin_dir(path)
         raise
     finally:
         loaded.close()
@@ -432,7 +428,7 @@ def remove(d: Dispatcher) -> None:
     if d.link is not None:
         with contextlib.suppress(BpfError):
             d.link.detach()
-    _unpin_dir(d.path)
+    unpin_dir(d.path)
 
 
 def clean_staging(base: str) -> None:
@@ -442,8 +438,4 @@ def clean_staging(base: str) -> None:
             continue
         pid = name.rsplit("-", 1)[-1]
         if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            _unpin_dir(os.path.join(base, name))
-
-
-def unpin_dir(path: str) -> None:
-    _unpin_dir(path)
+            unpin_dir(os.path.join(base, name))

@@ -1,34 +1,38 @@
-/* sklookupctl dispatcher: the one BPF sk_lookup program and every map it uses.
+/* sklookupctl dispatcher: the one BPF sk_lookup program and the maps it reads.
  *
- * Compiled by BCC (sklookupctl/compiler.py), attached to one network namespace with
- * BPF_LINK_CREATE, and pinned with its maps in <bpffs>/sklookupctl/<netns inode>/.
+ * Compiled once by BCC (sklookupctl/compiler.py); its instructions are cached with the map
+ * references left as placeholders, and every rule-set change loads a fresh copy against a fresh
+ * set of maps sized to that rule set (sklookupctl/program.py), then swaps it in with one
+ * BPF_LINK_UPDATE. A lookup therefore sees the old rule set or the new one, never a mix.
  *
- * Userspace owns the rule set (map `rules`) and compiles it into a lookup structure:
- *   prefixes  LPM trie: (generation, protocol, family, address) -> a run of segments
- *   segments  array: for each prefix, the port space 0..65535 cut into disjoint runs, each with
- *             the rule that wins there (longest prefix, then narrowest port range; rules of
- *             shorter prefixes are folded into longer ones in userspace)
- * Two generations of that structure exist while userspace rewrites it; `config.gen` says which
- * one the program reads, so one 4-byte array update switches the whole rule set at once.
+ * The rule set is compiled in userspace (sklookupctl/lpm.py) into:
+ *   nodes, entries  a multibit trie over the destination address, one root per (protocol,
+ *                   family) at nodes[0..3]. Each node may first compare `skip` bits of the
+ *                   address (path compression), then indexes `stride` bits into its entries.
+ *                   An entry is a child node (NODE_FLAG set) or a leaf: the run of segments
+ *                   of the longest prefix there, as start (low 32 bits) and count (high 32
+ *                   bits); 0 = no rule.
+ *   segments        the port space 0..65535 of one prefix cut into disjoint pieces, each with the
+ *                   rule that wins there: longest prefix, then narrowest port range. Rules of
+ *                   shorter prefixes are already folded in.
+ *   counters        per-CPU, per rule: lookups it won, steered, dropped, missing socket, errors.
+ *   sockets         SOCKMAP: target id -> socket. The one map that outlives rule-set changes.
  *
- * Every struct here is mirrored in sklookupctl/layout.py; keep the two in step.
+ * Every lookup here is an ARRAY lookup, which the verifier inlines: the cost does not grow with
+ * the number of rules, only with the depth of the trie (bounded by NODE_STEPS).
+ * Every struct is mirrored in sklookupctl/layout.py; keep the two in step.
  */
-
-#ifndef SKL_MAX_TARGETS
-#define SKL_MAX_TARGETS 4096
-#endif
-#ifndef SKL_MAX_RULES
-#define SKL_MAX_RULES 65536
-#endif
-#ifndef SKL_MAX_PREFIXES
-#define SKL_MAX_PREFIXES 131072
-#endif
-#ifndef SKL_SEGMENTS_PER_GEN
-#define SKL_SEGMENTS_PER_GEN 262144
-#endif
 
 #define SKL_AF_INET 2
 #define SKL_AF_INET6 10
+#define SKL_IPPROTO_UDP 17
+
+#define SKL_NODE_FLAG 0x80000000u
+/* 4 bits at least per node before the end of the address: 128 / 4 = 32, plus a last node
+ * that only compares skip bits, plus slack */
+#define SKL_NODE_STEPS 36
+/* a run covers at most 65536 ports: 17 halvings always find the segment */
+#define SKL_SEARCH_STEPS 17
 
 /* What a segment does with a lookup. */
 #define SKL_ACTION_NONE 0  /* no rule covers these ports for this address */
@@ -39,20 +43,15 @@
 #define SKL_MISSING_DROP 0
 #define SKL_MISSING_PASS 1
 
-/* mirrored by layout.LpmKey. prefixlen counts the 32 bits of gen/proto/family/pad. */
-struct lpm_key {
-	u32 prefixlen;
-	u8 gen;
-	u8 proto;
-	u8 family;
-	u8 pad;
-	u32 addr[4]; /* network byte order; IPv4 uses addr[0] */
-};
-
-/* mirrored by layout.LpmValue: segments[start .. start+count) belong to this prefix. */
-struct lpm_value {
-	u32 start;
-	u32 count;
+/* mirrored by layout.Node (ARRAY elements are 8-byte aligned: no padding is wasted) */
+struct node {
+	u64 fallback;  /* the leaf when the skip bits differ */
+	u32 base;      /* first entry of this node */
+	u32 skip_bits; /* the `skip` address bits every address below this node has */
+	u8 skip;       /* 0..32 */
+	u8 stride;     /* 0..16; 0: one entry */
+	u16 pad;
+	u32 pad2;
 };
 
 /* mirrored by layout.Segment: applies to ports lo .. (next segment's lo - 1). */
@@ -62,53 +61,24 @@ struct segment {
 	u8 on_missing;
 	u32 target;
 	u32 rule;
+	u32 pad;
 };
 
-/* mirrored by layout.Config */
-struct config {
-	u32 gen;
-	u32 layout;
-	u64 netns_cookie;
+/* mirrored by layout.Counters */
+struct counters {
+	u64 lookups;
+	u64 steered;
+	u64 dropped;
+	u64 missing;
+	u64 errors;
 };
 
-/* mirrored by layout.RuleKey; userspace only: the rule set itself. */
-struct rule_key {
-	u8 proto;
-	u8 family;
-	u8 prefixlen;
-	u8 pad;
-	u16 port_lo;
-	u16 port_hi;
-	u32 addr[4];
-};
-
-/* mirrored by layout.RuleValue; userspace only. */
-struct rule_value {
-	u32 target;
-	u32 id;
-	u8 action;
-	u8 on_missing;
-	u16 pad;
-};
-
-/* mirrored by layout.TargetInfo; userspace only: what a target is called and where it listens. */
-struct target_info {
-	char name[64];
-	u8 proto;
-	u8 family;
-	u16 port;
-	u32 addr[4];
-	u64 cookie;
-};
-
-/* target index -> socket. An entry vanishes when its socket is destroyed: the map never keeps a
- * socket alive. */
-BPF_TABLE("sockmap", u32, u64, sockets, SKL_MAX_TARGETS);
-BPF_LPM_TRIE(prefixes, struct lpm_key, struct lpm_value, SKL_MAX_PREFIXES);
-BPF_ARRAY(segments, struct segment, 2 * SKL_SEGMENTS_PER_GEN);
-BPF_ARRAY(config, struct config, 1);
-BPF_HASH(rules, struct rule_key, struct rule_value, SKL_MAX_RULES);
-BPF_HASH(targets, u32, struct target_info, SKL_MAX_TARGETS);
+/* Declared with one entry: userspace creates the real maps with the sizes a rule set needs. */
+BPF_TABLE("sockmap", u32, u64, sockets, 1);
+BPF_ARRAY(nodes, struct node, 1);
+BPF_ARRAY(entries, u64, 1);
+BPF_ARRAY(segments, struct segment, 1);
+BPF_PERCPU_ARRAY(counters, struct counters, 1);
 
 static __always_inline void release_sock(struct bpf_sock **sk)
 {
@@ -116,84 +86,138 @@ static __always_inline void release_sock(struct bpf_sock **sk)
 		bpf_sk_release(*sk);
 }
 
+/* `n` (1..32) bits of the 128-bit address hi:lo, starting `pos` bits from the top */
+static __always_inline u32 address_bits(u64 hi, u64 lo, u32 pos, u32 n)
+{
+	u64 w;
+	pos &= 127;
+	if (pos >= 64)
+		w = lo << (pos - 64);
+	else if (pos == 0)
+		w = hi;
+	else
+		w = (hi << pos) | (lo >> (64 - pos));
+	return (u32)(w >> ((64 - n) & 63));
+}
+
 int dispatch(struct bpf_sk_lookup *ctx)
 {
-	u32 zero = 0;
-	struct config *cfg = config.lookup(&zero);
-	if (!cfg)
-		/* cannot happen (array of one); never break the namespace's traffic */
-		return SK_PASS;
-
 	/* read every ctx field once, into locals (the verifier rejects loads through a moved ctx) */
 	u32 family = ctx->family;
 	u32 proto = ctx->protocol;
 	u32 port = ctx->local_port;
-
-	struct lpm_key key = {};
-	key.gen = cfg->gen;
-	key.proto = proto;
-	key.family = family;
+	u64 hi, lo;
 	if (family == SKL_AF_INET) {
-		key.prefixlen = 32 + 32;
-		key.addr[0] = ctx->local_ip4;
+		hi = (u64)bpf_ntohl(ctx->local_ip4) << 32;
+		lo = 0;
 	} else if (family == SKL_AF_INET6) {
-		key.prefixlen = 32 + 128;
-		key.addr[0] = ctx->local_ip6[0];
-		key.addr[1] = ctx->local_ip6[1];
-		key.addr[2] = ctx->local_ip6[2];
-		key.addr[3] = ctx->local_ip6[3];
+		hi = ((u64)bpf_ntohl(ctx->local_ip6[0]) << 32) | bpf_ntohl(ctx->local_ip6[1]);
+		lo = ((u64)bpf_ntohl(ctx->local_ip6[2]) << 32) | bpf_ntohl(ctx->local_ip6[3]);
 	} else {
 		/* not a family we steer: leave it to the normal lookup */
 		return SK_PASS;
 	}
 
-	struct lpm_value *pv = prefixes.lookup(&key);
-	if (!pv)
+	/* roots: 0 tcp/v4, 1 tcp/v6, 2 udp/v4, 3 udp/v6 */
+	u32 idx = (proto == SKL_IPPROTO_UDP ? 2 : 0) + (family == SKL_AF_INET6 ? 1 : 0);
+	u32 pos = 0;
+	u64 leaf = 0;
+	for (int i = 0; i < SKL_NODE_STEPS; i++) {
+		struct node *n = nodes.lookup(&idx);
+		if (!n)
+			/* a corrupt trie (userspace bug): do not guess, keep the normal lookup */
+			return SK_PASS;
+		u32 skip = n->skip;
+		if (skip) {
+			if (address_bits(hi, lo, pos, skip) != n->skip_bits) {
+				/* the address leaves every longer prefix below here */
+				leaf = n->fallback;
+				break;
+			}
+			pos += skip;
+		}
+		u32 stride = n->stride;
+		u32 e = n->base;
+		if (stride) {
+			e += address_bits(hi, lo, pos, stride);
+			pos += stride;
+		}
+		u64 *entry = entries.lookup(&e);
+		if (!entry)
+			return SK_PASS;
+		u64 v = *entry;
+		if (!(v & SKL_NODE_FLAG)) {
+			leaf = v;
+			break;
+		}
+		idx = (u32)v & ~SKL_NODE_FLAG;
+	}
+	u32 first = (u32)leaf;
+	u32 count = leaf >> 32;
+	if (!count)
 		/* no rule for this protocol and address: the normal socket lookup goes on */
 		return SK_PASS;
 
-	/* binary search for the last segment with lo <= port; segments of a prefix start at 0 and
-	 * number at most 2^17, so 17 halvings always finish (a bounded loop) */
-	u32 first = pv->start;
-	u32 n = pv->count;
-	for (int i = 0; i < 17; i++) {
-		if (n <= 1)
+	/* binary search for the last segment with lo <= port (a run starts at port 0) */
+	for (int i = 0; i < SKL_SEARCH_STEPS; i++) {
+		if (count <= 1)
 			break;
-		u32 half = n / 2;
+		u32 half = count / 2;
 		u32 mid = first + half;
 		struct segment *probe = segments.lookup(&mid);
 		if (!probe)
-			/* a corrupt run (userspace bug): do not guess, keep the normal lookup */
 			return SK_PASS;
 		if (probe->lo <= port)
 			first = mid;
-		n -= half;
+		count -= half;
 	}
 	struct segment *seg = segments.lookup(&first);
 	if (!seg || seg->action == SKL_ACTION_NONE)
 		/* no rule covers this port at this address: the normal socket lookup goes on */
 		return SK_PASS;
 
-	if (seg->action == SKL_ACTION_DROP)
+	u32 rule = seg->rule;
+	struct counters *c = counters.lookup(&rule);
+	if (c)
+		c->lookups++;
+
+	if (seg->action == SKL_ACTION_DROP) {
 		/* the operator asked for these connections to be refused */
+		if (c)
+			c->dropped++;
 		return SK_DROP;
+	}
 
 	u32 target = seg->target;
 	u8 on_missing = seg->on_missing;
 	struct bpf_sock *sk __attribute__((cleanup(release_sock))) =
 		(struct bpf_sock *)sockets.lookup(&target);
-	if (!sk)
+	if (!sk) {
 		/* the target's socket is gone (proxy down?): drop by default, so connections do not
 		 * land in some other socket; pass only when the rule says so */
+		if (c) {
+			c->missing++;
+			if (on_missing != SKL_MISSING_PASS)
+				c->dropped++;
+		}
 		return on_missing == SKL_MISSING_PASS ? SK_PASS : SK_DROP;
+	}
 
 	/* F_REPLACE: like the kernel's multi-program rule, the last program to select wins */
 	long err = bpf_sk_assign(ctx, sk, BPF_SK_LOOKUP_F_REPLACE);
-	if (err)
+	if (err) {
 		/* the socket cannot take this packet (family or protocol mismatch): treat it as
 		 * missing, for the same reason */
+		if (c) {
+			c->errors++;
+			if (on_missing != SKL_MISSING_PASS)
+				c->dropped++;
+		}
 		return on_missing == SKL_MISSING_PASS ? SK_PASS : SK_DROP;
+	}
 
 	/* steered */
+	if (c)
+		c->steered++;
 	return SK_PASS;
 }

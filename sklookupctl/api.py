@@ -88,7 +88,7 @@ class AttachResult:
         }
 
 
-def _rule_json(r: Rule, rule_id: int | None) -> dict[str, Any]:
+def _rule_json(r: Rule, counters: dict[str, int] | None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "protocol": r.key.proto,
         "prefix": str(r.key.prefix),
@@ -97,8 +97,8 @@ def _rule_json(r: Rule, rule_id: int | None) -> dict[str, Any]:
         "target": r.target,
         "on_missing": r.on_missing,
     }
-    if rule_id is not None:
-        out["id"] = rule_id
+    if counters is not None:
+        out["counters"] = counters
     return out
 
 
@@ -109,7 +109,7 @@ def _open_existing(base: str, ns: Netns, writer: bool) -> Dispatcher | None:
     if not os.path.isdir(path):
         return None
     d = Dispatcher.open(path)
-    if d.read_config().netns_cookie != ns.cookie():
+    if d.netns_cookie != ns.cookie():
         d.close()
         if writer:
             state.unpin_dir(path)
@@ -242,14 +242,14 @@ def _attach_locked(
         try:
             with d:
                 targets = d.read_targets()
-                rs, ids = d.read_rules(targets)
+                rs = d.read_rules(targets)
                 rule_changed = rs.check_add(rule, replace)
                 new_socket = False
                 if info is not None and rule.target is not None:
                     new_socket = _place_target(d, targets, rule, info, replace, known_as, result)
                 if rule_changed:
                     rs.add(rule, replace)
-                    d.commit(rs, ids, targets)
+                    d.commit(rs, targets)
                     _gc_targets(d, rs, targets)
                 result.changed = rule_changed or new_socket or result.loaded
                 if staging is not None:
@@ -338,9 +338,9 @@ def detach(
             )
         with d:
             targets = d.read_targets()
-            rs, ids = d.read_rules(targets)
+            rs = d.read_rules(targets)
             removed = rs.remove(key)
-            d.commit(rs, ids, targets)
+            d.commit(rs, targets)
             _gc_targets(d, rs, targets)
         return DetachResult(ns.label, f"{key} {removed.describe()}", False)
 
@@ -383,7 +383,8 @@ def status(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> dict[str, Any]:
             prog_id = int(d.program.info().id)
             link = d.link.info() if d.link else None
             targets = d.read_targets()
-            rs, ids = d.read_rules(targets)
+            rules = d.read_rule_list(targets)
+            counts = d.gen.counters() if d.gen else []
             cookies = {t.name: d.socket_cookie(t.id) for t in targets.values()}
             holders = sockets.owners_by_cookie(ns, [c for c in cookies.values() if c])
             out.update(
@@ -393,8 +394,14 @@ def status(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> dict[str, Any]:
                 link_id=int(link.id) if link else None,
                 position=attached.index(prog_id) + 1 if prog_id in attached else None,
                 other_programs=[p for p in attached if p != prog_id],
-                generation=int(d.read_config().gen),
-                rules=[_rule_json(r, ids.get(r.key)) for r in rs.sorted()],
+                generation=int(d.gen.meta().generation) if d.gen else 0,
+                memlock=d.gen.memlock() + d.sockets.memlock() + d.targets.memlock() if d.gen else 0,
+                rules=[
+                    _rule_json(r, dict(zip(layout.COUNTER_NAMES, c, strict=True)))
+                    for r, c in sorted(
+                        zip(rules, counts, strict=True), key=lambda rc: RuleSet.order(rc[0])
+                    )
+                ],
                 targets=[
                     _target_json(t, cookies[t.name], holders)
                     for t in sorted(targets.values(), key=lambda t: t.name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import mmap
 import os
 from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
@@ -19,23 +20,35 @@ _libc.syscall.restype = ctypes.c_long
 
 SYS_BPF = 321  # x86_64
 
+BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
+BPF_PROG_LOAD = 5
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
+BPF_MAP_LOOKUP_BATCH = 24
 BPF_LINK_CREATE = 28
+BPF_LINK_UPDATE = 29
 BPF_LINK_GET_FD_BY_ID = 30
 BPF_LINK_GET_NEXT_ID = 31
 BPF_LINK_DETACH = 34
 
 BPF_SK_LOOKUP = 36
 BPF_PROG_TYPE_SK_LOOKUP = 30
+
+BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_SOCKMAP = 15
+
+BPF_F_MMAPABLE = 1 << 10
+BPF_F_REPLACE = 1 << 2
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
@@ -50,6 +63,7 @@ class BpfError(OSError):
     def __init__(self, op: str, err: int) -> None:
         super().__init__(err, f"{op}: {os.strerror(err)}")
         self.op = op
+        self.log = ""  # the verifier's log, for a failed program load
 
 
 class _Attr(ctypes.Structure):
@@ -138,6 +152,58 @@ class _TestRunAttr(ctypes.Structure):
         ("flags", ctypes.c_uint32),
         ("cpu", ctypes.c_uint32),
         ("batch_size", ctypes.c_uint32),
+    ]
+
+
+class _MapCreateAttr(ctypes.Structure):
+    _fields_ = [
+        ("map_type", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("numa_node", ctypes.c_uint32),
+        ("map_name", ctypes.c_char * 16),
+    ]
+
+
+class _BatchAttr(ctypes.Structure):
+    _fields_ = [
+        ("in_batch", ctypes.c_uint64),
+        ("out_batch", ctypes.c_uint64),
+        ("keys", ctypes.c_uint64),
+        ("values", ctypes.c_uint64),
+        ("count", ctypes.c_uint32),
+        ("map_fd", ctypes.c_uint32),
+        ("elem_flags", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+class _ProgLoadAttr(ctypes.Structure):
+    _fields_ = [
+        ("prog_type", ctypes.c_uint32),
+        ("insn_cnt", ctypes.c_uint32),
+        ("insns", ctypes.c_uint64),
+        ("license", ctypes.c_uint64),
+        ("log_level", ctypes.c_uint32),
+        ("log_size", ctypes.c_uint32),
+        ("log_buf", ctypes.c_uint64),
+        ("kern_version", ctypes.c_uint32),
+        ("prog_flags", ctypes.c_uint32),
+        ("prog_name", ctypes.c_char * 16),
+        ("prog_ifindex", ctypes.c_uint32),
+        ("expected_attach_type", ctypes.c_uint32),
+    ]
+
+
+class _LinkUpdateAttr(ctypes.Structure):
+    _fields_ = [
+        ("link_fd", ctypes.c_uint32),
+        ("new_prog_fd", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("old_prog_fd", ctypes.c_uint32),
     ]
 
 
@@ -251,8 +317,85 @@ class Map(Fd, Generic[K, V]):
     def from_pin(cls, path: str, key_type: type[K], value_type: type[V]) -> Map[K, V]:
         return cls(obj_get(path), key_type, value_type)
 
+    @classmethod
+    def create(
+        cls,
+        map_type: int,
+        key_type: type[K],
+        value_type: type[V],
+        max_entries: int,
+        name: str,
+        flags: int = 0,
+    ) -> Map[K, V]:
+        attr = _MapCreateAttr(
+            map_type=map_type,
+            key_size=ctypes.sizeof(key_type),
+            value_size=ctypes.sizeof(value_type),
+            max_entries=max_entries,
+            map_flags=flags,
+            map_name=name.encode()[:15],
+        )
+        return cls(_bpf(BPF_MAP_CREATE, attr, f"create map {name}"), key_type, value_type)
+
     def info(self) -> MapInfo:
         return _get_info(self.fd, MapInfo())
+
+    def mmap(self) -> mmap.mmap:
+        """Map an ARRAY made with BPF_F_MMAPABLE into memory, read-write."""
+        info = self.info()
+        size = info.value_size * info.max_entries
+        pages = max(1, -(-size // mmap.PAGESIZE))
+        return mmap.mmap(self.fd, pages * mmap.PAGESIZE, mmap.MAP_SHARED)
+
+    def memlock(self) -> int:
+        """Bytes of kernel memory the map holds, as the kernel accounts it (fdinfo memlock)."""
+        with open(f"/proc/self/fdinfo/{self.fd}") as f:
+            for line in f:
+                if line.startswith("memlock:"):
+                    return int(line.split()[1])
+        return 0
+
+    def lookup_batch_raw(self, count: int, value_size: int) -> bytes:
+        """The values of keys 0..count-1 of an ARRAY (per-CPU: `value_size` covers every
+        CPU's copy), in one BPF_MAP_LOOKUP_BATCH per chunk."""
+        out = bytearray()
+        start: int | None = None
+        chunk = 65536
+        while len(out) < count * value_size:
+            want = min(chunk, count - len(out) // value_size)
+            keys = (ctypes.c_uint32 * want)()
+            values = (ctypes.c_uint8 * (want * value_size))()
+            in_b = ctypes.c_uint32(start or 0)
+            out_b = ctypes.c_uint32(0)
+            attr = _BatchAttr(
+                in_batch=ctypes.addressof(in_b) if start is not None else 0,
+                out_batch=ctypes.addressof(out_b),
+                keys=ctypes.addressof(keys),
+                values=ctypes.addressof(values),
+                count=want,
+                map_fd=self.fd,
+            )
+            done = False
+            try:
+                _bpf(BPF_MAP_LOOKUP_BATCH, attr, "map batch lookup")
+            except BpfError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                done = True
+            out += bytes(values)[: attr.count * value_size]
+            if done or attr.count == 0:
+                break
+            start = out_b.value
+        return bytes(out)
+
+    def lookup_percpu(self, key: K) -> list[V]:
+        """A per-CPU map's value on every possible CPU."""
+        ncpu = possible_cpus()
+        stride = (ctypes.sizeof(self.value_type) + 7) & ~7
+        buf = (ctypes.c_uint8 * (stride * ncpu))()
+        attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(key), value=ctypes.addressof(buf))
+        _bpf(BPF_MAP_LOOKUP_ELEM, attr, "map lookup")
+        return [self.value_type.from_buffer_copy(buf, i * stride) for i in range(ncpu)]
 
     def lookup(self, key: K) -> V | None:
         value: V = self.value_type()
@@ -316,6 +459,31 @@ class Program(Fd):
         return cls(obj_get(path))
 
     @classmethod
+    def load_sk_lookup(cls, insns: bytes, name: str) -> Program:
+        """BPF_PROG_LOAD an sk_lookup program; on failure the verifier's log is in the error."""
+        code = ctypes.create_string_buffer(insns, len(insns))
+        lic = ctypes.create_string_buffer(b"GPL")
+        attr = _ProgLoadAttr(
+            prog_type=BPF_PROG_TYPE_SK_LOOKUP,
+            insn_cnt=len(insns) // 8,
+            insns=ctypes.addressof(code),
+            license=ctypes.addressof(lic),
+            prog_name=name.encode()[:15],
+            expected_attach_type=BPF_SK_LOOKUP,
+        )
+        try:
+            return cls(_bpf(BPF_PROG_LOAD, attr, "load program"))
+        except BpfError:
+            pass
+        log = ctypes.create_string_buffer(1 << 20)
+        attr.log_level, attr.log_size, attr.log_buf = 1, len(log), ctypes.addressof(log)
+        try:
+            return cls(_bpf(BPF_PROG_LOAD, attr, "load program"))
+        except BpfError as e:
+            e.log = log.value.decode(errors="replace")
+            raise
+
+    @classmethod
     def from_id(cls, prog_id: int) -> Program:
         return cls(_bpf(BPF_PROG_GET_FD_BY_ID, _IdAttr(id=prog_id), f"open program {prog_id}"))
 
@@ -358,6 +526,24 @@ class Link(Fd):
 
     def detach(self) -> None:
         _bpf(BPF_LINK_DETACH, _IdAttr(id=self.fd), "detach link")
+
+    def update(self, new: Program, old: Program) -> None:
+        """Swap the link's program for `new` in one step; fails if it no longer runs `old`."""
+        attr = _LinkUpdateAttr(
+            link_fd=self.fd, new_prog_fd=new.fd, flags=BPF_F_REPLACE, old_prog_fd=old.fd
+        )
+        _bpf(BPF_LINK_UPDATE, attr, "update link")
+
+
+def possible_cpus() -> int:
+    """Number of possible CPUs: per-CPU maps hold one value for each."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        text = f.read().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
 
 
 def link_ids() -> Iterator[int]:

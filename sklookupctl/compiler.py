@@ -1,23 +1,24 @@
-"""Compile and load the dispatcher with BCC. The only module that imports bcc.
+"""Compile the dispatcher with BCC. The only module that imports bcc.
 
 BCC wants a kernel source tree. Where the running kernel has none (no /lib/modules, as on
 kernels without a headers package), a stand-in is made from the uapi headers of linux-libc-dev:
 sk_lookup programs need nothing more, since BCC brings its own copy of linux/bpf.h.
-Compiler and verifier output reach the user only when something fails.
+The compiler's output reaches the user only when something fails. BCC does not load the
+program: program.py does, from the instructions compiled here (and cached).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.resources
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from . import layout
-from .bpfsys import BPF_PROG_TYPE_SK_LOOKUP, BPF_SK_LOOKUP, Program
 from .errors import CompileError, EnvironmentProblem
 
 STANDIN_VERSION = 1
@@ -41,6 +42,8 @@ typedef unsigned long size_t;
 typedef unsigned long uintptr_t;
 """
 # BCC's helpers.h includes these kernel-internal headers; sk_lookup programs use nothing of them.
+_INSN = struct.Struct("<BBhi")
+
 EMPTY_HEADERS = ("include/uapi/linux/bpf.h", "include/linux/log2.h", "arch/x86/include/asm/page.h")
 
 
@@ -48,7 +51,7 @@ def read_source() -> str:
     return importlib.resources.files("sklookupctl.bpf").joinpath("dispatcher.c").read_text()
 
 
-def _cache_dir() -> str:
+def cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "sklookupctl")
 
@@ -57,7 +60,7 @@ def kernel_source() -> str | None:
     """A directory for BCC_KERNEL_SOURCE, or None when the kernel's own headers are present."""
     if os.path.isdir(f"/lib/modules/{os.uname().release}/build"):
         return None
-    cache = _cache_dir()
+    cache = cache_dir()
     target = os.path.join(cache, f"kernel-standin-{STANDIN_VERSION}")
     if os.path.isfile(os.path.join(target, "include/linux/kconfig.h")):
         return target
@@ -109,22 +112,13 @@ def _capture_stderr() -> Iterator[list[str]]:
             out.append(tmp.read().decode(errors="replace"))
 
 
-@dataclass
-class Loaded:
-    """A loaded dispatcher program and its maps, each owning its fd."""
-
-    program: Program
-    maps: dict[str, int]
-
-    def close(self) -> None:
-        self.program.close()
-        for fd in self.maps.values():
-            os.close(fd)
-        self.maps.clear()
+BPF_LD_IMM64 = 0x18
+BPF_PSEUDO_MAP_FD = 1
 
 
-def load(source: str | None = None) -> Loaded:
-    """Compile and load the dispatcher (BCC creates its maps); raise CompileError with the log."""
+def compile_image(source: str | None = None) -> bytes:
+    """Compile the dispatcher with BCC and return its instructions, each map reference
+    replaced by the map's index in layout.PROGRAM_MAPS (see program.py, which loads it)."""
     try:
         import bcc
     except ImportError:
@@ -141,29 +135,34 @@ def load(source: str | None = None) -> Loaded:
     try:
         with _capture_stderr() as log:
             try:
-                mod = bcc.BPF(text=src.encode(), cflags=["-w", *layout.CFLAGS])
+                mod = bcc.BPF(text=src.encode(), cflags=["-w"])
             except Exception:
                 mod = None
         if mod is None:
             raise CompileError("the dispatcher failed to compile", log[0].strip())
         try:
-            with _capture_stderr() as log:
-                try:
-                    fn = mod.load_func(
-                        b"dispatch", BPF_PROG_TYPE_SK_LOOKUP, attach_type=BPF_SK_LOOKUP
-                    )
-                except Exception as e:
-                    fn = None
-                    err = str(e)
-            if fn is None:
-                raise CompileError(
-                    f"the kernel's verifier rejected the dispatcher ({err})", log[0].strip()
-                )
-            maps = {
-                n: os.dup(bcc.libbcc.lib.bpf_table_fd(mod.module, n.encode()))
-                for n in layout.MAP_NAMES
+            lib = bcc.libbcc.lib
+            start = lib.bpf_function_start(mod.module, b"dispatch")
+            size = lib.bpf_function_size(mod.module, b"dispatch")
+            if not start or not size:
+                raise CompileError("the compiled dispatcher has no function `dispatch`", "")
+            insns = bytearray(ctypes.string_at(start, size))
+            index = {
+                lib.bpf_table_fd(mod.module, n.encode()): i
+                for i, n in enumerate(layout.PROGRAM_MAPS)
             }
-            return Loaded(Program(os.dup(fn.fd)), maps)
+            for off in range(0, len(insns), 8):
+                code, regs, _off, imm = _INSN.unpack_from(insns, off)
+                if code != BPF_LD_IMM64 or regs >> 4 == 0:
+                    continue
+                if regs >> 4 != BPF_PSEUDO_MAP_FD or imm not in index:
+                    raise CompileError(
+                        "the compiled dispatcher refers to a map sklookupctl does not know",
+                        f"instruction {off // 8}: src {regs >> 4}, imm {imm}; every map must "
+                        "be one of layout.PROGRAM_MAPS",
+                    )
+                _INSN.pack_into(insns, off, code, regs, _off, index[imm])
+            return bytes(insns)
         finally:
             mod.cleanup()
     finally:

@@ -11,8 +11,11 @@ from rich.table import Table
 
 
 def console(stderr: bool = False) -> Console:
-    # made per call, on the current sys.stdout, so click's CliRunner captures it
-    return Console(file=sys.stderr if stderr else sys.stdout, highlight=False, soft_wrap=True)
+    # made per call, on the current sys.stdout, so click's CliRunner captures it; piped output
+    # (grep, less, logs) gets wide lines rather than tables wrapped at 80 columns
+    out = sys.stderr if stderr else sys.stdout
+    width = None if out.isatty() else 200
+    return Console(file=out, highlight=False, soft_wrap=True, width=width)
 
 
 def emit_json(data: Any) -> None:
@@ -37,14 +40,27 @@ def status(st: dict[str, Any]) -> None:
     )
     if st["other_programs"]:
         c.print(f"other sk_lookup programs attached: {_ids(st['other_programs'])}")
-    c.print(f"state: {st['path']}")
+    c.print(
+        f"state: {st['path']} (generation {st['generation']}, "
+        f"{st['memlock'] / 2**20:.1f} MiB of kernel memory)"
+    )
     rules = Table(title="Rules (most specific first)", title_justify="left")
-    for col in ("id", "proto", "prefix", "ports", "action", "if socket missing"):
+    for col in ("proto", "prefix", "ports", "action", "if socket missing"):
         rules.add_column(col)
+    for col in ("lookups", "steered", "dropped", "missing", "errors"):
+        rules.add_column(col, justify="right")
     for r in st["rules"]:
         action = "drop" if r["action"] == "drop" else f"steer -> {r['target']}"
         missing = "" if r["action"] == "drop" else r["on_missing"]
-        rules.add_row(str(r.get("id", "")), r["protocol"], r["prefix"], r["ports"], action, missing)
+        n = r["counters"]
+        rules.add_row(
+            r["protocol"],
+            r["prefix"],
+            r["ports"],
+            action,
+            missing,
+            *(str(n[k]) for k in ("lookups", "steered", "dropped", "missing", "errors")),
+        )
     if st["rules"]:
         c.print(rules)
     else:

@@ -209,19 +209,21 @@ class RuleSet:
     def __len__(self) -> int:
         return len(self.rules)
 
+    @staticmethod
+    def order(r: Rule) -> tuple[str, int, int, int, int, int]:
+        """Sort key: protocol, family, then precedence (most specific first)."""
+        return (
+            r.key.proto,
+            r.key.prefix.version,
+            -r.key.prefix.prefixlen,
+            int(r.key.prefix.network_address),
+            r.key.hi - r.key.lo,
+            r.key.lo,
+        )
+
     def sorted(self) -> list[Rule]:
         """Rules by protocol, family, then precedence (most specific first)."""
-        return sorted(
-            self.rules.values(),
-            key=lambda r: (
-                r.key.proto,
-                r.key.prefix.version,
-                -r.key.prefix.prefixlen,
-                r.key.prefix.network_address,
-                r.key.hi - r.key.lo,
-                r.key.lo,
-            ),
-        )
+        return sorted(self.rules.values(), key=self.order)
 
     def check_add(self, rule: Rule, replace: bool = False) -> bool:
         """Validate adding `rule`. Returns False when an identical rule is already there.
@@ -285,74 +287,121 @@ class RuleSet:
         return compile_rules(self.rules.values())
 
 
-@dataclass(frozen=True)
-class Seg:
-    """Ports `lo` up to the next segment's `lo` - 1 go to `rule` (None: no rule)."""
-
-    lo: int
-    rule: Rule | None
+# A segment list: (first port, rule number) pairs sorted by port, starting at port 0; rule number
+# 0 means no rule. Each piece runs up to the next one's first port - 1.
+Segments = tuple[tuple[int, int], ...]
+NO_RULE: Segments = ((0, 0),)
 
 
 @dataclass
 class Compiled:
-    """Per (protocol, prefix): the port space cut into segments, shorter prefixes folded in."""
+    """A rule set resolved for the data path.
 
-    prefixes: dict[tuple[str, IPNetwork], list[Seg]]
+    `rules[i - 1]` is rule number i. `groups[(proto, ip version)]` maps every prefix that has
+    rules, as (network as an int, prefix length), to its segments, with the rules of the
+    shorter prefixes that contain it folded in.
+    """
+
+    rules: list[Rule]
+    groups: dict[tuple[str, int], dict[tuple[int, int], Segments]]
 
     def lookup(self, proto: str, addr: IPAddress, port: int) -> Rule | None:
         """What the BPF program does: longest matching prefix, then the segment for the port."""
-        best: tuple[str, IPNetwork] | None = None
-        for key in self.prefixes:
-            p, net = key
-            if (
-                p == proto
-                and net.version == addr.version
-                and addr in net
-                and (best is None or net.prefixlen > best[1].prefixlen)
-            ):
-                best = key
-        if best is None:
-            return None
-        segs = self.prefixes[best]
-        chosen = segs[0]
-        for seg in segs:
-            if seg.lo <= port:
-                chosen = seg
-        return chosen.rule
+        prefixes = self.groups.get((proto, addr.version), {})
+        width = addr.max_prefixlen
+        a = int(addr)
+        for plen in range(width, -1, -1):
+            net = (a >> (width - plen) << (width - plen)) if plen else 0
+            segs = prefixes.get((net, plen))
+            if segs is not None:
+                number = segs[0][1]
+                for lo, n in segs:
+                    if lo <= port:
+                        number = n
+                return self.rules[number - 1] if number else None
+        return None
 
     def segment_count(self) -> int:
-        return sum(len(s) for s in self.prefixes.values())
+        return sum(len(s) for g in self.groups.values() for s in g.values())
+
+
+def _own_segments(ranges: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    """Segments of one prefix's own rules, (lo, hi, number) with nested or disjoint ranges:
+    the narrowest range covering a port wins."""
+    ranges.sort(key=lambda r: (r[0], -r[1]))
+    bounds = sorted({b for lo, hi, _ in ranges for b in (lo, hi + 1)} | {0})
+    out: list[tuple[int, int]] = []
+    stack: list[tuple[int, int, int]] = []
+    i = 0
+    for b in bounds:
+        if b > 65535:
+            break
+        while stack and stack[-1][1] < b:
+            stack.pop()
+        while i < len(ranges) and ranges[i][0] == b:
+            stack.append(ranges[i])
+            i += 1
+        n = stack[-1][2] if stack else 0
+        if not out or out[-1][1] != n:
+            out.append((b, n))
+    return out
+
+
+def _overlay(own: list[tuple[int, int]], parent: Segments) -> Segments:
+    """`own` where it names a rule, `parent` elsewhere."""
+    if len(parent) == 1 and parent[0][1] == 0:
+        return tuple(own)
+    bounds = sorted({lo for lo, _ in own} | {lo for lo, _ in parent})
+    out: list[tuple[int, int]] = []
+    i = j = 0
+    for b in bounds:
+        while i + 1 < len(own) and own[i + 1][0] <= b:
+            i += 1
+        while j + 1 < len(parent) and parent[j + 1][0] <= b:
+            j += 1
+        n = own[i][1] or parent[j][1]
+        if not out or out[-1][1] != n:
+            out.append((b, n))
+    return tuple(out)
 
 
 def compile_rules(rules: Iterable[Rule]) -> Compiled:
-    """Fold every prefix's rules with those of the shorter prefixes that contain it.
+    """Number the rules and give every prefix that has rules its segments.
 
-    For each prefix that has rules, the result covers ports 0..65535 with disjoint segments,
-    each naming the rule that wins there (or None), merged where neighbours agree.
+    Prefixes are visited in address order, shorter first, so the prefixes that contain the one
+    at hand are exactly those on a stack: the nearest one's segments are the inherited ones.
+    Cost: sorting, plus the size of the segments produced.
     """
-    by_group: dict[tuple[str, int], list[Rule]] = {}
-    for r in rules:
-        by_group.setdefault((r.key.proto, r.key.prefix.version), []).append(r)
-    out: dict[tuple[str, IPNetwork], list[Seg]] = {}
-    for (proto, _version), group in by_group.items():
-        nets = {r.key.prefix for r in group}
-        for net in nets:
-            relevant = [r for r in group if net.subnet_of(r.key.prefix)]  # type: ignore[arg-type]
-            bounds = {0}
-            for r in relevant:
-                bounds.add(r.key.lo)
-                if r.key.hi < 65535:
-                    bounds.add(r.key.hi + 1)
-            segs: list[Seg] = []
-            for lo in sorted(bounds):
-                winner: Rule | None = None
-                for r in relevant:
-                    if r.key.lo <= lo <= r.key.hi and (
-                        winner is None or r.precedence() > winner.precedence()
-                    ):
-                        winner = r
-                if segs and segs[-1].rule == winner:
-                    continue
-                segs.append(Seg(lo, winner))
-            out[(proto, net)] = segs
-    return Compiled(out)
+    ordered = sorted(
+        rules,
+        key=lambda r: (
+            r.key.proto,
+            r.key.prefix.version,
+            int(r.key.prefix.network_address),
+            r.key.prefix.prefixlen,
+            r.key.lo,
+            -r.key.hi,
+        ),
+    )
+    by_prefix: dict[tuple[str, int], dict[tuple[int, int], list[tuple[int, int, int]]]] = {}
+    for number, r in enumerate(ordered, 1):
+        p = r.key.prefix
+        group = by_prefix.setdefault((r.key.proto, p.version), {})
+        group.setdefault((int(p.network_address), p.prefixlen), []).append(
+            (r.key.lo, r.key.hi, number)
+        )
+    groups: dict[tuple[str, int], dict[tuple[int, int], Segments]] = {}
+    for (proto, version), prefixes in by_prefix.items():
+        width = 32 if version == 4 else 128
+        out: dict[tuple[int, int], Segments] = {}
+        # (network, length, last address, segments) of the prefixes containing the current one
+        stack: list[tuple[int, int, int, Segments]] = []
+        for (net, plen), ranges in prefixes.items():  # insertion order: address, then length
+            while stack and not (stack[-1][0] <= net <= stack[-1][2]):
+                stack.pop()
+            parent = stack[-1][3] if stack else NO_RULE
+            segs = _overlay(_own_segments(ranges), parent)
+            out[(net, plen)] = segs
+            stack.append((net, plen, net | ((1 << (width - plen)) - 1), segs))
+        groups[(proto, version)] = out
+    return Compiled(ordered, groups)

@@ -1,9 +1,19 @@
 """The dispatcher's state in bpffs: one directory per network namespace, and its lock.
 
-    <bpffs>/sklookupctl/<netns inode>/   program, link, and one pin per map
+    <bpffs>/sklookupctl/<netns inode>/
+        link            the bpf_link attaching the program to the netns
+        sockets         SOCKMAP: target id -> socket          (kept across rule-set changes)
+        targets         target id -> name, address, protocol  (kept across rule-set changes)
+        gen-<prog id>/  one generation: the program and the maps built for one rule set
+                        (nodes, entries, segments, counters, and for userspace: rules, base
+                        counters carried over from earlier generations, meta)
 
-All state lives there; there is no daemon. A new directory is built under a staging name
-(bpffs allows no dots in names), attached, then renamed into place, so a load either fully
+The live generation is the one whose program the link runs. A change builds a new generation
+next to it, swaps the link's program with one BPF_LINK_UPDATE (so lookups see the old rule set
+or the new one, never a mix), then removes the old generation.
+
+All state lives there; there is no daemon. A netns's first dispatcher is built under a staging
+name (bpffs allows no dots in names), attached, then renamed into place, so a load either fully
 happens or not at all. The `<bpffs>/sklookupctl` directory is flocked: exclusive for writers,
 shared for readers.
 """
@@ -17,21 +27,27 @@ import fcntl
 import ipaddress
 import os
 import socket
+import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from . import layout
-from .bpfsys import BpfError, Link, Map, Program, is_bpffs
-from .errors import EnvironmentProblem, PermissionDenied, RuleConflict
-from .layout import (
-    Config,
-    LpmKey,
-    LpmValue,
-    RuleKey,
-    RuleValue,
-    Segment,
-    TargetInfo,
+from . import layout, program, trie
+from .bpfsys import (
+    BPF_F_MMAPABLE,
+    BPF_MAP_TYPE_ARRAY,
+    BPF_MAP_TYPE_HASH,
+    BPF_MAP_TYPE_PERCPU_ARRAY,
+    BPF_MAP_TYPE_SOCKMAP,
+    BpfError,
+    Link,
+    Map,
+    Program,
+    is_bpffs,
+    possible_cpus,
 )
+from .errors import EnvironmentProblem, PermissionDenied, RuleConflict
+from .layout import Counters, Meta, Node, RuleRecord, Segment, TargetInfo
 from .netns import Netns
 from .rules import (
     DROP,
@@ -40,12 +56,31 @@ from .rules import (
     STEER,
     IPAddress,
     Rule,
+    RuleKey,
     RuleSet,
 )
-from .rules import RuleKey as ModelKey
 
-PIN_NAMES = ("link", "program", *layout.MAP_NAMES)
 TOP = "sklookupctl"
+U32 = ctypes.c_uint32
+U64 = ctypes.c_uint64
+_RULE = struct.Struct("<BBBBB3xHHI16s")
+_COUNTERS = struct.Struct("<5Q")
+
+# (type, key, value, flags) of every map of a generation; sizes follow the rule set
+GEN_MAPS: dict[str, tuple[int, type[ctypes._SimpleCData[int]], type[Any], int]] = {
+    "nodes": (BPF_MAP_TYPE_ARRAY, U32, Node, BPF_F_MMAPABLE),
+    "entries": (BPF_MAP_TYPE_ARRAY, U32, U64, BPF_F_MMAPABLE),
+    "segments": (BPF_MAP_TYPE_ARRAY, U32, Segment, BPF_F_MMAPABLE),
+    "counters": (BPF_MAP_TYPE_PERCPU_ARRAY, U32, Counters, 0),
+    "rules": (BPF_MAP_TYPE_ARRAY, U32, RuleRecord, BPF_F_MMAPABLE),
+    "base": (BPF_MAP_TYPE_ARRAY, U32, Counters, BPF_F_MMAPABLE),
+    "meta": (BPF_MAP_TYPE_ARRAY, U32, Meta, BPF_F_MMAPABLE),
+}
+# (key size, value size, max entries) of the maps kept across generations
+KEPT_SHAPES = {
+    "sockets": (4, 8, layout.MAX_TARGETS),
+    "targets": (4, ctypes.sizeof(TargetInfo), layout.MAX_TARGETS),
+}
 
 
 @dataclass
@@ -111,42 +146,139 @@ def _addr_from(raw: bytes, family: int) -> IPAddress:
 
 
 def unpin_dir(path: str) -> None:
+    """Remove a state directory and every pin under it."""
     for name in os.listdir(path):
+        p = os.path.join(path, name)
+        if os.path.isdir(p):
+            unpin_dir(p)
+            continue
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(path, name))
+            os.unlink(p)
     with contextlib.suppress(FileNotFoundError):
         os.rmdir(path)
 
 
-class Dispatcher:
-    """The pinned program, link and maps of one netns. Owns their fds."""
+def _rule_tuple(r: Rule) -> tuple[int, int, int, bytes, int, int]:
+    k = r.key
+    return (
+        PROTOCOLS[k.proto],
+        k.family,
+        k.prefix.prefixlen,
+        _addr_bytes(k.prefix.network_address),
+        k.lo,
+        k.hi,
+    )
 
-    def __init__(self, path: str, program: Program, link: Link | None, maps: dict[str, int]):
-        self.path = path
-        self.program = program
-        self.link = link
-        self.sockets: Map[ctypes.c_uint32, ctypes.c_uint64] = Map(
-            maps["sockets"], ctypes.c_uint32, ctypes.c_uint64
-        )
-        self.prefixes: Map[LpmKey, LpmValue] = Map(maps["prefixes"], LpmKey, LpmValue)
-        self.segments: Map[ctypes.c_uint32, Segment] = Map(
-            maps["segments"], ctypes.c_uint32, Segment
-        )
-        self.config: Map[ctypes.c_uint32, Config] = Map(maps["config"], ctypes.c_uint32, Config)
-        self.rules: Map[RuleKey, RuleValue] = Map(maps["rules"], RuleKey, RuleValue)
-        self.targets: Map[ctypes.c_uint32, TargetInfo] = Map(
-            maps["targets"], ctypes.c_uint32, TargetInfo
-        )
 
-    def _maps(self) -> list[Map[object, object]]:
-        return [self.sockets, self.prefixes, self.segments, self.config, self.rules, self.targets]  # type: ignore[list-item]
+def _read_array(m: Map[Any, Any], count: int, size: int) -> bytes:
+    with m.mmap() as mm:
+        return bytes(mm[: count * size])
+
+
+def _write_array(m: Map[Any, Any], data: bytes) -> None:
+    with m.mmap() as mm:
+        mm[: len(data)] = data
+
+
+@dataclass
+class Generation:
+    """The program and maps built for one rule set. Owns their fds."""
+
+    program: Program
+    maps: dict[str, Map[Any, Any]]
+    path: str | None = None
 
     def close(self) -> None:
         self.program.close()
+        for m in self.maps.values():
+            m.close()
+
+    @classmethod
+    def open(cls, path: str) -> Generation:
+        maps: dict[str, Map[Any, Any]] = {}
+        try:
+            for name, (mtype, key, value, _flags) in GEN_MAPS.items():
+                m: Map[Any, Any] = Map.from_pin(os.path.join(path, name), key, value)
+                maps[name] = m
+                info = m.info()
+                if (info.type, info.value_size) != (mtype, ctypes.sizeof(value)):
+                    raise EnvironmentProblem(
+                        f"pinned map {path}/{name} is not what this version expects",
+                        "it was made by another sklookupctl version: run `sklookupctl detach "
+                        "--all` with that version, then attach again",
+                    )
+            prog = Program.from_pin(os.path.join(path, "program"))
+        except BaseException as e:
+            for m in maps.values():
+                m.close()
+            if isinstance(e, FileNotFoundError):
+                raise EnvironmentProblem(
+                    f"incomplete sklookupctl state in {path}: {e.filename} is missing",
+                    "run `sklookupctl detach --all` to clear it, then attach again",
+                ) from None
+            raise
+        g = cls(prog, maps, path)
+        if g.meta().layout != layout.LAYOUT_VERSION:
+            g.close()
+            raise EnvironmentProblem(
+                f"state in {path} has layout {g.meta().layout}, this version uses "
+                f"{layout.LAYOUT_VERSION}",
+                "run `sklookupctl detach --all` with the version that made it, then attach again",
+            )
+        return g
+
+    def meta(self) -> Meta:
+        return Meta.from_buffer_copy(_read_array(self.maps["meta"], 1, ctypes.sizeof(Meta)))
+
+    def rule_records(self) -> list[tuple[int, int, int, int, int, int, int, int, bytes]]:
+        """(proto, family, prefixlen, action, on_missing, lo, hi, target, addr) by rule number
+        (entry 0 is rule number 1)."""
+        n = self.meta().rules
+        raw = _read_array(self.maps["rules"], n + 1, _RULE.size)
+        return [
+            (p, f, pl, a, om, lo, hi, t, addr)
+            for p, f, pl, a, om, lo, hi, t, addr in _RULE.iter_unpack(raw[_RULE.size :])
+        ]
+
+    def counters(self) -> list[tuple[int, ...]]:
+        """Each rule's counters (entry 0 is rule number 1): every CPU's, plus those carried
+        over from earlier generations."""
+        n = self.meta().rules
+        base = _read_array(self.maps["base"], n + 1, _COUNTERS.size)
+        totals = [list(v) for v in _COUNTERS.iter_unpack(base)]
+        ncpu = possible_cpus()
+        raw = self.maps["counters"].lookup_batch_raw(n + 1, _COUNTERS.size * ncpu)
+        per = list(_COUNTERS.iter_unpack(raw))
+        for i in range(min(n + 1, len(per) // ncpu)):
+            t = totals[i]
+            for cpu in range(ncpu):
+                for j, v in enumerate(per[i * ncpu + cpu]):
+                    t[j] += v
+        return [tuple(t) for t in totals[1:]]
+
+    def memlock(self) -> int:
+        return sum(m.memlock() for m in self.maps.values())
+
+
+@dataclass
+class Dispatcher:
+    """The pinned state of one netns: link, kept maps, live generation. Owns their fds."""
+
+    path: str
+    sockets: Map[ctypes.c_uint32, ctypes.c_uint64]
+    targets: Map[ctypes.c_uint32, TargetInfo]
+    netns_cookie: int
+    link: Link | None = None
+    gen: Generation | None = None
+    stale: list[str] = field(default_factory=list)  # generation directories not live
+
+    def close(self) -> None:
+        self.sockets.close()
+        self.targets.close()
         if self.link is not None:
             self.link.close()
-        for m in self._maps():
-            m.close()
+        if self.gen is not None:
+            self.gen.close()
 
     def __enter__(self) -> Dispatcher:
         return self
@@ -154,57 +286,52 @@ class Dispatcher:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def program(self) -> Program:
+        assert self.gen is not None
+        return self.gen.program
+
     # -- opening ------------------------------------------------------------------------------
 
     @classmethod
     def open(cls, path: str) -> Dispatcher:
-        """Open the pinned state in `path`, checking every map has the shape we expect."""
-        fds: dict[str, int] = {}
-        prog = link = None
+        """Open the pinned state in `path`, checking the maps are what this version expects."""
+        opened: list[Any] = []
         try:
-            for name in layout.MAP_NAMES:
-                m: Map[object, object] = Map.from_pin(os.path.join(path, name), object, object)
+            kept: dict[str, Map[Any, Any]] = {}
+            for name, want in KEPT_SHAPES.items():
+                m: Map[Any, Any] = Map.from_pin(os.path.join(path, name), U32, object)
+                opened.append(m)
                 info = m.info()
-                want = layout.MAP_SHAPES[name]
                 got = (info.key_size, info.value_size, info.max_entries)
                 if got != want:
-                    m.close()
                     raise EnvironmentProblem(
                         f"pinned map {path}/{name} has shape {got}, this version expects {want}",
                         "it was made by another sklookupctl version: run `sklookupctl detach "
                         "--all` with that version, then attach again",
                     )
-                fds[name] = m.fd
-                m.fd = -1
-            prog = Program.from_pin(os.path.join(path, "program"))
-            with contextlib.suppress(FileNotFoundError):
-                link = Link.from_pin(os.path.join(path, "link"))
+                kept[name] = m
+            link = Link.from_pin(os.path.join(path, "link"))
+            opened.append(link)
+            live = f"gen-{link.info().prog_id}"
+            gen = Generation.open(os.path.join(path, live))
         except BaseException as e:
-            for fd in fds.values():
-                os.close(fd)
-            if prog is not None:
-                prog.close()
+            for o in opened:
+                o.close()
             if isinstance(e, FileNotFoundError):
                 raise EnvironmentProblem(
                     f"incomplete sklookupctl state in {path}: {e.filename} is missing",
                     "run `sklookupctl detach --all` to clear it, then attach again",
                 ) from None
             raise
-        d = cls(path, prog, link, fds)
-        cfg = d.read_config()
-        if cfg.layout != layout.LAYOUT_VERSION:
-            d.close()
-            raise EnvironmentProblem(
-                f"state in {path} has layout {cfg.layout}, this version uses "
-                f"{layout.LAYOUT_VERSION}",
-                "run `sklookupctl detach --all` with the version that made it, then attach again",
-            )
-        return d
-
-    def read_config(self) -> Config:
-        cfg = self.config.lookup(ctypes.c_uint32(0))
-        assert cfg is not None  # an array of one always has its element
-        return cfg
+        kept["sockets"].value_type = U64
+        kept["targets"].value_type = TargetInfo
+        stale = [
+            os.path.join(path, n) for n in os.listdir(path) if n.startswith("gen-") and n != live
+        ]
+        return cls(
+            path, kept["sockets"], kept["targets"], gen.meta().netns_cookie, link, gen, stale
+        )
 
     def link_netns_inode(self) -> int:
         """Inode of the netns the link is attached to; 0 when detached."""
@@ -229,27 +356,29 @@ class Dispatcher:
             )
         return out
 
-    def read_rules(self, targets: dict[str, Target]) -> tuple[RuleSet, dict[ModelKey, int]]:
-        """The rule set, and each rule's id (for counters and segments)."""
+    def read_rules(self, targets: dict[str, Target]) -> RuleSet:
+        return RuleSet({r.key: r for r in self.read_rule_list(targets)})
+
+    def read_rule_list(self, targets: dict[str, Target]) -> list[Rule]:
+        """The live rules, by rule number (as counters are)."""
+        if self.gen is None:
+            return []
         by_id = {t.id: t.name for t in targets.values()}
-        rs = RuleSet()
-        ids: dict[ModelKey, int] = {}
-        for k, v in self.rules.items():
-            addr = _addr_from(bytes(k.addr), k.family)
-            net = ipaddress.ip_network(f"{addr}/{k.prefixlen}")
-            key = ModelKey(PROTO_NAMES[k.proto], net, k.port_lo, k.port_hi)
-            on_missing = "pass" if v.on_missing == layout.MISSING_PASS else "drop"
-            if v.action == layout.ACTION_DROP:
-                rule = Rule(key, DROP, None, on_missing)
+        out: list[Rule] = []
+        for proto, family, plen, action, missing, lo, hi, target, addr in self.gen.rule_records():
+            a = _addr_from(addr, family)
+            net = ipaddress.ip_network((a, plen))
+            key = RuleKey(PROTO_NAMES[proto], net, lo, hi)
+            on_missing = "pass" if missing == layout.MISSING_PASS else "drop"
+            if action == layout.ACTION_DROP:
+                out.append(Rule(key, DROP, None, on_missing))
             else:
-                rule = Rule(key, STEER, by_id.get(v.target, f"#{v.target}"), on_missing)
-            rs.rules[key] = rule
-            ids[key] = int(v.id)
-        return rs, ids
+                out.append(Rule(key, STEER, by_id.get(target, f"#{target}"), on_missing))
+        return out
 
     def socket_cookie(self, target_id: int) -> int | None:
         """Cookie of the socket in the SOCKMAP slot, None when it is gone."""
-        v = self.sockets.lookup(ctypes.c_uint32(target_id))
+        v = self.sockets.lookup(U32(target_id))
         return None if v is None else int(v.value)
 
     # -- writing ------------------------------------------------------------------------------
@@ -258,7 +387,7 @@ class Dispatcher:
         """Record a target and (re)place its socket. Call before any rule points at it."""
         if sock_fd is not None:
             try:
-                self.sockets.update(ctypes.c_uint32(target.id), ctypes.c_uint64(sock_fd))
+                self.sockets.update(U32(target.id), U64(sock_fd))
             except BpfError as e:
                 raise EnvironmentProblem(
                     f"the kernel refused socket {target.name} in the SOCKMAP: {e.strerror}",
@@ -272,144 +401,150 @@ class Dispatcher:
             cookie=target.cookie,
         )
         info.addr[:] = list(_addr_bytes(target.addr))
-        self.targets.update(ctypes.c_uint32(target.id), info)
+        self.targets.update(U32(target.id), info)
 
     def drop_target(self, target_id: int) -> None:
-        self.sockets.delete(ctypes.c_uint32(target_id))
-        self.targets.delete(ctypes.c_uint32(target_id))
+        self.sockets.delete(U32(target_id))
+        self.targets.delete(U32(target_id))
 
-    def commit(self, rs: RuleSet, ids: dict[ModelKey, int], targets: dict[str, Target]) -> None:
-        """Make `rs` the rule set: build the other generation, switch to it, clean up.
+    def commit(self, rs: RuleSet, targets: dict[str, Target]) -> None:
+        """Make `rs` the rule set: build a new generation, swap the link to it, drop the old.
 
-        A lookup sees the old set or the new one: the switch is one update of config.gen.
+        A lookup sees the old set or the new one: the swap is one BPF_LINK_UPDATE. Every
+        target the rules name must already be in `targets` (and its socket in place).
         """
-        compiled = rs.compile()
-        if compiled.segment_count() > layout.SEGMENTS_PER_GEN:
-            raise RuleConflict(
-                f"the rule set needs {compiled.segment_count()} segments, more than the "
-                f"{layout.SEGMENTS_PER_GEN} this version holds",
-                "use fewer rules",
-            )
-        if len(compiled.prefixes) * 2 > layout.MAX_PREFIXES:
-            raise RuleConflict(f"too many prefixes ({len(compiled.prefixes)})", "use fewer rules")
-        next_id = max(ids.values(), default=0) + 1
-        for key in rs.rules:
-            if key not in ids:
-                ids[key] = next_id
-                next_id += 1
-        target_ids = {name: t.id for name, t in targets.items()}
+        self.install(build_generation(self, rs, targets))
 
-        cfg = self.read_config()
-        old_gen, new_gen = cfg.gen, 1 - cfg.gen
-        self._clear_gen(new_gen)
-        base = new_gen * layout.SEGMENTS_PER_GEN
-        pos = base
-        for (proto, net), segs in compiled.prefixes.items():
-            start = pos
-            for s in segs:
-                rec = Segment(lo=s.lo)
-                if s.rule is None:
-                    rec.action = layout.ACTION_NONE
-                else:
-                    rec.rule = ids[s.rule.key]
-                    rec.on_missing = (
-                        layout.MISSING_PASS if s.rule.on_missing == "pass" else layout.MISSING_DROP
-                    )
-                    if s.rule.action == DROP:
-                        rec.action = layout.ACTION_DROP
-                    else:
-                        rec.action = layout.ACTION_STEER
-                        rec.target = target_ids[s.rule.target or ""]
-                self.segments.update(ctypes.c_uint32(pos), rec)
-                pos += 1
-            self.prefixes.update(
-                self._lpm_key(new_gen, proto, net), LpmValue(start=start, count=len(segs))
-            )
-        cfg.gen = new_gen
-        self.config.update(ctypes.c_uint32(0), cfg)
-        self._clear_gen(old_gen)
+    def install(self, gen: Generation) -> None:
+        """Pin `gen`, make it live, carry the counters over, remove the old generation."""
+        path = os.path.join(self.path, f"gen-{gen.program.info().id}")
+        os.mkdir(path, 0o700)
+        try:
+            for name, m in gen.maps.items():
+                m.pin(os.path.join(path, name))
+            gen.program.pin(os.path.join(path, "program"))
+            if self.link is not None and self.gen is not None:
+                self.link.update(gen.program, self.gen.program)
+        except BaseException:
+            unpin_dir(path)
+            gen.close()
+            raise
+        gen.path = path
+        old, self.gen = self.gen, gen
+        if old is not None:
+            _carry_counters(old, gen)
+            if old.path:
+                unpin_dir(old.path)
+            old.close()
+        for p in self.stale:
+            unpin_dir(p)
+        self.stale = []
 
-        # the rule set itself, written after the switch: re-running a command that died before
-        # this point finds the rule missing and does the work again
-        wanted = {bytes(self._rule_key(k)): k for k in rs.rules}
-        for rk in self.rules.keys():
-            if bytes(rk) not in wanted:
-                self.rules.delete(rk)
-        for mk in wanted.values():
-            r = rs.rules[mk]
-            rk = self._rule_key(mk)
-            val = RuleValue(
-                id=ids[mk],
-                on_missing=layout.MISSING_PASS if r.on_missing == "pass" else layout.MISSING_DROP,
-            )
-            if r.action == DROP:
-                val.action = layout.ACTION_DROP
-            else:
-                val.action = layout.ACTION_STEER
-                val.target = target_ids[r.target or ""]
-            self.rules.update(rk, val)
 
-    @staticmethod
-    def _lpm_key(
-        gen: int, proto: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network
-    ) -> LpmKey:
-        k = LpmKey(
-            prefixlen=32 + net.prefixlen,
-            gen=gen,
-            proto=PROTOCOLS[proto],
-            family=socket.AF_INET if net.version == 4 else socket.AF_INET6,
-        )
-        k.addr[:] = list(_addr_bytes(net.network_address))
-        return k
+def build_generation(d: Dispatcher, rs: RuleSet, targets: dict[str, Target]) -> Generation:
+    """Compile `rs`, create and fill maps sized to it, and load a program bound to them."""
+    compiled = rs.compile()
+    tables = trie.build(compiled, {name: t.id for name, t in targets.items()})
+    n = len(compiled.rules)
+    if n >= 1 << 31 or len(tables.segments) >= 1 << 31:
+        raise RuleConflict(f"{n} rules is more than this version holds", "use fewer rules")
+    records = [bytes(_RULE.size)]
+    for r in compiled.rules:
+        proto, family, plen, addr, lo, hi = _rule_tuple(r)
+        action = layout.ACTION_DROP if r.action == DROP else layout.ACTION_STEER
+        missing = layout.MISSING_PASS if r.on_missing == "pass" else layout.MISSING_DROP
+        tid = targets[r.target].id if r.target is not None else 0
+        records.append(_RULE.pack(proto, family, plen, action, missing, lo, hi, tid, addr))
+    meta = Meta(
+        layout=layout.LAYOUT_VERSION,
+        rules=n,
+        netns_cookie=d.netns_cookie,
+        generation=d.gen.meta().generation + 1 if d.gen is not None else 1,
+    )
+    contents = {
+        "nodes": (len(tables.nodes), tables.pack_nodes()),
+        "entries": (len(tables.entries), tables.pack_entries()),
+        "segments": (max(1, len(tables.segments)), tables.pack_segments()),
+        "counters": (n + 1, b""),
+        "rules": (n + 1, b"".join(records)),
+        "base": (n + 1, b""),
+        "meta": (1, bytes(meta)),
+    }
+    maps: dict[str, Map[Any, Any]] = {}
+    try:
+        for name, (mtype, key, value, flags) in GEN_MAPS.items():
+            count, data = contents[name]
+            try:
+                m: Map[Any, Any] = Map.create(mtype, key, value, count, f"skl_{name}", flags)
+            except BpfError as e:
+                raise EnvironmentProblem(
+                    f"cannot create map {name} of {count} entries: {e.strerror}",
+                    "the kernel is short of memory for this rule set"
+                    if e.errno == errno.ENOMEM
+                    else "",
+                ) from None
+            maps[name] = m
+            if data:
+                _write_array(m, data)
+        fds = {name: maps[name].fd for name in layout.PROGRAM_MAPS if name in maps}
+        fds["sockets"] = d.sockets.fd
+        prog = program.load(fds)
+    except BaseException:
+        for m in maps.values():
+            m.close()
+        raise
+    return Generation(prog, maps)
 
-    @staticmethod
-    def _rule_key(k: ModelKey) -> RuleKey:
-        rk = RuleKey(
-            proto=PROTOCOLS[k.proto],
-            family=k.family,
-            prefixlen=k.prefix.prefixlen,
-            port_lo=k.lo,
-            port_hi=k.hi,
-        )
-        rk.addr[:] = list(_addr_bytes(k.prefix.network_address))
-        return rk
 
-    def _clear_gen(self, gen: int) -> None:
-        for k in self.prefixes.keys():
-            if k.gen == gen:
-                self.prefixes.delete(k)
+def _carry_counters(old: Generation, new: Generation) -> None:
+    """Counters of rules present in both generations continue in the new one's `base`.
+
+    Read after the swap, so the old program has stopped counting (bar lookups already in
+    flight when the link changed)."""
+    old_counts = old.counters()
+    if not any(any(c) for c in old_counts):
+        return
+    by_key = {
+        (p, f, pl, addr, lo, hi): i
+        for i, (p, f, pl, _a, _m, lo, hi, _t, addr) in enumerate(old.rule_records())
+    }
+    out = bytearray(_COUNTERS.size * (new.meta().rules + 1))
+    carried = False
+    for j, (p, f, pl, _a, _m, lo, hi, _t, addr) in enumerate(new.rule_records(), 1):
+        i = by_key.get((p, f, pl, addr, lo, hi))
+        if i is not None and any(old_counts[i]):
+            _COUNTERS.pack_into(out, j * _COUNTERS.size, *old_counts[i])
+            carried = True
+    if carried:
+        _write_array(new.maps["base"], bytes(out))
 
 
 def create(path: str, ns: Netns) -> Dispatcher:
-    """Compile, load and pin a fresh dispatcher into `path` (a staging dir), not yet attached."""
-    from . import compiler
-
-    loaded = compiler.load()
+    """A netns's first state, in `path` (a staging dir): kept maps only; commit() adds the
+    first generation and attach_link() attaches it."""
     os.mkdir(path, 0o700)
+    opened: list[Map[Any, Any]] = []
     try:
-        for name, fd in loaded.maps.items():
-            Map(os.dup(fd), object, object).pin(os.path.join(path, name))
-        loaded.program.pin(os.path.join(path, "program"))
-        d = Dispatcher(
-            path,
-            Program(os.dup(loaded.program.fd)),
-            None,
-            {n: os.dup(fd) for n, fd in loaded.maps.items()},
+        sockets: Map[ctypes.c_uint32, ctypes.c_uint64] = Map.create(
+            BPF_MAP_TYPE_SOCKMAP, U32, U64, layout.MAX_TARGETS, "skl_sockets"
         )
-        d.config.update(
-            ctypes.c_uint32(0),
-            Config(gen=0, layout=layout.LAYOUT_VERSION, netns_cookie=ns.cookie()),
+        opened.append(sockets)
+        targets: Map[ctypes.c_uint32, TargetInfo] = Map.create(
+            BPF_MAP_TYPE_HASH, U32, TargetInfo, layout.MAX_TARGETS, "skl_targets"
         )
-        return d
+        opened.append(targets)
+        sockets.pin(os.path.join(path, "sockets"))
+        targets.pin(os.path.join(path, "targets"))
+        return Dispatcher(path, sockets, targets, ns.cookie())
     except BaseException:
+        for m in opened:
+            m.close()
         unpin_dir(path)
         raise
-    finally:
-        loaded.close()
 
 
 def attach_link(d: Dispatcher, ns: Netns) -> None:
-    """Attach the program to `ns` and pin the link next to it."""
+    """Attach the live generation's program to `ns` and pin the link next to it."""
     try:
         link = Link.create_netns(d.program, ns.fd)
     except BpfError as e:

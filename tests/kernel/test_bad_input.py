@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -320,7 +321,9 @@ def test_unprivileged_caller(ns: NS) -> None:
     assert ns.files() == []
 
 
-def test_bcc_missing(ns: NS, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bcc_missing(ns: NS, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # an empty cache: the program must be compiled, and BCC is not there to do it
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setitem(sys.modules, "bcc", None)
     _assert_refused(
         ns,
@@ -347,9 +350,9 @@ def test_compile_error_shows_the_log(ns: NS, monkeypatch: pytest.MonkeyPatch) ->
 def test_verifier_rejection_shows_the_log(ns: NS, monkeypatch: pytest.MonkeyPatch) -> None:
     # compiles, but reads a map value without checking the lookup found one
     bad = (
-        "BPF_ARRAY(a, u64, 1);\n"
+        "BPF_ARRAY(entries, u64, 1);\n"
         "int dispatch(struct bpf_sk_lookup *ctx) {\n"
-        "  u32 k = ctx->local_port; u64 *v = a.lookup(&k);\n"
+        "  u32 k = ctx->local_port; u64 *v = entries.lookup(&k);\n"
         "  return *v ? SK_PASS : SK_DROP;\n"
         "}\n"
     )

@@ -79,6 +79,7 @@ STATUS: dict[str, Any] = {
     "position": 1,
     "other_programs": [],
     "generation": 1,
+    "memlock": 3 * 2**20,
     "rules": [
         {
             "protocol": "tcp",
@@ -87,7 +88,7 @@ STATUS: dict[str, Any] = {
             "action": "steer",
             "target": "web",
             "on_missing": "drop",
-            "id": 1,
+            "counters": {"lookups": 12, "steered": 9, "dropped": 3, "missing": 3, "errors": 0},
         }
     ],
     "targets": [
@@ -177,6 +178,9 @@ def test_status_text_and_json(rec: Recorder) -> None:
     assert res.exit_code == 0
     assert "program 10, link 3" in res.output and "MISSING" in res.output
     assert "steer -> web" in res.output
+    assert "generation 1, 3.0 MiB" in res.output
+    row = next(line for line in res.output.splitlines() if "steer -> web" in line)
+    assert [c.strip() for c in row.split("│")[-6:-1]] == ["12", "9", "3", "3", "0"]
     assert json.loads(run("status", "--json").stdout) == STATUS
 
 

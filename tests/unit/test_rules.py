@@ -238,9 +238,11 @@ def test_segments_are_merged_and_cover_the_port_space() -> None:
     rs = RuleSet()
     rs.add(r("tcp", "192.0.2.0/24", "all", "a"))
     rs.add(r("tcp", "192.0.2.0/24", "80", "a"))  # same effect as its neighbours? no: new rule
-    segs = rs.compile().prefixes[("tcp", ipaddress.ip_network("192.0.2.0/24"))]
-    assert segs[0].lo == 0 and segs[0].rule is None
-    assert [s.lo for s in segs] == [0, 1, 80, 81]
+    compiled = rs.compile()
+    segs = compiled.groups[("tcp", 4)][(int(ipaddress.IPv4Address("192.0.2.0")), 24)]
+    assert segs[0] == (0, 0)  # port 0: no rule
+    assert [lo for lo, _ in segs] == [0, 1, 80, 81]
+    assert [compiled.rules[n - 1].key.lo for _, n in segs[1:]] == [1, 80, 1]
 
 
 def random_ruleset(rng: random.Random) -> RuleSet:

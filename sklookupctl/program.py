@@ -1,0 +1,133 @@
+"""Load the dispatcher program against a given set of maps, without BCC when possible.
+
+Every rule-set change loads a fresh copy of the program bound to fresh maps (sized to the rule
+set). Compiling takes BCC about 0.3 s, so the compiled instructions are cached in
+`~/.cache/sklookupctl/`, with each map reference replaced by the map's index in
+layout.PROGRAM_MAPS; loading patches in the real map fds and calls BPF_PROG_LOAD.
+
+The cache is keyed by everything the instructions depend on: the C source, the layout version,
+the BCC version and the kernel release. A file is used only if its checksum holds and every map
+reference in it is a known index; otherwise, or if the kernel refuses it, the program is compiled
+again and the file replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import struct
+import tempfile
+
+from . import compiler, layout
+from .bpfsys import BpfError, Program
+from .errors import CompileError
+
+MAGIC = b"sklookupctl-image-1\n"
+_INSN = struct.Struct("<BBhi")
+
+
+def _bcc_version() -> str:
+    """BCC's version from its package metadata, read without importing bcc (slow)."""
+    for d in ("/usr/lib/python3/dist-packages",):
+        with contextlib.suppress(OSError):
+            for name in os.listdir(d):
+                if name.startswith("bcc-") and name.endswith((".egg-info", ".dist-info")):
+                    return name
+    return "unknown"
+
+
+def cache_key(source: str) -> str:
+    h = hashlib.sha256()
+    for part in (source, str(layout.LAYOUT_VERSION), _bcc_version(), os.uname().release):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def _cache_path(source: str) -> str:
+    return os.path.join(compiler.cache_dir(), f"dispatcher-{cache_key(source)}.img")
+
+
+def _valid(insns: bytes) -> bool:
+    if not insns or len(insns) % 8:
+        return False
+    for off in range(0, len(insns), 8):
+        code, regs, _o, imm = _INSN.unpack_from(insns, off)
+        src = regs >> 4
+        if code != compiler.BPF_LD_IMM64 or not src:
+            continue
+        if src != compiler.BPF_PSEUDO_MAP_FD or not 0 <= imm < len(layout.PROGRAM_MAPS):
+            return False
+    return True
+
+
+def _read_cache(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    if not data.startswith(MAGIC):
+        return None
+    digest, insns = data[len(MAGIC) : len(MAGIC) + 32], data[len(MAGIC) + 32 :]
+    if hashlib.sha256(insns).digest() != digest or not _valid(insns):
+        return None
+    return insns
+
+
+def _write_cache(path: str, insns: bytes) -> None:
+    """Best effort: a cache that cannot be written only costs the next run a compile."""
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".img-", dir=os.path.dirname(path))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(MAGIC + hashlib.sha256(insns).digest() + insns)
+            os.rename(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+def image(fresh: bool = False) -> tuple[bytes, bool]:
+    """The program's instructions with map placeholders; True when they came from the cache."""
+    source = compiler.read_source()
+    path = _cache_path(source)
+    if not fresh:
+        insns = _read_cache(path)
+        if insns is not None:
+            return insns, True
+    insns = compiler.compile_image(source)
+    _write_cache(path, insns)
+    return insns, False
+
+
+def _relocate(insns: bytes, fds: dict[str, int]) -> bytes:
+    out = bytearray(insns)
+    for off in range(0, len(out), 8):
+        code, regs, o, imm = _INSN.unpack_from(out, off)
+        if code == compiler.BPF_LD_IMM64 and regs >> 4 == compiler.BPF_PSEUDO_MAP_FD:
+            _INSN.pack_into(out, off, code, regs, o, fds[layout.PROGRAM_MAPS[imm]])
+    return bytes(out)
+
+
+def load(fds: dict[str, int]) -> Program:
+    """Load the dispatcher bound to the maps in `fds` (one fd per name in PROGRAM_MAPS)."""
+    insns, cached = image()
+    try:
+        return Program.load_sk_lookup(_relocate(insns, fds), "skl_dispatch")
+    except BpfError as e:
+        if not cached:
+            raise CompileError(
+                f"the kernel's verifier rejected the dispatcher ({e.strerror})", e.log.strip()
+            ) from None
+    # a cached image the kernel refuses (another kernel build with the same release?): once more
+    # from source
+    insns, _ = image(fresh=True)
+    try:
+        return Program.load_sk_lookup(_relocate(insns, fds), "skl_dispatch")
+    except BpfError as e:
+        raise CompileError(
+            f"the kernel's verifier rejected the dispatcher ({e.strerror})", e.log.strip()
+        ) from None

@@ -1,0 +1,202 @@
+"""The data path's tables: a compiled rule set laid out as the BPF program reads it.
+
+Pure Python, no kernel. See bpf/dispatcher.c for how the program walks these tables.
+
+The trie is a multibit trie with a stride chosen per node and path compression:
+
+- every node first compares `skip` address bits that all prefixes below it share (so a lone
+  /128 under a /48 costs three nodes, not twenty);
+- then indexes `stride` bits into its entries. The stride grows with the number of prefixes
+  below the node (4 bits for a handful, 16 for tens of thousands), so dense parts of the
+  address space are crossed in few steps and sparse parts cost little memory;
+- prefixes that end inside a node's stride are expanded over the entries they cover, shorter
+  ones first, so an entry holds the longest prefix ending in that node.
+
+Each prefix's leaf is a run: the prefix's segments (port pieces, shorter prefixes' rules
+folded in), as start | count << 32 (0: no rule). Prefixes with the same segments share a run.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from dataclasses import dataclass, field
+
+from . import layout
+from .rules import DROP, Compiled, Segments
+
+_NODE = struct.Struct("<QIIBBHI")
+_SEGMENT = struct.Struct("<HBBIII")
+
+Item = tuple[int, int, int]  # (network as an int, prefix length, leaf)
+Node = tuple[int, int, int, int, int]  # (base, fallback leaf, skip bits, skip, stride)
+
+
+@dataclass
+class Tables:
+    """What the program reads, as Python values; `pack_*` give the bytes for the maps."""
+
+    nodes: list[Node] = field(default_factory=list)
+    entries: array[int] = field(default_factory=lambda: array("Q"))
+    segments: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+    runs: int = 0  # distinct runs
+
+    def pack_nodes(self) -> bytes:
+        return b"".join(
+            _NODE.pack(fb, base, bits, skip, stride, 0, 0)
+            for base, fb, bits, skip, stride in self.nodes
+        )
+
+    def pack_entries(self) -> bytes:
+        return self.entries.tobytes()
+
+    def pack_segments(self) -> bytes:
+        return b"".join(_SEGMENT.pack(*s, 0) for s in self.segments) or bytes(_SEGMENT.size)
+
+    def depth(self) -> int:
+        """The most nodes a lookup visits."""
+        best = 0
+        todo = [(i, 1) for i in range(len(layout.ROOTS))]
+        while todo:
+            idx, d = todo.pop()
+            best = max(best, d)
+            base, _fb, _bits, _skip, stride = self.nodes[idx]
+            for v in self.entries[base : base + (1 << stride)]:
+                if v & layout.NODE_FLAG:
+                    todo.append((v & ~layout.NODE_FLAG, d + 1))
+        return best
+
+    # -- the program's walk, in Python (unit tests compare it with the rule model) -------------
+
+    def walk(self, proto: str, version: int, addr: int) -> int:
+        """The leaf the program finds for an address (an int, `version` 4 or 6)."""
+        width = 32 if version == 4 else 128
+        idx = layout.ROOTS[(proto, version)]
+        pos = 0
+        for _ in range(layout.NODE_STEPS):
+            base, fallback, skip_bits, skip, stride = self.nodes[idx]
+            if skip:
+                if (addr >> (width - pos - skip)) & ((1 << skip) - 1) != skip_bits:
+                    return fallback
+                pos += skip
+            e = base
+            if stride:
+                e += (addr >> (width - pos - stride)) & ((1 << stride) - 1)
+                pos += stride
+            v = self.entries[e]
+            if not v & layout.NODE_FLAG:
+                return v
+            idx = v & ~layout.NODE_FLAG
+        raise AssertionError("trie deeper than the program walks")
+
+    def segment_at(self, leaf: int, port: int) -> tuple[int, int, int, int, int] | None:
+        start, count = leaf & 0xFFFFFFFF, leaf >> 32
+        if not count:
+            return None
+        best = self.segments[start]
+        for s in self.segments[start : start + count]:
+            if s[0] <= port:
+                best = s
+        return best
+
+
+def build(compiled: Compiled, target_ids: dict[str, int]) -> Tables:
+    """Lay out `compiled`; `target_ids` gives each target's SOCKMAP slot."""
+    t = Tables()
+    interned: dict[Segments, int] = {}
+    rules = compiled.rules
+
+    def run_of(segs: Segments) -> int:
+        leaf = interned.get(segs)
+        if leaf is None:
+            leaf = len(t.segments) | len(segs) << 32
+            interned[segs] = leaf
+            t.runs += 1
+            for lo, number in segs:
+                if not number:
+                    t.segments.append((lo, layout.ACTION_NONE, 0, 0, 0))
+                    continue
+                r = rules[number - 1]
+                missing = layout.MISSING_PASS if r.on_missing == "pass" else layout.MISSING_DROP
+                if r.action == DROP:
+                    t.segments.append((lo, layout.ACTION_DROP, missing, 0, number))
+                else:
+                    tid = target_ids[r.target or ""]
+                    t.segments.append((lo, layout.ACTION_STEER, missing, tid, number))
+        return leaf
+
+    t.nodes.extend([(0, 0, 0, 0, 0)] * len(layout.ROOTS))
+    for (proto, version), root in layout.ROOTS.items():
+        width = 32 if version == 4 else 128
+        prefixes = compiled.groups.get((proto, version), {})
+        inherited = 0
+        items: list[Item] = []
+        for (net, plen), segs in prefixes.items():
+            if plen == 0:
+                inherited = run_of(segs)
+            else:
+                items.append((net, plen, run_of(segs)))
+        _node(t, items, 0, inherited, width, root)
+    return t
+
+
+def _stride(count: int, left: int) -> int:
+    """Bits a node indexes: about 4 entries per prefix below it, within 4..16 bits."""
+    s = max(layout.MIN_STRIDE, min(layout.MAX_STRIDE, (4 * count).bit_length() - 1))
+    return min(s, left)
+
+
+def _node(t: Tables, items: list[Item], pos: int, inherited: int, width: int, idx: int) -> None:
+    """Fill node `idx` for `items` (prefixes longer than `pos` that share its first `pos` bits);
+    `inherited` is the leaf of the longest prefix of at most `pos` bits above them."""
+    fallback = inherited
+    skip = skip_bits = 0
+    if items:
+        first = items[0][0]
+        diff = 0
+        shortest = width
+        for net, plen, _ in items:
+            diff |= net ^ first
+            shortest = min(shortest, plen)
+        common = width - diff.bit_length() - pos
+        skip = min(layout.MAX_SKIP, shortest - pos, common)
+        if skip:
+            skip_bits = (first >> (width - pos - skip)) & ((1 << skip) - 1)
+            pos += skip
+            rest: list[Item] = []
+            for it in items:
+                if it[1] == pos:
+                    inherited = it[2]  # the one prefix that ends exactly here
+                else:
+                    rest.append(it)
+            items = rest
+    if not items:
+        stride = 0
+        t.nodes[idx] = (len(t.entries), fallback, skip_bits, skip, stride)
+        t.entries.append(inherited)
+        return
+    stride = _stride(len(items), width - pos)
+    end = pos + stride
+    shift = width - end
+    mask = (1 << stride) - 1
+    slots = [inherited] * (1 << stride)
+    below: dict[int, list[Item]] = {}
+    ending = []
+    for it in items:
+        if it[1] <= end:
+            ending.append(it)
+        else:
+            below.setdefault((it[0] >> shift) & mask, []).append(it)
+    ending.sort(key=lambda it: it[1])  # shorter first: longer prefixes overwrite them
+    for net, plen, run in ending:
+        a = (net >> shift) & mask
+        n = 1 << (end - plen)
+        slots[a : a + n] = [run] * n
+    base = len(t.entries)
+    t.nodes[idx] = (base, fallback, skip_bits, skip, stride)
+    t.entries.extend(slots)
+    for chunk, group in below.items():
+        child = len(t.nodes)
+        t.nodes.append((0, 0, 0, 0, 0))
+        _node(t, group, end, slots[chunk], width, child)
+        t.entries[base + chunk] = layout.NODE_FLAG | child

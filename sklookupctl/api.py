@@ -9,17 +9,21 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import layout, sockets, state
+from . import layout, rulefile, sockets, state
 from .bpfsys import BpfError, query_netns_programs
 from .errors import (
     EnvironmentProblem,
     InvalidArgument,
+    NotFound,
     NotLoaded,
     PermissionDenied,
     RuleConflict,
+    SklookupError,
     SocketRejected,
 )
 from .netns import Netns, open_netns
@@ -156,8 +160,8 @@ def _check_family(rule: Rule, info: sockets.SocketInfo) -> None:
         )
 
 
-def _free_id(targets: dict[str, Target]) -> int:
-    used = {t.id for t in targets.values()}
+def _free_id(targets: dict[str, Target], taken: set[int] | None = None) -> int:
+    used = {t.id for t in targets.values()} | (taken or set())
     for i in range(layout.MAX_TARGETS):
         if i not in used:
             return i
@@ -302,10 +306,7 @@ def _place_target(
 
 def _gc_targets(d: Dispatcher, rs: RuleSet, targets: dict[str, Target]) -> None:
     used = rs.targets_in_use()
-    for name, t in list(targets.items()):
-        if name not in used:
-            d.drop_target(t.id)
-            del targets[name]
+    d.gc_targets({t.id for name, t in targets.items() if name in used})
 
 
 @dataclass
@@ -478,3 +479,264 @@ def addr_list(netns: str | None) -> list[str]:
     require_privileges()
     with open_netns(netns) as ns:
         return [str(n) for n in nsmod.addr_list(ns)]
+
+
+# -- whole rule sets -----------------------------------------------------------------------
+
+
+@dataclass
+class ApplyResult:
+    netns: str
+    file: str
+    dry_run: bool
+    rules: int
+    applied: bool = False  # a new rule set went live
+    loaded: bool = False  # this call loaded the dispatcher into the netns
+    generation: int = 0
+    added: list[Rule] = field(default_factory=list)
+    removed: list[Rule] = field(default_factory=list)
+    changed: list[tuple[Rule, Rule]] = field(default_factory=list)  # (old, new)
+    targets_added: list[str] = field(default_factory=list)
+    targets_removed: list[str] = field(default_factory=list)
+    targets_changed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def differs(self) -> bool:
+        return bool(
+            self.added
+            or self.removed
+            or self.changed
+            or self.targets_added
+            or self.targets_removed
+            or self.targets_changed
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "netns": self.netns,
+            "file": self.file,
+            "dry_run": self.dry_run,
+            "rules": self.rules,
+            "applied": self.applied,
+            "loaded_dispatcher": self.loaded,
+            "generation": self.generation,
+            "added": [_rule_json(r, None) for r in self.added],
+            "removed": [_rule_json(r, None) for r in self.removed],
+            "changed": [
+                {"from": _rule_json(a, None), "to": _rule_json(b, None)} for a, b in self.changed
+            ],
+            "targets_added": self.targets_added,
+            "targets_removed": self.targets_removed,
+            "targets_changed": self.targets_changed,
+            "notes": self.notes,
+        }
+
+
+Progress = Callable[[str, int, int], None]
+
+
+def _read_file(path: str) -> str:
+    try:
+        if path == "-":
+            return sys.stdin.read()
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise NotFound(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InvalidArgument(f"{path} is a directory", "give a TOML rule file") from None
+    except UnicodeDecodeError as e:
+        raise rulefile.FileError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except PermissionError:
+        raise PermissionDenied(f"cannot read {path}", "check its permissions") from None
+
+
+def _acquire_targets(ns: Netns, rf: rulefile.RuleFile, name: str) -> dict[str, sockets.SocketInfo]:
+    """Borrow every target's socket and check it can serve its rules; close them on error."""
+    infos: dict[str, sockets.SocketInfo] = {}
+    try:
+        for tname, spec in rf.targets.items():
+            where = f"{name}: targets.{tname}"
+            try:
+                if spec.to is not None:
+                    info = sockets.acquire_by_address(ns, spec.proto, *spec.to)
+                else:
+                    assert spec.pid is not None and spec.fd is not None
+                    info = sockets.acquire_by_fd(ns, spec.pid, spec.fd)
+            except SklookupError as e:
+                field_ = "to" if spec.to is not None else "pid"
+                raise rulefile.FileError(f"{where}.{field_}", e.message, e.hint) from None
+            infos[tname] = info
+            if info.proto != spec.proto:
+                raise rulefile.FileError(
+                    where,
+                    f"{spec.describe()} is a {info.proto} socket, its rules are {spec.proto}",
+                    "point it at a socket of the rules' protocol",
+                )
+        for rule in rf.rules.rules.values():
+            if rule.target is None:
+                continue
+            try:
+                _check_family(rule, infos[rule.target])
+            except SklookupError as e:
+                where = f"{name}: rules[{rf.index[rule.key]}].target"
+                raise rulefile.FileError(where, e.message, e.hint) from None
+    except BaseException:
+        for info in infos.values():
+            info.close()
+        raise
+    return infos
+
+
+def _diff(
+    res: ApplyResult,
+    old_rules: RuleSet,
+    new_rules: RuleSet,
+    old_targets: dict[str, Target],
+    cookies: dict[str, int | None],
+    new_targets: dict[str, tuple[IPAddress, int, int]],
+) -> None:
+    """Fill in what would change. `new_targets`: name -> (address, port, socket cookie)."""
+    for key, rule in new_rules.rules.items():
+        old = old_rules.rules.get(key)
+        if old is None:
+            res.added.append(rule)
+        elif not old.same_effect(rule):
+            res.changed.append((old, rule))
+    res.removed = [r for k, r in old_rules.rules.items() if k not in new_rules.rules]
+    for lst in (res.added, res.removed):
+        lst.sort(key=RuleSet.order)
+    res.changed.sort(key=lambda ab: RuleSet.order(ab[1]))
+    for name, (addr, port, cookie) in sorted(new_targets.items()):
+        old_t = old_targets.get(name)
+        where = format_endpoint(addr, port)
+        if old_t is None:
+            res.targets_added.append(f"{name} {where}")
+        elif (old_t.addr, old_t.port) != (addr, port):
+            res.targets_changed.append(
+                f"{name} {format_endpoint(old_t.addr, old_t.port)} -> {where}"
+            )
+        elif cookies.get(name) != cookie:
+            res.targets_changed.append(f"{name} {where}: another socket")
+    res.targets_removed = sorted(
+        f"{n} {format_endpoint(t.addr, t.port)}"
+        for n, t in old_targets.items()
+        if n not in new_targets
+    )
+
+
+def apply(
+    netns: str | None,
+    path: str,
+    *,
+    dry_run: bool = False,
+    bpffs: str = DEFAULT_BPFFS,
+    progress: Progress | None = None,
+) -> ApplyResult:
+    """Replace the netns's whole rule set with the one in the file at `path` ("-": stdin).
+
+    All or nothing: the file is checked completely and every target's socket found before
+    anything changes; new targets' sockets go in before the switch; the switch itself is one
+    BPF_LINK_UPDATE, so each lookup sees the old rule set or the new one. With `dry_run`,
+    only the difference is worked out.
+    """
+
+    def step(stage: str) -> Callable[[int, int], None]:
+        return lambda done, total: progress(stage, done, total) if progress else None
+
+    text = _read_file(path)
+    rf = rulefile.parse(text, path, step("checking"))
+    require_privileges()
+    with open_netns(netns) as ns:
+        infos = _acquire_targets(ns, rf, path)
+        try:
+            with state.locked(bpffs, exclusive=not dry_run) as base:
+                return _apply_locked(ns, base, path, rf, infos, dry_run, step)
+        finally:
+            for info in infos.values():
+                info.close()
+
+
+def _apply_locked(
+    ns: Netns,
+    base: str,
+    path: str,
+    rf: rulefile.RuleFile,
+    infos: dict[str, sockets.SocketInfo],
+    dry_run: bool,
+    step: Callable[[str], Callable[[int, int], None]],
+) -> ApplyResult:
+    res = ApplyResult(ns.label, path, dry_run, len(rf.rules))
+    res.notes += [f"target {n} is not used by any rule: not registered" for n in rf.unused_targets]
+    d = _open_existing(base, ns, writer=not dry_run) if os.path.isdir(base) else None
+    staging = None
+    try:
+        old_targets = d.read_targets() if d else {}
+        old_rules = d.read_rules(old_targets) if d else RuleSet()
+        cookies = {n: d.socket_cookie(t.id) for n, t in old_targets.items()} if d else {}
+        wanted = {
+            n: (*(spec.to or (infos[n].addr, infos[n].port)), infos[n].cookie)
+            for n, spec in rf.targets.items()
+        }
+        _diff(res, old_rules, rf.rules, old_targets, cookies, wanted)
+        res.generation = d.gen.meta().generation if d and d.gen else 0
+        if dry_run or not res.differs:
+            return res
+        if d is None:
+            staging = os.path.join(base, f"staging-{ns.inode}-{os.getpid()}")
+            d = state.create(staging, ns)
+            res.loaded = True
+        # every target whose address or socket changes gets a fresh SOCKMAP slot, so rules of
+        # the old set keep reaching the old socket until the switch
+        targets: dict[str, Target] = {}
+        taken: set[int] = set()
+        for n, (addr, port, cookie) in wanted.items():
+            old_t = old_targets.get(n)
+            if old_t is not None and (old_t.addr, old_t.port, cookies.get(n)) == (
+                addr,
+                port,
+                cookie,
+            ):
+                targets[n] = old_t
+                continue
+            info = infos[n]
+            tid = _free_id(old_targets, taken)
+            taken.add(tid)
+            targets[n] = Target(tid, n, info.proto, info.family, addr, port, cookie)
+            d.put_target(targets[n], info.fd)
+        step("loading")(0, 1)
+        d.commit(rf.rules, targets)
+        d.gc_targets({t.id for t in targets.values()})
+        if staging is not None:
+            state.attach_link(d, ns)
+            os.rename(staging, state.netns_dir(base, ns))
+            staging = None
+        res.applied = True
+        res.generation = d.gen.meta().generation if d.gen else 0
+        step("loading")(1, 1)
+        return res
+    finally:
+        if d is not None:
+            d.close()
+        if staging is not None:
+            state.unpin_dir(staging)
+
+
+def export(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> str:
+    """The netns's rule set as a rule file; `apply` of it changes nothing."""
+    require_privileges()
+    with open_netns(netns) as ns, state.locked(bpffs, exclusive=False) as base:
+        d = _open_existing(base, ns, writer=False) if os.path.isdir(base) else None
+        header = f"sklookupctl rule set of {ns.label}"
+        if d is None:
+            return rulefile.dumps(RuleSet(), {}, header + " (no dispatcher: empty)")
+        with d:
+            targets = d.read_targets()
+            rs = d.read_rules(targets)
+            used = rs.targets_in_use()
+            return rulefile.dumps(
+                rs,
+                {n: (t.proto, t.addr, t.port) for n, t in targets.items() if n in used},
+                f"{header}, generation {d.gen.meta().generation if d.gen else 0}",
+            )

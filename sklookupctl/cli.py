@@ -218,6 +218,62 @@ def detach(
 
 
 @cli.command(context_settings=CONTEXT)
+@click.argument("file", metavar="FILE", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option(
+    "--dry-run",
+    "-N",
+    is_flag=True,
+    help="Check the file, find its sockets, and print what would change. Change nothing.",
+)
+@json_option
+@click.pass_obj
+def apply(obj: Obj, file: str, dry_run: bool, as_json: bool) -> None:
+    """Replace the netns's whole rule set with the one in FILE (TOML; - for stdin).
+
+    All or nothing: the file is checked completely and every target's socket is found
+    before anything changes; a problem is reported as FILE: rules[N].FIELD (N counts from
+    0) or FILE: targets.NAME.FIELD. The switch is atomic: each connection sees the old rule
+    set or the new one, never a mix. Applying the same file again changes nothing.
+
+    \b
+    A rule file (`sklookupctl export` writes one):
+      [targets.web]
+      to = "127.0.0.1:8080"      # or: pid = 1234 and fd = 5; IPv6 as "[::1]:8080"
+      # protocol = "tcp"         # optional; inferred from the rules that use it
+      \b
+      [[rules]]
+      protocol = "tcp"           # tcp | udp
+      prefix = "192.0.2.0/24"    # IPv4 or IPv6
+      ports = "1-65535"          # "443", "8000-8080" or "all"
+      target = "web"             # or: action = "drop"
+      # on_missing = "pass"      # optional; default "drop"
+
+    \b
+    Examples:
+      sklookupctl -n edge apply --dry-run rules.toml
+      sklookupctl -n edge apply rules.toml
+      sklookupctl -n edge export > before.toml   # keep a copy to roll back to
+    """
+    with render.progress_for(file, quiet=as_json) as progress:
+        res = api.apply(obj.netns, file, dry_run=dry_run, bpffs=obj.bpffs, progress=progress)
+    if as_json:
+        render.emit_json(res.to_json())
+    else:
+        render.apply_result(res)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.pass_obj
+def export(obj: Obj) -> None:
+    """Print the netns's rule set as a rule file for `apply`.
+
+    Applying the output to the same netns changes nothing; it is also the way to keep a
+    copy of the rules before a change, and to move them to another namespace or host.
+    """
+    click.echo(api.export(obj.netns, bpffs=obj.bpffs), nl=False)
+
+
+@cli.command(context_settings=CONTEXT)
 @json_option
 @click.pass_obj
 def status(obj: Obj, as_json: bool) -> None:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from .api import ApplyResult
 
 
 def console(stderr: bool = False) -> Console:
@@ -94,3 +101,73 @@ def simple_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     for row in rows:
         t.add_row(*row)
     console().print(t)
+
+
+# files above this size get a progress bar on a terminal (about 4,000 rules)
+PROGRESS_BYTES = 256 * 1024
+
+
+@contextlib.contextmanager
+def progress_for(path: str, quiet: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A progress callback drawing a bar on stderr for large files on a terminal, else None."""
+    try:
+        big = path != "-" and os.path.getsize(path) > PROGRESS_BYTES
+    except OSError:
+        big = False
+    if quiet or not big or not sys.stderr.isatty():
+        yield None
+        return
+    bar = Progress(
+        TextColumn("{task.description:<9}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        console=Console(file=sys.stderr),
+        transient=True,
+    )
+    tasks: dict[str, Any] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total or 1)
+        bar.update(tasks[stage], completed=done, total=total or 1)
+
+    with bar:
+        yield update
+
+
+def _rule_line(r: Any) -> str:
+    return f"{r.key} {r.describe()}"
+
+
+def apply_result(res: ApplyResult) -> None:
+    c = console()
+    lines: list[str] = []
+    lines += [f"  + target {t}" for t in res.targets_added]
+    lines += [f"  ~ target {t}" for t in res.targets_changed]
+    lines += [f"  - target {t}" for t in res.targets_removed]
+    lines += [f"  + {_rule_line(r)}" for r in res.added]
+    lines += [f"  ~ {_rule_line(b)} (was {a.describe()})" for a, b in res.changed]
+    lines += [f"  - {_rule_line(r)}" for r in res.removed]
+    for note in res.notes:
+        c.print(f"note: {note}")
+    if not res.differs:
+        c.print(f"{res.file}: {res.rules} rules, nothing to change in {res.netns}")
+        return
+    summary = (
+        f"{len(res.added)} added, {len(res.changed)} changed, {len(res.removed)} removed rules; "
+        f"{len(res.targets_added)} added, {len(res.targets_changed)} changed, "
+        f"{len(res.targets_removed)} removed targets"
+    )
+    shown = lines[:200]
+    for line in shown:
+        c.print(line, markup=False)
+    if len(lines) > len(shown):
+        c.print(f"  ... and {len(lines) - len(shown)} more (--json lists them all)")
+    if res.dry_run:
+        c.print(f"dry run: would apply {res.file} to {res.netns}: {summary}")
+    else:
+        loaded = ", loaded the dispatcher" if res.loaded else ""
+        c.print(
+            f"applied {res.file} to {res.netns} (generation {res.generation}{loaded}): {summary}"
+        )

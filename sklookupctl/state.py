@@ -342,10 +342,13 @@ class Dispatcher:
     # -- reading ------------------------------------------------------------------------------
 
     def read_targets(self) -> dict[str, Target]:
+        """Targets by name. While a target's socket is being replaced, two ids may carry its
+        name for a moment; the one the live rules use is the target."""
         out: dict[str, Target] = {}
+        live: set[int] | None = None
         for k, v in self.targets.items():
             name = v.name.decode()
-            out[name] = Target(
+            t = Target(
                 int(k.value),
                 name,
                 PROTO_NAMES[v.proto],
@@ -354,7 +357,19 @@ class Dispatcher:
                 v.port,
                 v.cookie,
             )
+            if name in out:
+                if live is None:
+                    live = {rec[7] for rec in self.gen.rule_records()} if self.gen else set()
+                if out[name].id in live:
+                    continue
+            out[name] = t
         return out
+
+    def gc_targets(self, keep: set[int]) -> None:
+        """Remove every target id not in `keep` (after a commit that no longer uses them)."""
+        for k in self.targets.keys():
+            if int(k.value) not in keep:
+                self.drop_target(int(k.value))
 
     def read_rules(self, targets: dict[str, Target]) -> RuleSet:
         return RuleSet({r.key: r for r in self.read_rule_list(targets)})

@@ -2,55 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import ipaddress
 import random
 
 from sklookupctl import layout, trie
-from sklookupctl.errors import RuleConflict
-from sklookupctl.rules import IPAddress, RuleSet, make_rule
+from sklookupctl.rules import RuleSet, make_rule
 
-
-def random_rules(rng: random.Random, count: int) -> tuple[RuleSet, list[IPAddress]]:
-    """Rules on prefixes of every length around a few anchor addresses, so they nest."""
-    anchors: list[IPAddress] = []
-    for _ in range(rng.randrange(1, 6)):
-        anchors.append(ipaddress.IPv4Address(rng.getrandbits(32)))
-        anchors.append(ipaddress.IPv6Address(rng.getrandbits(128)))
-    rs = RuleSet()
-    for _ in range(count):
-        a = rng.choice(anchors)
-        plen = rng.randrange(0, a.max_prefixlen + 1)
-        net = ipaddress.ip_network(f"{a}/{plen}", strict=False)
-        lo = rng.randrange(1, 65536)
-        hi = min(65535, lo + rng.choice([0, 1, 10, 1000, 65535]))
-        target = rng.choice([None, "a", "b"])
-        rule = make_rule(
-            rng.choice(["tcp", "udp"]),
-            str(net),
-            f"{lo}-{hi}",
-            target=target,
-            drop=target is None,
-            on_missing=rng.choice(["drop", "pass"]),
-        )
-        with contextlib.suppress(RuleConflict):
-            rs.add(rule)
-    return rs, anchors
-
-
-def near(rng: random.Random, a: IPAddress) -> IPAddress:
-    """The anchor itself, or it with one bit flipped, or with its low bits randomised."""
-    width = a.max_prefixlen
-    n = int(a)
-    choice = rng.random()
-    if choice < 0.3:
-        pass
-    elif choice < 0.7:
-        n ^= 1 << rng.randrange(width)
-    else:
-        low = rng.randrange(width + 1)
-        n = (n >> low << low) | rng.getrandbits(low) if low else n
-    return ipaddress.ip_address(n) if width == 32 else ipaddress.IPv6Address(n)
+from ..rulegen import TARGETS, near, port_near, random_rules
 
 
 def test_tables_walk_matches_the_reference() -> None:
@@ -58,12 +15,12 @@ def test_tables_walk_matches_the_reference() -> None:
     for round_ in range(120):
         rs, anchors = random_rules(rng, rng.choice([1, 3, 10, 40, 150]))
         compiled = rs.compile()
-        t = trie.build(compiled, {"a": 1, "b": 2})
+        t = trie.build(compiled, {name: i for i, name in enumerate(TARGETS)})
         assert t.depth() <= layout.NODE_STEPS
         for _ in range(300):
             proto = rng.choice(["tcp", "udp"])
             addr = near(rng, rng.choice(anchors))
-            port = rng.randrange(1, 65536) if rng.random() < 0.5 else rng.choice([1, 65535])
+            port = port_near(rng, rs)
             want = rs.match(proto, addr, port)
             seg = t.segment_at(t.walk(proto, addr.version, int(addr)), port)
             number = seg[4] if seg is not None and seg[1] != layout.ACTION_NONE else 0

@@ -1,0 +1,197 @@
+"""apply, --dry-run and export on a real netns: delivery, round trips, all-or-nothing, and
+atomic switches under a stream of connections."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from pathlib import Path
+
+from sklookupctl import api, echo
+from sklookupctl import netns as nsmod
+
+from .conftest import NS
+
+
+def write(tmp_path: Path, name: str, text: str) -> str:
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def rule(proto: str, prefix: str, ports: str, target: str | None, **extra: str) -> str:
+    lines = [
+        "[[rules]]",
+        f'protocol = "{proto}"',
+        f'prefix = "{prefix}"',
+        f'ports = "{ports}"',
+        f'target = "{target}"' if target else 'action = "drop"',
+    ]
+    lines += [f'{k} = "{v}"' for k, v in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+def target(name: str, to: str) -> str:
+    return f'[targets.{name}]\nto = "{to}"\n'
+
+
+def test_apply_steers_and_export_round_trips(ns: NS, tmp_path: Path) -> None:
+    web = ns.proxy(tcp="127.0.0.1:0", tag="web")
+    dns = ns.proxy(udp="127.0.0.1:0", tag="dns")
+    six = ns.proxy(tcp="[::]:0", tag="six")
+    text = (
+        target("web", f"127.0.0.1:{web.port}")
+        + target("dns", f"127.0.0.1:{dns.port}")
+        + target("six", f"[::]:{six.port}")
+        + rule("tcp", "192.0.2.0/24", "all", "web")
+        + rule("tcp", "192.0.2.0/25", "22", None)
+        + rule("udp", "198.51.100.0/24", "53", "dns")
+        + rule("tcp", "2001:db8::/64", "443-444", "six", on_missing="pass")
+    )
+    f = write(tmp_path, "rules.toml", text)
+    res = ns.ok("apply", f)
+    assert "applied" in res.output and "loaded the dispatcher" in res.output
+    assert ns.dial("tcp", "192.0.2.200", 22) == "192.0.2.200 22 web"  # /25 drop is 0-127
+    assert ns.dial("tcp", "192.0.2.5", 22) == "refused"
+    assert ns.dial("tcp", "192.0.2.5", 8443) == "192.0.2.5 8443 web"
+    assert ns.dial("udp", "198.51.100.9", 53) == "198.51.100.9 53 dns"
+    assert ns.dial("tcp", "2001:db8::7", 444) == "2001:db8::7 444 six"
+    assert ns.dial("tcp", "2001:db8::7", 445) == "refused"  # no rule, no listener
+
+    st = ns.status()
+    gen = st["generation"]
+    exported = ns.ok("export").stdout
+    again = write(tmp_path, "export.toml", exported)
+    dry = json.loads(ns.ok("apply", "--dry-run", "--json", again).stdout)
+    assert not dry["added"] and not dry["removed"] and not dry["changed"]
+    assert not dry["targets_added"] and not dry["targets_changed"]
+    res = ns.ok("apply", again)
+    assert "nothing to change" in res.output
+    assert ns.status()["generation"] == gen  # nothing was rebuilt
+    assert ns.ok("export").stdout == exported
+
+
+def test_dry_run_touches_nothing(ns: NS, tmp_path: Path) -> None:
+    web = ns.proxy(tcp="127.0.0.1:0", tag="web")
+    f = write(
+        tmp_path,
+        "r.toml",
+        target("web", f"127.0.0.1:{web.port}") + rule("tcp", "192.0.2.0/24", "all", "web"),
+    )
+    res = ns.ok("apply", "--dry-run", f)
+    assert "dry run: would apply" in res.output and "+ tcp 192.0.2.0/24 all -> web" in res.output
+    assert ns.files() == [] and not ns.status()["loaded"]
+    assert ns.dial("tcp", "192.0.2.1", 80) == "refused"
+
+    ns.ok("apply", f)
+    files, st = ns.files(), ns.status()
+    g = write(
+        tmp_path,
+        "g.toml",
+        target("web", f"127.0.0.1:{web.port}") + rule("tcp", "198.51.100.0/24", "80", "web"),
+    )
+    res = ns.ok("apply", "-N", g)
+    assert "+ tcp 198.51.100.0/24 80 -> web" in res.output
+    assert "- tcp 192.0.2.0/24 all -> web" in res.output
+    assert ns.files() == files and ns.status() == st
+
+
+def test_a_file_that_cannot_be_applied_changes_nothing(ns: NS, tmp_path: Path) -> None:
+    web = ns.proxy(tcp="127.0.0.1:0", tag="web")
+    v4only = ns.proxy(tcp="127.0.0.2:0", tag="v4")
+    udp = ns.proxy(udp="127.0.0.1:0", tag="u")
+    good = target("web", f"127.0.0.1:{web.port}") + rule("tcp", "192.0.2.0/24", "all", "web")
+    ns.ok("apply", write(tmp_path, "good.toml", good))
+    files, st = ns.files(), ns.status()
+    cases = [
+        (
+            target("web", "127.0.0.1:1") + rule("tcp", "192.0.2.0/24", "all", "web"),
+            "targets.web.to: no tcp socket listens at 127.0.0.1:1",
+        ),
+        (
+            target("web", f"127.0.0.2:{v4only.port}")
+            + rule("tcp", "192.0.2.0/24", "all", "web")
+            + rule("tcp", "2001:db8::/64", "all", "web"),
+            "rules[1].target: the socket at 127.0.0.2",
+        ),
+        (
+            target("web", f"127.0.0.1:{udp.port}") + rule("tcp", "192.0.2.0/24", "all", "web"),
+            "targets.web.to: no tcp socket listens",
+        ),
+        (good + rule("tcp", "192.0.2.0/24", "80-90", "web") + "ports = 3\n", "not valid TOML"),
+        (good + rule("tcp", "192.0.2.0/24", "90-80", "web"), "rules[1].ports: port range"),
+        (
+            "[targets.web]\npid = 999999999\nfd = 3\n" + rule("tcp", "192.0.2.0/24", "1", "web"),
+            "targets.web.pid",
+        ),
+    ]
+    for i, (text, words) in enumerate(cases):
+        f = write(tmp_path, f"bad{i}.toml", text)
+        res = ns.cli("apply", f)
+        assert res.exit_code == 1, res.output
+        assert res.output.startswith(f"error: {f}: "), res.output
+        assert words in res.output, res.output
+        assert "Traceback" not in res.output and res.output.count("\n") == 1
+        assert ns.files() == files and ns.status() == st
+    assert ns.dial("tcp", "192.0.2.1", 80) == "192.0.2.1 80 web"
+    missing = ns.cli("apply", str(tmp_path / "nope.toml"))
+    assert missing.exit_code != 0 and "nope.toml" in missing.output
+
+
+def test_a_target_moved_to_another_socket(ns: NS, tmp_path: Path) -> None:
+    a = ns.proxy(tcp="127.0.0.1:0", tag="a")
+    b = ns.proxy(tcp="127.0.0.1:0", tag="b")
+    rules = rule("tcp", "192.0.2.0/24", "all", "web")
+    ns.ok("apply", write(tmp_path, "a.toml", target("web", f"127.0.0.1:{a.port}") + rules))
+    assert ns.dial("tcp", "192.0.2.1", 80).endswith(" a")
+    res = ns.ok("apply", write(tmp_path, "b.toml", target("web", f"127.0.0.1:{b.port}") + rules))
+    assert f"~ target web 127.0.0.1:{a.port} -> 127.0.0.1:{b.port}" in res.output
+    assert ns.dial("tcp", "192.0.2.1", 80).endswith(" b")
+    st = ns.status()
+    assert [t["address"] for t in st["targets"]] == [f"127.0.0.1:{b.port}"]  # old slot freed
+
+
+def test_applies_under_a_stream_of_connections(ns: NS, tmp_path: Path) -> None:
+    """Two rule sets that each accept every port of 192.0.2.0/24, through different rules and
+    different proxies: every connection reaches one of them, whatever the moment."""
+    x = ns.proxy(tcp="127.0.0.1:0", tag="x")
+    y = ns.proxy(tcp="127.0.0.1:0", tag="y")
+    one = target("x", f"127.0.0.1:{x.port}") + rule("tcp", "192.0.2.0/24", "all", "x")
+    two = (
+        target("y", f"127.0.0.1:{y.port}")
+        + rule("tcp", "192.0.2.0/25", "1-30000", "y")
+        + rule("tcp", "192.0.2.0/25", "30001-65535", "y")
+        + rule("tcp", "192.0.2.128/25", "all", "y")
+    )
+    files = [write(tmp_path, "one.toml", one), write(tmp_path, "two.toml", two)]
+    api.apply(ns.name, files[0], bpffs=ns.bpffs)
+    stop = threading.Event()
+    bad: list[str] = []
+    seen = {"x": 0, "y": 0}
+
+    def client() -> None:
+        rng = random.Random(1)
+        with nsmod.open_netns(ns.name) as n, nsmod.enter(n):
+            while not stop.is_set():
+                host, port = f"192.0.2.{rng.randrange(256)}", rng.randrange(1, 65536)
+                got = echo.dial_tcp(host, port)
+                if got in (f"{host} {port} x", f"{host} {port} y"):
+                    seen[got[-1]] += 1
+                else:
+                    bad.append(f"{host}:{port} -> {got}")
+
+    t = threading.Thread(target=client)
+    t.start()
+    try:
+        for i in range(30):
+            api.apply(ns.name, files[(i + 1) % 2], bpffs=ns.bpffs)
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        t.join(timeout=30)
+    assert not bad, bad[:5]
+    assert seen["x"] > 20 and seen["y"] > 20, seen
+    st = ns.status()
+    assert st["generation"] == 31

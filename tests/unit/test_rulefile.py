@@ -1,0 +1,243 @@
+"""Rule files without a kernel: the TOML subset reader, every validation error, round trips."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import tomllib
+from typing import Any
+
+import pytest
+
+from sklookupctl import rulefile
+from sklookupctl.rulefile import FileError
+from sklookupctl.rules import DROP, STEER
+
+GOOD = """\
+# a comment
+[targets.web]
+to = "127.0.0.1:8080"   # trailing comment
+
+[targets."v6.proxy"]
+to = '[::1]:8443'
+protocol = "tcp"
+
+[targets.dns]
+pid = 1234
+fd = 5
+
+[[rules]]
+protocol = "tcp"
+prefix = "192.0.2.0/24"
+ports = "1-65535"
+target = "web"
+
+[[rules]]
+protocol = "TCP"
+prefix = "192.0.2.0/24"
+ports = "22"
+action = "drop"
+
+[[rules]]
+protocol = "tcp"
+prefix = "2001:db8::/32"
+ports = "all"
+target = "v6.proxy"
+on_missing = "pass"
+
+[[rules]]
+protocol = "udp"
+prefix = "198.51.100.53"
+ports = "53"
+target = "dns"
+"""
+
+
+def test_a_good_file() -> None:
+    rf = rulefile.parse(GOOD, "r.toml")
+    assert len(rf.rules) == 4
+    assert rf.targets["web"].to == (ipaddress.ip_address("127.0.0.1"), 8080)
+    assert rf.targets["web"].proto == "tcp"  # inferred from its rules
+    assert rf.targets["dns"].proto == "udp" and (rf.targets["dns"].pid, rf.targets["dns"].fd) == (
+        1234,
+        5,
+    )
+    rules = {str(r.key): r for r in rf.rules.rules.values()}
+    assert rules["tcp 192.0.2.0/24 22"].action == DROP
+    assert rules["tcp 2001:db8::/32 all"].on_missing == "pass"
+    assert rules["udp 198.51.100.53/32 53"].action == STEER
+    assert rf.index[rules["udp 198.51.100.53/32 53"].key] == 3
+
+
+def test_the_fast_reader_agrees_with_tomllib() -> None:
+    fast = rulefile._fast_parse(GOOD)
+    assert fast is not None and fast == tomllib.loads(GOOD)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'x = "a\\"b"',  # escapes
+        "x = 1_000",  # underscores in numbers
+        "x = true",
+        "x = [1, 2]",
+        "[targets]\nweb = {to = '127.0.0.1:80'}",
+        '[[rules]]\nprotocol = "tcp"\nprotocol = "udp"',  # duplicate key: an error
+        "[targets.a]\n[targets.a]",  # duplicate table: an error
+        "x = 01",  # leading zero: an error
+        'x = "unterminated',
+        "[[rules]\n",
+        'x = """multi\nline"""',
+        "[rules]\nx = 1\n[[rules]]",
+    ],
+)
+def test_outside_the_subset_tomllib_decides(text: str) -> None:
+    assert rulefile._fast_parse(text) is None
+    try:
+        want: Any = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        with pytest.raises(FileError, match="not valid TOML"):
+            rulefile.loads_toml(text, "f")
+    else:
+        assert rulefile.loads_toml(text, "f") == want
+
+
+def test_fast_reader_against_tomllib_on_random_lines() -> None:
+    rng = random.Random(5)
+    pieces = [
+        "[[rules]]",
+        "[targets.a]",
+        "[targets.b-c_1]",
+        '[targets."q q"]',
+        'k = "v"',
+        "k2 = 'lit'",
+        "n = 12",
+        "n2 = -3",
+        "# c",
+        "",
+        "  ",
+        'p = "x" # c',
+        "bad line",
+        "x = 1.5",
+        "[other]",
+    ]
+    for _ in range(3000):
+        text = "\n".join(rng.choice(pieces) for _ in range(rng.randrange(1, 8)))
+        fast = rulefile._fast_parse(text)
+        try:
+            want: Any = tomllib.loads(text)
+        except tomllib.TOMLDecodeError:
+            want = None
+        if fast is not None:
+            assert fast == want, text
+
+
+def rule(**fields: object) -> str:
+    base: dict[str, object] = {
+        "protocol": "tcp",
+        "prefix": "192.0.2.0/24",
+        "ports": "80",
+        "target": "web",
+    }
+    base.update(fields)
+    body = "\n".join(
+        f"{k} = {v}" if isinstance(v, int) else f'{k} = "{v}"'
+        for k, v in base.items()
+        if v is not None
+    )
+    return f"[[rules]]\n{body}\n"
+
+
+WEB = '[targets.web]\nto = "127.0.0.1:8080"\n'
+OK_RULE = rule(ports="443")
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "words"),
+    [
+        ("x = ", "f.toml", "not valid TOML"),
+        ('colour = "red"', "f.toml: colour", "unknown table"),
+        ("rules = 3", "f.toml: rules", "array of tables"),
+        ("targets = 3", "f.toml: targets", "must be tables"),
+        (WEB + OK_RULE + rule(protocol=None), "f.toml: rules[1].protocol", "missing"),
+        (WEB + rule(protocol="sctp"), "f.toml: rules[0].protocol", "unknown protocol"),
+        (WEB + rule(protocol=6), "f.toml: rules[0].protocol", "must be a string"),
+        (WEB + rule(prefix=None), "f.toml: rules[0].prefix", "missing"),
+        (WEB + rule(prefix="192.0.2.1/24"), "f.toml: rules[0].prefix", "host bits"),
+        (WEB + rule(prefix="example.com"), "f.toml: rules[0].prefix", "not an IP"),
+        (WEB + rule(ports=None), "f.toml: rules[0].ports", "missing"),
+        (WEB + rule(ports="90-80"), "f.toml: rules[0].ports", "reversed"),
+        (WEB + rule(ports="0"), "f.toml: rules[0].ports", "not a port"),
+        (WEB + rule(ports="70000"), "f.toml: rules[0].ports", "too large"),
+        (WEB + rule(ports="http"), "f.toml: rules[0].ports", "not a number"),
+        (WEB + rule(target=None), "f.toml: rules[0].target", "missing"),
+        (WEB + rule(target="nope"), "f.toml: rules[0].target", "no target 'nope'"),
+        (WEB + rule(action="drop"), "f.toml: rules[0].target", "drop rule has no target"),
+        (WEB + rule(action="reject"), "f.toml: rules[0].action", "not an action"),
+        (WEB + rule(on_missing="maybe"), "f.toml: rules[0].on_missing", "not valid"),
+        (
+            WEB + rule(target=None, action="drop", on_missing="pass"),
+            "f.toml: rules[0].on_missing",
+            "not to drop rules",
+        ),
+        (WEB + rule(port="80"), "f.toml: rules[0].port", "unknown field"),
+        (WEB + OK_RULE + rule(ports="443"), "f.toml: rules[1]", "also rules[0]"),
+        (
+            WEB + rule(ports="1-100") + rule(ports="50-150"),
+            "f.toml: rules[1].ports",
+            "partly overlaps rules[0]",
+        ),
+        (
+            WEB + rule(ports="50-150") + rule(ports="1-100"),
+            "f.toml: rules[1].ports",
+            "partly overlaps rules[0]",
+        ),
+        (
+            '[targets."bad name!"]\nto = "127.0.0.1:1"\n' + rule(target="bad name!"),
+            "f.toml: targets.bad name!",
+            "not valid",
+        ),
+        ('[targets.web]\nto = "127.0.0.1"\n' + OK_RULE, "f.toml: targets.web.to", "has no port"),
+        ('[targets.web]\nto = "::1:80"\n' + OK_RULE, "f.toml: targets.web.to", "brackets"),
+        ("[targets.web]\n" + OK_RULE, "f.toml: targets.web.to", "missing"),
+        ("[targets.web]\npid = 1\n" + OK_RULE, "f.toml: targets.web.fd", "missing"),
+        ('[targets.web]\npid = 1\nfd = "x"\n' + OK_RULE, "f.toml: targets.web.fd", "integer"),
+        ("[targets.web]\npid = -1\nfd = 3\n" + OK_RULE, "f.toml: targets.web.pid", "integer"),
+        (
+            '[targets.web]\nto = "127.0.0.1:1"\npid = 1\nfd = 3\n' + OK_RULE,
+            "f.toml: targets.web",
+            "both to and pid/fd",
+        ),
+        (WEB + 'host = "x"\n' + OK_RULE, "f.toml: targets.web.host", "unknown field"),
+        (WEB + 'protocol = "udp"\n' + OK_RULE, "f.toml: targets.web.protocol", "tcp rules use"),
+        (WEB + OK_RULE + rule(protocol="udp"), "f.toml: targets.web", "both tcp and udp"),
+    ],
+)
+def test_every_validation_error_names_where(text: str, where: str, words: str) -> None:
+    with pytest.raises(FileError) as exc:
+        rulefile.parse(text, "f.toml")
+    assert exc.value.where == where
+    assert words in exc.value.message
+
+
+def test_unused_targets_are_reported_not_registered() -> None:
+    rf = rulefile.parse(WEB + '[targets.spare]\nto = "127.0.0.1:9"\n' + OK_RULE, "f")
+    assert rf.unused_targets == ["spare"] and list(rf.targets) == ["web"]
+
+
+def test_dumps_round_trips() -> None:
+    rf = rulefile.parse(GOOD.replace("pid = 1234\nfd = 5", 'to = "198.51.100.1:53"'), "r")
+    targets = {n: (t.proto, *t.to) for n, t in rf.targets.items() if t.to is not None}
+    text = rulefile.dumps(rf.rules, targets, "header\nsecond line")
+    assert text.startswith("# header\n# second line\n")
+    again = rulefile.parse(text, "export")
+    assert again.rules == rf.rules
+    assert again.targets == rf.targets
+    assert rulefile._fast_parse(text) is not None  # what export writes takes the fast path
+
+
+def test_progress_is_reported() -> None:
+    text = WEB + "".join(rule(ports=str(p)) for p in range(1, 501))
+    seen: list[tuple[int, int]] = []
+    rulefile.parse(text, "f", lambda done, total: seen.append((done, total)))
+    assert seen[0] == (0, 500) and seen[-1] == (500, 500) and len(seen) > 10

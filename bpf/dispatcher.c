@@ -46,12 +46,11 @@
 /* mirrored by layout.Node (ARRAY elements are 8-byte aligned: no padding is wasted) */
 struct node {
 	u64 fallback;  /* the leaf when the skip bits differ */
+	u64 skip_bits; /* the `skip` address bits every address below this node has */
 	u32 base;      /* first entry of this node */
-	u32 skip_bits; /* the `skip` address bits every address below this node has */
-	u8 skip;       /* 0..32 */
+	u8 skip;       /* 0..64 */
 	u8 stride;     /* 0..16; 0: one entry */
 	u16 pad;
-	u32 pad2;
 };
 
 /* mirrored by layout.Segment: applies to ports lo .. (next segment's lo - 1). */
@@ -86,8 +85,8 @@ static __always_inline void release_sock(struct bpf_sock **sk)
 		bpf_sk_release(*sk);
 }
 
-/* `n` (1..32) bits of the 128-bit address hi:lo, starting `pos` bits from the top */
-static __always_inline u32 address_bits(u64 hi, u64 lo, u32 pos, u32 n)
+/* `n` (1..64) bits of the 128-bit address hi:lo, starting `pos` bits from the top */
+static __always_inline u64 address_bits(u64 hi, u64 lo, u32 pos, u32 n)
 {
 	u64 w;
 	pos &= 127;
@@ -97,7 +96,7 @@ static __always_inline u32 address_bits(u64 hi, u64 lo, u32 pos, u32 n)
 		w = hi;
 	else
 		w = (hi << pos) | (lo >> (64 - pos));
-	return (u32)(w >> ((64 - n) & 63));
+	return w >> ((64 - n) & 63);
 }
 
 int dispatch(struct bpf_sk_lookup *ctx)
@@ -139,7 +138,7 @@ int dispatch(struct bpf_sk_lookup *ctx)
 		u32 stride = n->stride;
 		u32 e = n->base;
 		if (stride) {
-			e += address_bits(hi, lo, pos, stride);
+			e += (u32)address_bits(hi, lo, pos, stride);
 			pos += stride;
 		}
 		u64 *entry = entries.lookup(&e);

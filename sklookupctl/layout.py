@@ -11,7 +11,7 @@ MAX_TARGETS = 4096
 
 NODE_FLAG = 0x80000000
 NODE_STEPS = 36
-MAX_SKIP = 32
+MAX_SKIP = 64
 MAX_STRIDE = 16
 MIN_STRIDE = 4
 
@@ -31,12 +31,11 @@ class Node(ctypes.Structure):
 
     _fields_ = [
         ("fallback", ctypes.c_uint64),
+        ("skip_bits", ctypes.c_uint64),
         ("base", ctypes.c_uint32),
-        ("skip_bits", ctypes.c_uint32),
         ("skip", ctypes.c_uint8),
         ("stride", ctypes.c_uint8),
         ("pad", ctypes.c_uint16),
-        ("pad2", ctypes.c_uint32),
     ]
 
 

@@ -140,15 +140,19 @@ def _rule_line(r: Any) -> str:
     return f"{r.key} {r.describe()}"
 
 
+SHOWN = 200  # lines of a difference printed; --json has them all
+
+
 def apply_result(res: ApplyResult) -> None:
     c = console()
-    lines: list[str] = []
-    lines += [f"  + target {t}" for t in res.targets_added]
-    lines += [f"  ~ target {t}" for t in res.targets_changed]
-    lines += [f"  - target {t}" for t in res.targets_removed]
-    lines += [f"  + {_rule_line(r)}" for r in res.added]
-    lines += [f"  ~ {_rule_line(b)} (was {a.describe()})" for a, b in res.changed]
-    lines += [f"  - {_rule_line(r)}" for r in res.removed]
+    groups: list[tuple[list[Any], Callable[[Any], str]]] = [
+        (res.targets_added, lambda t: f"  + target {t}"),
+        (res.targets_changed, lambda t: f"  ~ target {t}"),
+        (res.targets_removed, lambda t: f"  - target {t}"),
+        (res.added, lambda r: f"  + {_rule_line(r)}"),
+        (res.changed, lambda ab: f"  ~ {_rule_line(ab[1])} (was {ab[0].describe()})"),
+        (res.removed, lambda r: f"  - {_rule_line(r)}"),
+    ]
     for note in res.notes:
         c.print(f"note: {note}")
     if not res.differs:
@@ -159,11 +163,14 @@ def apply_result(res: ApplyResult) -> None:
         f"{len(res.targets_added)} added, {len(res.targets_changed)} changed, "
         f"{len(res.targets_removed)} removed targets"
     )
-    shown = lines[:200]
-    for line in shown:
-        c.print(line, markup=False)
-    if len(lines) > len(shown):
-        c.print(f"  ... and {len(lines) - len(shown)} more (--json lists them all)")
+    left = SHOWN
+    for items, fmt in groups:
+        for item in items[:left]:
+            c.print(fmt(item), markup=False)
+        left -= min(left, len(items))
+    total = sum(len(items) for items, _ in groups)
+    if total > SHOWN:
+        c.print(f"  ... and {total - SHOWN} more (--json lists them all)")
     if res.dry_run:
         c.print(f"dry run: would apply {res.file} to {res.netns}: {summary}")
     else:

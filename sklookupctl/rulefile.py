@@ -44,6 +44,7 @@ from .rules import (
     parse_ports,
     parse_prefix,
     parse_protocol,
+    quick_prefix,
 )
 
 RULE_FIELDS = ("protocol", "prefix", "ports", "target", "action", "on_missing")
@@ -79,7 +80,13 @@ class RuleFile:
     rules: RuleSet
     targets: dict[str, TargetSpec]
     unused_targets: list[str]
-    index: dict[RuleKey, int]  # each rule's position in the file
+
+    def index(self, key: RuleKey) -> int:
+        """A rule's position in the file (for messages: rules keep the file's order)."""
+        for i, k in enumerate(self.rules.rules):
+            if k == key:
+                return i
+        raise KeyError(key)
 
 
 # -- reading TOML ------------------------------------------------------------------------------
@@ -95,6 +102,9 @@ _LINE = re.compile(
 )
 
 
+_KNOWN_KEYS = frozenset(RULE_FIELDS + TARGET_FIELDS)
+
+
 def _fast_parse(text: str) -> dict[str, Any] | None:
     """The subset: [[rules]], [targets.NAME], key = "str" | 'str' | int, comments, blanks.
     None when the text leaves it (tomllib then has the final word)."""
@@ -103,8 +113,31 @@ def _fast_parse(text: str) -> dict[str, Any] | None:
     top: dict[str, Any] = {}
     table = top
     match = _LINE.fullmatch
+    known = _KNOWN_KEYS
     for line in text.split("\n"):
-        m = match(line[:-1] if line.endswith("\r") else line)
+        if line.endswith("\r"):
+            line = line[:-1]
+        if line == "[[rules]]" and "rules" not in top:
+            table = {}
+            rules.append(table)
+            continue
+        # the line export writes, without the regex: key = "plain string"
+        key, eq, val = line.partition(" = ")
+        if (
+            eq
+            and key in known
+            and len(val) > 1
+            and val[0] == '"'
+            and val[-1] == '"'
+            and '"' not in val[1:-1]
+            and "\\" not in val
+            and val.isprintable()
+        ):
+            if key in table:
+                return None
+            table[key] = val[1:-1]
+            continue
+        m = match(line)
         if m is None:
             return None
         key = m.group("key")
@@ -161,6 +194,92 @@ def _str_field(d: dict[str, Any], field: str, where: str, required: bool) -> str
     return v
 
 
+class _Bad(Exception):
+    """A problem in one field of one rule; the caller adds the file and the rule's index."""
+
+    def __init__(self, field: str, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.field, self.message, self.hint = field, message, hint
+
+
+def _prefix_ints(text: str) -> tuple[int, int, int]:
+    quick = quick_prefix(text)
+    if quick is not None:
+        return quick
+    p = parse_prefix(text)
+    return p.version, int(p.network_address), p.prefixlen
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "protocol": parse_protocol,
+    "prefix": _prefix_ints,
+    "ports": parse_ports,
+}
+
+
+Cache = dict[str, dict[Any, Any]]  # field -> text -> parsed: files repeat themselves
+
+
+def _parsed(d: dict[str, Any], field: str, cache: Cache) -> Any:
+    text = d.get(field)
+    if text is None:
+        raise _Bad(field, "missing", f"every rule needs {field}")
+    if not isinstance(text, str):
+        raise _Bad(field, f"must be a string, not {type(text).__name__}")
+    v = cache[field].get(text)
+    if v is None:
+        try:
+            v = cache[field][text] = _PARSERS[field](text)
+        except SklookupError as e:
+            raise _Bad(field, e.message, e.hint) from None
+    return v
+
+
+def _optional(d: dict[str, Any], field: str) -> str | None:
+    v: str | None = d.get(field)
+    if v is not None and not isinstance(v, str):
+        raise _Bad(field, f"must be a string, not {type(v).__name__}")
+    return v
+
+
+_RULE_FIELD_SET = frozenset(RULE_FIELDS)
+
+
+def _parse_rule(d: dict[str, Any], targets: dict[str, Any], cache: Cache) -> Rule:
+    if not d.keys() <= _RULE_FIELD_SET:
+        field = next(f for f in d if f not in _RULE_FIELD_SET)
+        raise _Bad(field, "unknown field", f"a rule has {', '.join(RULE_FIELDS)}")
+    # cache hits first (a file repeats protocols and ports); _parsed explains any problem
+    proto = cache["protocol"].get(d.get("protocol")) or _parsed(d, "protocol", cache)
+    version, net, plen = cache["prefix"].get(d.get("prefix")) or _parsed(d, "prefix", cache)
+    lo, hi = cache["ports"].get(d.get("ports")) or _parsed(d, "ports", cache)
+    target = d.get("target")
+    action = d.get("action")
+    on_missing = d.get("on_missing")
+    if action is None and on_missing is None and target.__class__ is str and target in targets:
+        return Rule(
+            RuleKey.of(proto, version, net, plen, lo, hi), STEER, target, "drop"
+        )  # the common case
+    target, action, on_missing = (_optional(d, f) for f in ("target", "action", "on_missing"))
+    if action is not None and action not in (STEER, DROP):
+        raise _Bad("action", f"{action!r} is not an action", "use drop, or give a target")
+    if action == DROP:
+        if target is not None:
+            raise _Bad("target", "a drop rule has no target", "remove one of action and target")
+        if on_missing is not None:
+            raise _Bad("on_missing", "applies to rules with a target, not to drop rules")
+        return Rule(RuleKey.of(proto, version, net, plen, lo, hi), DROP, None, "drop")
+    if target is None:
+        raise _Bad("target", "missing", 'give a target, or action = "drop"')
+    if on_missing is not None and on_missing not in ON_MISSING:
+        raise _Bad("on_missing", f"{on_missing!r} is not valid", "use drop or pass")
+    if target not in targets:
+        raise _Bad(
+            "target", f"no target {target!r} in the file", f"declare it as [targets.{target}]"
+        )
+    return Rule(RuleKey.of(proto, version, net, plen, lo, hi), STEER, target, on_missing or "drop")
+
+
 @contextlib.contextmanager
 def _at(where: str) -> Iterator[None]:
     """Errors of the parsers inside get `where` in front."""
@@ -190,74 +309,29 @@ def parse(text: str, name: str, progress: Progress | None = None) -> RuleFile:
         raise FileError(f"{name}: targets", "must be tables", "write each target as [targets.NAME]")
 
     rs = RuleSet()
-    first_seen: dict[RuleKey, int] = {}
+    seen = rs.rules
     protos_of: dict[str, set[str]] = {}
-    versions_of: dict[str, set[int]] = {}
     total = len(raw_rules)
     step = max(1, total // 100)
-    prefix_cache: dict[str, Any] = {}
+    cache: Cache = {f: {} for f in _PARSERS}
     for i, d in enumerate(raw_rules):
-        where = f"{name}: rules[{i}]"
-        for field in d:
-            if field not in RULE_FIELDS:
-                raise FileError(
-                    f"{where}.{field}", "unknown field", f"a rule has {', '.join(RULE_FIELDS)}"
-                )
-        proto_text = _str_field(d, "protocol", where, True) or ""
-        with _at(f"{where}.protocol"):
-            proto = parse_protocol(proto_text)
-        prefix_text = _str_field(d, "prefix", where, True) or ""
-        net = prefix_cache.get(prefix_text)
-        if net is None:
-            with _at(f"{where}.prefix"):
-                net = parse_prefix(prefix_text)
-            prefix_cache[prefix_text] = net
-        ports_text = _str_field(d, "ports", where, True) or ""
-        with _at(f"{where}.ports"):
-            lo, hi = parse_ports(ports_text)
-        target = _str_field(d, "target", where, False)
-        action = _str_field(d, "action", where, False)
-        on_missing = _str_field(d, "on_missing", where, False)
-        if action is not None and action not in (STEER, DROP):
+        try:
+            rule = _parse_rule(d, raw_targets, cache)
+        except _Bad as e:
+            where = f"{name}: rules[{i}]" + (f".{e.field}" if e.field else "")
+            raise FileError(where, e.message, e.hint) from None
+        key = rule.key
+        if key in seen:
+            first = list(seen).index(key)
             raise FileError(
-                f"{where}.action", f"{action!r} is not an action", "use drop, or give a target"
+                f"{name}: rules[{i}]", f"rule {key} is also rules[{first}]", "keep one of them"
             )
-        if action == DROP and target is not None:
-            raise FileError(
-                f"{where}.target", "a drop rule has no target", "remove one of action and target"
-            )
-        if action != DROP and target is None:
-            raise FileError(f"{where}.target", "missing", 'give a target, or action = "drop"')
-        if on_missing is not None and on_missing not in ON_MISSING:
-            raise FileError(
-                f"{where}.on_missing", f"{on_missing!r} is not valid", "use drop or pass"
-            )
-        if action == DROP and on_missing is not None:
-            raise FileError(
-                f"{where}.on_missing", "applies to rules with a target, not to drop rules"
-            )
-        key = RuleKey(proto, net, lo, hi)
-        if target is not None:
-            if target not in raw_targets:
-                raise FileError(
-                    f"{where}.target",
-                    f"no target {target!r} in the file",
-                    f"declare it as [targets.{target}]",
-                )
-            rule = Rule(key, STEER, target, on_missing or "drop")
-            protos_of.setdefault(target, set()).add(proto)
-            versions_of.setdefault(target, set()).add(net.version)
-        else:
-            rule = Rule(key, DROP, None, "drop")
-        if key in first_seen:
-            raise FileError(
-                f"{where}", f"rule {key} is also rules[{first_seen[key]}]", "keep one of them"
-            )
-        first_seen[key] = i
-        rs.rules[key] = rule
+        seen[key] = rule
+        if rule.target is not None:
+            protos_of.setdefault(rule.target, set()).add(key.proto)
         if progress is not None and i % step == 0:
             progress(i, total)
-    _check_overlaps(rs, first_seen, name)
+    _check_overlaps(rs, name)
 
     targets: dict[str, TargetSpec] = {}
     unused: list[str] = []
@@ -311,14 +385,14 @@ def parse(text: str, name: str, progress: Progress | None = None) -> RuleFile:
         targets[tname] = TargetSpec(tname, proto, pid=pid, fd=fd)
     if progress is not None:
         progress(total, total)
-    return RuleFile(rs, targets, unused, first_seen)
+    return RuleFile(rs, targets, unused)
 
 
-def _check_overlaps(rs: RuleSet, index: dict[RuleKey, int], name: str) -> None:
+def _check_overlaps(rs: RuleSet, name: str) -> None:
     """Port ranges of one protocol and prefix must nest or be disjoint."""
-    by_prefix: dict[tuple[str, Any], list[RuleKey]] = {}
+    by_prefix: dict[tuple[str, int, int, int], list[RuleKey]] = {}
     for key in rs.rules:
-        by_prefix.setdefault((key.proto, key.prefix), []).append(key)
+        by_prefix.setdefault((key.proto, key.version, key.net, key.plen), []).append(key)
     for keys in by_prefix.values():
         if len(keys) < 2:
             continue
@@ -328,6 +402,8 @@ def _check_overlaps(rs: RuleSet, index: dict[RuleKey, int], name: str) -> None:
             while stack and stack[-1].hi < k.lo:
                 stack.pop()
             if stack and k.hi > stack[-1].hi:
+                order = list(rs.rules)
+                index = {k: order.index(k), stack[-1]: order.index(stack[-1])}
                 later, earlier = (k, stack[-1]) if index[k] > index[stack[-1]] else (stack[-1], k)
                 raise FileError(
                     f"{name}: rules[{index[later]}].ports",

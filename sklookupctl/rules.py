@@ -37,8 +37,46 @@ def parse_protocol(text: str) -> str:
     return proto
 
 
+_LEADING_ZERO = re.compile(r"(?:^|\.)0\d")
+
+
+def quick_prefix(text: str) -> tuple[int, int, int] | None:
+    """The common case, fast (ipaddress parses IPv6 text slowly): a plain address, maybe with
+    /LEN, no host bits, as (IP version, network as an int, length). None for anything else;
+    parse_prefix then decides and explains."""
+    addr, slash, length = text.partition("/")
+    v6 = ":" in addr
+    if not v6 and _LEADING_ZERO.search(addr):
+        return None
+    try:
+        n = int.from_bytes(socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, addr), "big")
+    except OSError:
+        return None
+    width = 128 if v6 else 32
+    if slash:
+        if not length.isascii() or not length.isdigit() or len(length) > 3:
+            return None
+        plen = int(length)
+        if plen > width or (length[0] == "0" and len(length) > 1):
+            return None
+    else:
+        plen = width
+    if n & ((1 << (width - plen)) - 1):
+        return None
+    return (6 if v6 else 4), n, plen
+
+
+def network(version: int, net: int, plen: int) -> IPNetwork:
+    return (
+        ipaddress.IPv6Network((net, plen)) if version == 6 else ipaddress.IPv4Network((net, plen))
+    )
+
+
 def parse_prefix(text: str) -> IPNetwork:
     """An IPv4/IPv6 CIDR or a single address (a /32 or /128)."""
+    quick = quick_prefix(text.strip())
+    if quick is not None:
+        return network(*quick)
     try:
         return ipaddress.ip_network(text.strip(), strict=True)
     except ValueError:
@@ -121,18 +159,89 @@ def check_name(name: str) -> str:
     return name
 
 
-@dataclass(frozen=True)
-class RuleKey:
-    """What a rule covers: protocol, prefix and port range. Unique within a rule set."""
+class _Frozen:
+    """Immutable after __init__. Plain slotted classes: rule sets hold 100,000s of these, and
+    frozen dataclasses take several times longer to make."""
 
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+
+class RuleKey(_Frozen):
+    """What a rule covers: protocol, prefix and port range. Unique within a rule set.
+
+    Kept as integers (IP version, network, length); the ipaddress object is made on demand."""
+
+    __slots__ = ("_hash", "_prefix", "hi", "lo", "net", "plen", "proto", "version")
     proto: str
-    prefix: IPNetwork
+    version: int  # 4 or 6
+    net: int  # the network address as an int
+    plen: int  # the prefix length
     lo: int
     hi: int
+    _hash: int
+    _prefix: IPNetwork | None
+
+    def __init__(self, proto: str, prefix: IPNetwork, lo: int, hi: int) -> None:
+        self._set(proto, prefix.version, int(prefix.network_address), prefix.prefixlen, lo, hi)
+        object.__setattr__(self, "_prefix", prefix)
+
+    @classmethod
+    def of(cls, proto: str, version: int, net: int, plen: int, lo: int, hi: int) -> RuleKey:
+        """A key from integers, without making the ipaddress object (much faster)."""
+        key = cls.__new__(cls)
+        init = object.__setattr__
+        init(key, "proto", proto)
+        init(key, "version", version)
+        init(key, "net", net)
+        init(key, "plen", plen)
+        init(key, "lo", lo)
+        init(key, "hi", hi)
+        init(key, "_prefix", None)
+        init(key, "_hash", hash((proto, version, net, plen, lo, hi)))
+        return key
+
+    def _set(self, proto: str, version: int, net: int, plen: int, lo: int, hi: int) -> None:
+        init = object.__setattr__
+        init(self, "proto", proto)
+        init(self, "version", version)
+        init(self, "net", net)
+        init(self, "plen", plen)
+        init(self, "lo", lo)
+        init(self, "hi", hi)
+        init(self, "_prefix", None)
+        init(self, "_hash", hash((proto, version, net, plen, lo, hi)))
+
+    @property
+    def prefix(self) -> IPNetwork:
+        p = self._prefix
+        if p is None:
+            p = network(self.version, self.net, self.plen)
+            object.__setattr__(self, "_prefix", p)
+        return p
+
+    def _ident(self) -> tuple[str, int, int, int, int, int]:
+        return (self.proto, self.version, self.net, self.plen, self.lo, self.hi)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RuleKey):
+            return NotImplemented
+        return self._ident() == other._ident()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"RuleKey({self.proto!r}, {self.prefix!r}, {self.lo}, {self.hi})"
 
     @property
     def family(self) -> int:
-        return socket.AF_INET if self.prefix.version == 4 else socket.AF_INET6
+        return socket.AF_INET if self.version == 4 else socket.AF_INET6
 
     def covers(self, proto: str, addr: IPAddress, port: int) -> bool:
         return (
@@ -146,24 +255,40 @@ class RuleKey:
         return f"{self.proto} {self.prefix} {format_ports(self.lo, self.hi)}"
 
 
-@dataclass(frozen=True)
-class Rule:
+class Rule(_Frozen):
     """A rule: its key, and either a target name (steer) or drop."""
 
+    __slots__ = ("action", "key", "on_missing", "target")
     key: RuleKey
     action: str  # STEER or DROP
-    target: str | None = None
-    on_missing: str = "drop"
+    target: str | None
+    on_missing: str
 
-    def __post_init__(self) -> None:
-        if self.action == STEER and not self.target:
-            raise InvalidArgument(f"rule {self.key} steers but has no target")
-        if self.action == DROP and self.target:
-            raise InvalidArgument(f"rule {self.key} drops and cannot have a target")
-        if self.on_missing not in ON_MISSING:
-            raise InvalidArgument(
-                f"on-missing {self.on_missing!r} is not valid", "use drop or pass"
-            )
+    def __init__(
+        self, key: RuleKey, action: str, target: str | None = None, on_missing: str = "drop"
+    ) -> None:
+        if action == STEER and not target:
+            raise InvalidArgument(f"rule {key} steers but has no target")
+        if action == DROP and target:
+            raise InvalidArgument(f"rule {key} drops and cannot have a target")
+        if on_missing not in ON_MISSING:
+            raise InvalidArgument(f"on-missing {on_missing!r} is not valid", "use drop or pass")
+        init = object.__setattr__
+        init(self, "key", key)
+        init(self, "action", action)
+        init(self, "target", target)
+        init(self, "on_missing", on_missing)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Rule):
+            return NotImplemented
+        return self.key == other.key and self.same_effect(other)
+
+    def __hash__(self) -> int:
+        return hash((self.key, self.action, self.target, self.on_missing))
+
+    def __repr__(self) -> str:
+        return f"Rule({self.key!r}, {self.action!r}, {self.target!r}, {self.on_missing!r})"
 
     def same_effect(self, other: Rule) -> bool:
         return (self.action, self.target, self.on_missing) == (
@@ -214,9 +339,9 @@ class RuleSet:
         """Sort key: protocol, family, then precedence (most specific first)."""
         return (
             r.key.proto,
-            r.key.prefix.version,
-            -r.key.prefix.prefixlen,
-            int(r.key.prefix.network_address),
+            r.key.version,
+            -r.key.plen,
+            r.key.net,
             r.key.hi - r.key.lo,
             r.key.lo,
         )
@@ -244,7 +369,7 @@ class RuleSet:
         k = rule.key
         for other in self.rules.values():
             o = other.key
-            if o.proto != k.proto or o.prefix != k.prefix:
+            if (o.proto, o.version, o.net, o.plen) != (k.proto, k.version, k.net, k.plen):
                 continue
             disjoint = k.hi < o.lo or o.hi < k.lo
             nested = (k.lo <= o.lo and o.hi <= k.hi) or (o.lo <= k.lo and k.hi <= o.hi)
@@ -328,6 +453,9 @@ class Compiled:
 def _own_segments(ranges: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
     """Segments of one prefix's own rules, (lo, hi, number) with nested or disjoint ranges:
     the narrowest range covering a port wins."""
+    if len(ranges) == 1:
+        lo, hi, n = ranges[0]
+        return [(0, 0), (lo, n), (hi + 1, 0)] if hi < 65535 else [(0, 0), (lo, n)]
     ranges.sort(key=lambda r: (r[0], -r[1]))
     bounds = sorted({b for lo, hi, _ in ranges for b in (lo, hi + 1)} | {0})
     out: list[tuple[int, int]] = []
@@ -370,38 +498,32 @@ def compile_rules(rules: Iterable[Rule]) -> Compiled:
 
     Prefixes are visited in address order, shorter first, so the prefixes that contain the one
     at hand are exactly those on a stack: the nearest one's segments are the inherited ones.
-    Cost: sorting, plus the size of the segments produced.
+    Cost: sorting the prefixes, plus the size of the segments produced.
     """
-    ordered = sorted(
-        rules,
-        key=lambda r: (
-            r.key.proto,
-            r.key.prefix.version,
-            int(r.key.prefix.network_address),
-            r.key.prefix.prefixlen,
-            r.key.lo,
-            -r.key.hi,
-        ),
-    )
-    by_prefix: dict[tuple[str, int], dict[tuple[int, int], list[tuple[int, int, int]]]] = {}
-    for number, r in enumerate(ordered, 1):
-        p = r.key.prefix
-        group = by_prefix.setdefault((r.key.proto, p.version), {})
-        group.setdefault((int(p.network_address), p.prefixlen), []).append(
-            (r.key.lo, r.key.hi, number)
-        )
+    by_prefix: dict[tuple[str, int], dict[tuple[int, int], list[Rule]]] = {}
+    for r in rules:
+        k = r.key
+        by_prefix.setdefault((k.proto, k.version), {}).setdefault((k.net, k.plen), []).append(r)
+    ordered: list[Rule] = []
     groups: dict[tuple[str, int], dict[tuple[int, int], Segments]] = {}
-    for (proto, version), prefixes in by_prefix.items():
+    for proto, version in sorted(by_prefix):
+        prefixes = by_prefix[(proto, version)]
         width = 32 if version == 4 else 128
         out: dict[tuple[int, int], Segments] = {}
-        # (network, length, last address, segments) of the prefixes containing the current one
-        stack: list[tuple[int, int, int, Segments]] = []
-        for (net, plen), ranges in prefixes.items():  # insertion order: address, then length
-            while stack and not (stack[-1][0] <= net <= stack[-1][2]):
+        # (network, last address, segments) of the prefixes containing the current one
+        stack: list[tuple[int, int, Segments]] = []
+        for net, plen in sorted(prefixes):
+            own = prefixes[(net, plen)]
+            if len(own) > 1:
+                own.sort(key=lambda r: (r.key.lo, -r.key.hi))
+            ranges = []
+            for r in own:
+                ordered.append(r)
+                ranges.append((r.key.lo, r.key.hi, len(ordered)))
+            while stack and not (stack[-1][0] <= net <= stack[-1][1]):
                 stack.pop()
-            parent = stack[-1][3] if stack else NO_RULE
-            segs = _overlay(_own_segments(ranges), parent)
+            segs = _overlay(_own_segments(ranges), stack[-1][2] if stack else NO_RULE)
             out[(net, plen)] = segs
-            stack.append((net, plen, net | ((1 << (width - plen)) - 1), segs))
+            stack.append((net, net | ((1 << (width - plen)) - 1), segs))
         groups[(proto, version)] = out
     return Compiled(ordered, groups)

@@ -160,11 +160,12 @@ def unpin_dir(path: str) -> None:
 
 def _rule_tuple(r: Rule) -> tuple[int, int, int, bytes, int, int]:
     k = r.key
+    v4 = k.version == 4
     return (
         PROTOCOLS[k.proto],
-        k.family,
-        k.prefix.prefixlen,
-        _addr_bytes(k.prefix.network_address),
+        socket.AF_INET if v4 else socket.AF_INET6,
+        k.plen,
+        k.net.to_bytes(4, "big") + bytes(12) if v4 else k.net.to_bytes(16, "big"),
         k.lo,
         k.hi,
     )
@@ -381,9 +382,9 @@ class Dispatcher:
         by_id = {t.id: t.name for t in targets.values()}
         out: list[Rule] = []
         for proto, family, plen, action, missing, lo, hi, target, addr in self.gen.rule_records():
-            a = _addr_from(addr, family)
-            net = ipaddress.ip_network((a, plen))
-            key = RuleKey(PROTO_NAMES[proto], net, lo, hi)
+            v4 = family == socket.AF_INET
+            net = int.from_bytes(addr[:4] if v4 else addr, "big")
+            key = RuleKey.of(PROTO_NAMES[proto], 4 if v4 else 6, net, plen, lo, hi)
             on_missing = "pass" if missing == layout.MISSING_PASS else "drop"
             if action == layout.ACTION_DROP:
                 out.append(Rule(key, DROP, None, on_missing))

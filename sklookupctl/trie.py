@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from . import layout
 from .rules import DROP, Compiled, Segments
 
-_NODE = struct.Struct("<QIIBBHI")
+_NODE = struct.Struct("<QQIBBH")
 _SEGMENT = struct.Struct("<HBBIII")
 
 Item = tuple[int, int, int]  # (network as an int, prefix length, leaf)
@@ -43,7 +43,7 @@ class Tables:
 
     def pack_nodes(self) -> bytes:
         return b"".join(
-            _NODE.pack(fb, base, bits, skip, stride, 0, 0)
+            _NODE.pack(fb, bits, base, skip, stride, 0)
             for base, fb, bits, skip, stride in self.nodes
         )
 
@@ -104,7 +104,14 @@ def build(compiled: Compiled, target_ids: dict[str, int]) -> Tables:
     """Lay out `compiled`; `target_ids` gives each target's SOCKMAP slot."""
     t = Tables()
     interned: dict[Segments, int] = {}
-    rules = compiled.rules
+    # (action, on_missing, target id, rule number) by rule number; 0: no rule
+    what: list[tuple[int, int, int, int]] = [(layout.ACTION_NONE, 0, 0, 0)]
+    for number, r in enumerate(compiled.rules, 1):
+        missing = layout.MISSING_PASS if r.on_missing == "pass" else layout.MISSING_DROP
+        if r.action == DROP:
+            what.append((layout.ACTION_DROP, missing, 0, number))
+        else:
+            what.append((layout.ACTION_STEER, missing, target_ids[r.target or ""], number))
 
     def run_of(segs: Segments) -> int:
         leaf = interned.get(segs)
@@ -112,17 +119,7 @@ def build(compiled: Compiled, target_ids: dict[str, int]) -> Tables:
             leaf = len(t.segments) | len(segs) << 32
             interned[segs] = leaf
             t.runs += 1
-            for lo, number in segs:
-                if not number:
-                    t.segments.append((lo, layout.ACTION_NONE, 0, 0, 0))
-                    continue
-                r = rules[number - 1]
-                missing = layout.MISSING_PASS if r.on_missing == "pass" else layout.MISSING_DROP
-                if r.action == DROP:
-                    t.segments.append((lo, layout.ACTION_DROP, missing, 0, number))
-                else:
-                    tid = target_ids[r.target or ""]
-                    t.segments.append((lo, layout.ACTION_STEER, missing, tid, number))
+            t.segments.extend([(lo, *what[number]) for lo, number in segs])
         return leaf
 
     t.nodes.extend([(0, 0, 0, 0, 0)] * len(layout.ROOTS))
@@ -150,6 +147,14 @@ def _node(t: Tables, items: list[Item], pos: int, inherited: int, width: int, id
     """Fill node `idx` for `items` (prefixes longer than `pos` that share its first `pos` bits);
     `inherited` is the leaf of the longest prefix of at most `pos` bits above them."""
     fallback = inherited
+    if len(items) == 1 and items[0][1] - pos <= layout.MAX_SKIP:
+        # the common case deep in a trie: one prefix below, all of it skipped
+        net, plen, leaf = items[0]
+        skip = plen - pos
+        skip_bits = (net >> (width - plen)) & ((1 << skip) - 1)
+        t.nodes[idx] = (len(t.entries), fallback, skip_bits, skip, 0)
+        t.entries.append(leaf)
+        return
     skip = skip_bits = 0
     if items:
         first = items[0][0]

@@ -66,7 +66,7 @@ def test_a_good_file() -> None:
     assert rules["tcp 192.0.2.0/24 22"].action == DROP
     assert rules["tcp 2001:db8::/32 all"].on_missing == "pass"
     assert rules["udp 198.51.100.53/32 53"].action == STEER
-    assert rf.index[rules["udp 198.51.100.53/32 53"].key] == 3
+    assert rf.index(rules["udp 198.51.100.53/32 53"].key) == 3
 
 
 def test_the_fast_reader_agrees_with_tomllib() -> None:

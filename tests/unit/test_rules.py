@@ -294,3 +294,50 @@ def test_compiled_lookup_matches_the_reference() -> None:
                 addr = ipaddress.IPv6Address("2001:db8::") + rng.choice([0, 1, 255, 2**64, 2**96])
             port = rng.choice([*edges, rng.randrange(1, 65536)])
             assert compiled.lookup(proto, addr, port) == rs.match(proto, addr, port)
+
+
+def test_quick_prefix_parsing_agrees_with_ipaddress() -> None:
+    rng = random.Random(3)
+    texts = [
+        "192.0.2.0/24",
+        "192.0.2.1",
+        "0.0.0.0/0",
+        "::/0",
+        "2001:db8::/32",
+        "2001:db8::1",
+        "::ffff:192.0.2.1",
+        "192.0.2.0/024",
+        "192.000.2.0/24",
+        "01.2.3.4",
+        "1.2.3",
+        "1.2.3.4/33",
+        "2001:db8::/129",
+        "fe80::1%eth0",
+        "192.0.2.0/",
+        "/24",
+        "",
+        " 192.0.2.0/24 ",
+        "1.2.3.4/+8",
+        "2001:DB8::/32",
+        "1.2.3.4/٣",
+        "1.2.3.4/8",
+    ]
+    for _ in range(500):
+        v6 = rng.random() < 0.5
+        width = 128 if v6 else 32
+        n = rng.getrandbits(width)
+        plen = rng.randrange(width + 1)
+        if rng.random() < 0.7:
+            n = n >> (width - plen) << (width - plen)
+        a = ipaddress.IPv6Address(n) if v6 else ipaddress.IPv4Address(n)
+        texts.append(f"{a}/{plen}")
+    for text in texts:
+        try:
+            want: object = ipaddress.ip_network(text.strip(), strict=True)
+        except ValueError:
+            want = None
+        try:
+            got: object = parse_prefix(text)
+        except InvalidArgument:
+            got = None
+        assert got == want, text

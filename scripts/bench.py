@@ -1,0 +1,732 @@
+"""scripts/bench: measure sklookupctl on this machine. A benchmark, not a test: it prints and
+writes what it measured and judges nothing but the issue's targets, which it reports.
+
+Everything happens in network namespaces and a bpffs mount of its own, removed at the end
+(also on failure or Ctrl-C). Traffic stays inside those namespaces, on documentation prefixes.
+
+1. Data path, with BPF_PROG_TEST_RUN, in one run: an empty program, the floor (one SOCKMAP
+   lookup + bpf_sk_assign), and the dispatcher holding rule sets of 1, 1k, 100k and 1M rules
+   (v4 and v6, tcp and udp, mixed and nested port ranges, drop rules), in two shapes: few
+   prefix lengths (v4 /24 and /32, v6 /64 and /128) and every prefix length. For each: the
+   median ns per run of steered lookups, of lookups no prefix covers, and of lookups whose
+   prefix has no rule for the port; the time of `sklookupctl apply` (first load, and a
+   replace of 1% of the rules); the kernel memory (memlock) of the maps.
+2. The CLI as whole processes: cold attach (a netns with no dispatcher yet; compiled program
+   cached, and once with an empty cache) and warm rule add.
+3. TCP connections per second with wrk (a new connection per request: Connection: close),
+   client in its own netns over a veth, to one listener: direct to its port, steered by
+   sklookupctl (with the 100k-rule set loaded next to the benchmark's rule), by nftables
+   redirect (NAT) and by nftables tproxy. Each round runs every mode once, in random order,
+   with only that mode's machinery present; a mode's figure is its median over the rounds of
+   (its rate / the direct rate of the same round).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ipaddress
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from sklookupctl import api, compiler, state, testrun
+from sklookupctl import netns as nsmod
+from sklookupctl.bpfsys import Map, Program
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CLI = os.path.join(os.path.dirname(sys.executable), "sklookupctl")
+RESERVED = (ipaddress.ip_network("240.0.0.0/4"), ipaddress.ip_network("fc00::/7"))
+FEW_LENGTHS = {4: (24, 32), 6: (64, 128)}
+
+EMPTY_C = "int bench(struct bpf_sk_lookup *ctx) { return SK_PASS; }\n"
+FLOOR_C = """
+BPF_TABLE("sockmap", u32, u64, sock, 1);
+int bench(struct bpf_sk_lookup *ctx) {
+    u32 k = 0;
+    struct bpf_sock *sk = (struct bpf_sock *)sock.lookup(&k);
+    if (!sk)
+        return SK_DROP;
+    long err = bpf_sk_assign(ctx, sk, 0);
+    bpf_sk_release(sk);
+    return err ? SK_DROP : SK_PASS;
+}
+"""
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- the sandbox -------------------------------------------------------------------------------
+
+
+class Sandbox:
+    """Namespaces, processes and a bpffs mount of this run; all removed by close()."""
+
+    def __init__(self) -> None:
+        self.tag = uuid.uuid4().hex[:6]
+        self.tmp = tempfile.mkdtemp(prefix="sklb-")
+        self.bpffs = os.path.join(self.tmp, "bpffs")
+        os.mkdir(self.bpffs)
+        subprocess.run(["mount", "-t", "bpf", "bpf", self.bpffs], check=True)
+        self.namespaces: list[str] = []
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def netns(self, role: str, prefixes: tuple[str, ...] = ()) -> str:
+        name = f"sklb-{self.tag}-{role}"
+        api.netns_add(name)
+        self.namespaces.append(name)
+        for p in prefixes:
+            api.addr_add(name, p)
+        return name
+
+    def drop_netns(self, name: str) -> None:
+        api.netns_del(name, bpffs=self.bpffs)
+        self.namespaces.remove(name)
+
+    def start(self, argv: list[str], netns: str | None = None) -> tuple[subprocess.Popen[str], str]:
+        """Start a process (in a netns) and return it with its first line of output."""
+        if netns is not None:
+            argv = ["ip", "netns", "exec", netns, *argv]
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        self.procs.append(p)
+        assert p.stdout is not None
+        return p, p.stdout.readline()
+
+    def echo(self, netns: str, tcp: str | None, udp: str | None) -> dict[str, int]:
+        argv = [sys.executable, "-m", "sklookupctl.echo", "--netns", nsmod.path_of(netns)]
+        argv += ["--lifetime", "3600"]
+        if tcp:
+            argv += ["--tcp", tcp]
+        if udp:
+            argv += ["--udp", udp]
+        _p, line = self.start(argv)
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def cli(self, netns: str, *args: str, env: dict[str, str] | None = None) -> float:
+        """Run the console script; its wall time in seconds. Fails loudly."""
+        t = time.perf_counter()
+        r = subprocess.run(
+            [CLI, "--netns", netns, "--bpffs", self.bpffs, *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        elapsed = time.perf_counter() - t
+        if r.returncode != 0:
+            raise RuntimeError(f"sklookupctl {' '.join(args)}: {r.stderr.strip()}")
+        return elapsed
+
+    def close(self) -> None:
+        for p in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                p.wait(timeout=10)
+        for name in list(self.namespaces):
+            with contextlib.suppress(Exception):
+                self.drop_netns(name)
+        subprocess.run(["umount", self.bpffs], check=False)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# -- rule sets ---------------------------------------------------------------------------------
+
+
+def make_rules(n: int, shape: str, rng: random.Random) -> list[tuple[str, Any, int, int, str]]:
+    """`n` rules: (protocol, network, lo, hi, target or "drop")."""
+    out: list[tuple[str, Any, int, int, str]] = []
+    seen: set[Any] = set()
+    while len(out) < n:
+        v = 4 if rng.random() < 0.5 else 6
+        width = 32 if v == 4 else 128
+        plen = rng.choice(FEW_LENGTHS[v]) if shape == "few" else rng.randint(1, width)
+        bits = rng.getrandbits(width) >> (width - plen) << (width - plen)
+        net = ipaddress.ip_network((bits, plen))
+        if net in seen or any(net.version == r.version and net.overlaps(r) for r in RESERVED):
+            continue
+        seen.add(net)
+        proto = "tcp" if rng.random() < 0.8 else "udp"
+        p = rng.random()
+        if p < 0.3:
+            ranges = [(1, 65535)]
+        elif p < 0.6:
+            port = rng.randrange(1, 65536)
+            ranges = [(port, port)]
+        elif p < 0.8:
+            lo = rng.randrange(1, 60000)
+            ranges = [(lo, lo + rng.randrange(1, 5000))]
+        else:  # nested: all, a range inside, a port inside that
+            lo = rng.randrange(2, 60000)
+            hi = lo + rng.randrange(2, 5000)
+            port = rng.randrange(lo, hi + 1)
+            ranges = [(1, 65535), (lo, hi), (port, port)]
+        for lo, hi in ranges[: n - len(out)]:
+            r = rng.random()
+            target = "drop" if r < 0.1 else f"{proto}-{'a' if r < 0.55 else 'b'}"
+            out.append((proto, net, lo, hi, target))
+    return out
+
+
+def toml_of(rules: list[tuple[str, Any, int, int, str]], ports: dict[str, int]) -> str:
+    parts = [f'[targets.{t}]\nto = "[::]:{port}"\n\n' for t, port in ports.items()]
+    for proto, net, lo, hi, target in rules:
+        ports_text = str(lo) if lo == hi else f"{lo}-{hi}"
+        what = 'action = "drop"' if target == "drop" else f'target = "{target}"'
+        parts.append(
+            f'[[rules]]\nprotocol = "{proto}"\nprefix = "{net}"\nports = "{ports_text}"\n{what}\n\n'
+        )
+    return "".join(parts)
+
+
+# -- BPF_PROG_TEST_RUN -------------------------------------------------------------------------
+
+
+def bcc_program(source: str, sock_fd: int | None) -> Program:
+    import bcc
+
+    ksrc = compiler.kernel_source()
+    if ksrc:
+        os.environ["BCC_KERNEL_SOURCE"] = ksrc
+    mod = bcc.BPF(text=source.encode(), cflags=["-w"])
+    fn = mod.load_func(b"bench", 30, attach_type=36)
+    if sock_fd is not None:
+        fd = bcc.libbcc.lib.bpf_table_fd(mod.module, b"sock")
+        Map(os.dup(fd), ctypes.c_uint32, ctypes.c_uint64).update(
+            ctypes.c_uint32(0), ctypes.c_uint64(sock_fd)
+        )
+    prog = Program(os.dup(fn.fd))
+    bcc_program.keep.append(mod)  # type: ignore[attr-defined]
+    return prog
+
+
+bcc_program.keep = []  # type: ignore[attr-defined]
+
+
+def sample_ctxs(
+    prog: Program, rules: list[tuple[str, Any, int, int, str]], rng: random.Random, want: int
+) -> dict[str, list[testrun.LookupCtx]]:
+    """Lookups the live dispatcher steers, leaves alone for lack of a prefix, and leaves alone
+    for lack of a rule for the port; classified by running them once."""
+    out: dict[str, list[testrun.LookupCtx]] = {"steered": [], "no prefix": [], "port miss": []}
+    tries = 0
+    while min(len(v) for v in out.values()) < want and tries < 200 * want:
+        tries += 1
+        proto, net, lo, hi, _target = rng.choice(rules)
+        host = net.network_address + rng.getrandbits(net.max_prefixlen - net.prefixlen)
+        kind = rng.random()
+        if kind < 0.4:
+            ctx = testrun.lookup_ctx(proto, host, rng.randint(lo, hi))
+        elif kind < 0.7:
+            ctx = testrun.lookup_ctx(proto, host, rng.randrange(1, 65536))
+        else:
+            r = RESERVED[0] if rng.random() < 0.5 else RESERVED[1]
+            addr = r.network_address + rng.getrandbits(r.max_prefixlen - r.prefixlen)
+            ctx = testrun.lookup_ctx(proto, addr, rng.randrange(1, 65536))
+            res = testrun.run(prog, ctx)
+            if res.verdict == testrun.SK_PASS and not res.cookie:
+                out["no prefix"].append(ctx)
+            continue
+        res = testrun.run(prog, ctx)
+        if res.steered:
+            out["steered"].append(ctx)
+        elif res.verdict == testrun.SK_PASS:
+            out["port miss"].append(ctx)
+    return {k: v[:want] for k, v in out.items()}
+
+
+def ns_per_run(prog: Program, ctxs: list[testrun.LookupCtx], repeat: int) -> list[int]:
+    return [testrun.run(prog, c, repeat).ns for c in ctxs]
+
+
+# -- connection rates --------------------------------------------------------------------------
+
+NFT_REDIRECT = """table ip sklb_redirect {
+  chain prerouting {
+    type nat hook prerouting priority dstnat; policy accept;
+    ip daddr 203.0.113.64/26 tcp dport 80 redirect to :8080
+  }
+}
+"""
+NFT_TPROXY = """table ip sklb_tproxy {
+  chain prerouting {
+    type filter hook prerouting priority mangle; policy accept;
+    ip daddr 203.0.113.128/26 tcp dport 80 tproxy to :8080 meta mark set 1 accept
+  }
+}
+"""
+
+
+def sh(netns: str, *argv: str, stdin: str | None = None) -> str:
+    r = subprocess.run(
+        ["ip", "netns", "exec", netns, *argv], input=stdin, capture_output=True, text=True
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} in {netns}: {r.stderr.strip()}")
+    return r.stdout
+
+
+def wrk(client: str, url: str, seconds: float, conns: int) -> tuple[float, int]:
+    out = sh(
+        client,
+        "wrk",
+        "-t2",
+        f"-c{conns}",
+        f"-d{seconds}s",
+        "-H",
+        "Connection: close",
+        url,
+    )
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not m:
+        raise RuntimeError(f"wrk printed no rate:\n{out}")
+    errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    m2 = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return float(m.group(1)), errors + (int(m2.group(1)) if m2 else 0)
+
+
+def connection_rates(sb: Sandbox, rounds: int, seconds: float, extra_rules: int) -> dict[str, Any]:
+    srv = sb.netns("srv", ("203.0.113.0/26",))
+    cli = sb.netns("cli")
+    veth_s, veth_c = f"sklbs{sb.tag}", f"sklbc{sb.tag}"
+    sh(cli, "ip", "link", "add", veth_c, "type", "veth", "peer", "name", veth_s)
+    sh(cli, "ip", "link", "set", veth_s, "netns", srv)
+    sh(srv, "ip", "addr", "add", "198.51.100.1/24", "dev", veth_s)
+    sh(srv, "ip", "link", "set", veth_s, "up")
+    sh(cli, "ip", "addr", "add", "198.51.100.2/24", "dev", veth_c)
+    sh(cli, "ip", "link", "set", veth_c, "up")
+    sh(cli, "ip", "route", "add", "203.0.113.0/24", "via", "198.51.100.1")
+    sh(cli, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000")
+    sh(srv, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1")
+    binary = os.path.join(sb.tmp, "bench-http")
+    subprocess.run(["cc", "-O2", "-o", binary, os.path.join(HERE, "bench-http.c")], check=True)
+    lifetime = int(rounds * 4 * (seconds + 8) + 600)
+    sb.start([binary, "8080", "2", str(lifetime)], netns=srv)
+    # the benchmark's rule among `extra_rules` others: tcp/v4 ones steer to the same listener,
+    # the rest drop; none touches the benchmark's prefixes
+    ours = [ipaddress.ip_network("203.0.113.0/24"), ipaddress.ip_network("198.51.100.0/24")]
+    rules = [
+        (p, net, lo, hi, "http" if p == "tcp" and net.version == 4 and t != "drop" else "drop")
+        for p, net, lo, hi, t in make_rules(extra_rules, "few", random.Random(3))
+        if not any(net.version == 4 and net.overlaps(o) for o in ours)
+    ]
+    rules.append(("tcp", ipaddress.ip_network("203.0.113.0/26"), 1, 65535, "http"))
+    rules_file = os.path.join(sb.tmp, "steer.toml")
+    with open(rules_file, "w") as f:
+        f.write(
+            toml_of(rules, {}).replace(
+                "[[rules]]", '[targets.http]\nto = "0.0.0.0:8080"\n\n[[rules]]', 1
+            )
+        )
+
+    def sklookupctl_on() -> None:
+        sb.cli(srv, "apply", rules_file)
+
+    def sklookupctl_off() -> None:
+        sb.cli(srv, "detach", "--all")
+
+    def nft_on(text: str, tproxy: bool) -> Callable[[], None]:
+        def on() -> None:
+            sh(srv, "nft", "-f", "-", stdin=text)
+            if tproxy:
+                sh(srv, "ip", "rule", "add", "fwmark", "1", "lookup", "100")
+                sh(srv, "ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
+
+        return on
+
+    def nft_off(table: str, tproxy: bool) -> Callable[[], None]:
+        def off() -> None:
+            sh(srv, "nft", "delete", "table", "ip", table)
+            if tproxy:
+                sh(srv, "ip", "rule", "del", "fwmark", "1", "lookup", "100")
+                sh(srv, "ip", "route", "flush", "table", "100")
+
+        return off
+
+    modes: dict[str, tuple[str, Callable[[], None], Callable[[], None]]] = {
+        "direct": ("http://198.51.100.1:8080/", lambda: None, lambda: None),
+        "sklookupctl": ("http://203.0.113.10/", sklookupctl_on, sklookupctl_off),
+        "nft redirect": (
+            "http://203.0.113.70/",
+            nft_on(NFT_REDIRECT, False),
+            nft_off("sklb_redirect", False),
+        ),
+        "nft tproxy": (
+            "http://203.0.113.130/",
+            nft_on(NFT_TPROXY, True),
+            nft_off("sklb_tproxy", True),
+        ),
+    }
+    # warm up, and prove every mode reaches the listener
+    for name, (url, on, off) in modes.items():
+        on()
+        try:
+            rate, errors = wrk(cli, url, 1, 16)
+        finally:
+            off()
+        if errors or rate <= 0:
+            raise RuntimeError(f"{name}: {errors} errors in the warm-up")
+    rng = random.Random(7)
+    rates: dict[str, list[float]] = {m: [] for m in modes}
+    ratios: dict[str, list[float]] = {m: [] for m in modes if m != "direct"}
+    errors_total = dict.fromkeys(modes, 0)
+    for r in range(rounds):
+        order = list(modes)
+        rng.shuffle(order)
+        got: dict[str, float] = {}
+        for name in order:
+            url, on, off = modes[name]
+            on()
+            try:
+                got[name], errs = wrk(cli, url, seconds, 64)
+            finally:
+                off()
+            errors_total[name] += errs
+            rates[name].append(got[name])
+        for name in ratios:
+            ratios[name].append(got[name] / got["direct"])
+        log(f"round {r + 1}/{rounds}: " + ", ".join(f"{m} {got[m]:.0f}/s" for m in modes))
+    return {
+        "rounds": rounds,
+        "seconds_per_run": seconds,
+        "connections": 64,
+        "rules_loaded_for_sklookupctl": len(rules),
+        "rate_median": {m: statistics.median(v) for m, v in rates.items()},
+        "ratio_to_direct_median": {m: statistics.median(v) for m, v in ratios.items()},
+        "ratio_to_direct_min_max": {m: (min(v), max(v)) for m, v in ratios.items()},
+        "errors": errors_total,
+    }
+
+
+# -- the CLI as whole processes ------------------------------------------------------------
+
+
+def cli_times(sb: Sandbox, runs: int) -> dict[str, Any]:
+    name = sb.netns("cli-times", ("192.0.2.0/24",))
+    port = sb.echo(name, "127.0.0.1:0", None)["tcp_port"]
+    to = f"127.0.0.1:{port}"
+    cold, warm = [], []
+    empty_cache = tempfile.mkdtemp(dir=sb.tmp)
+    first = sb.cli(
+        name,
+        "attach",
+        "tcp",
+        "192.0.2.0/24",
+        "all",
+        "--to",
+        to,
+        env={"XDG_CACHE_HOME": empty_cache},
+    )
+    sb.cli(name, "detach", "--all")
+    for _ in range(runs):
+        cold.append(sb.cli(name, "attach", "tcp", "192.0.2.0/24", "all", "--to", to))
+        for i in range(3):
+            warm.append(
+                sb.cli(name, "attach", "tcp", "192.0.2.0/24", str(1000 + len(warm) + i), "--to", to)
+            )
+        sb.cli(name, "detach", "--all")
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import sklookupctl.cli"], check=True)
+    startup = time.perf_counter() - t
+    sb.drop_netns(name)
+    return {
+        "cold_attach_empty_cache_s": first,
+        "cold_attach_s": {"median": statistics.median(cold), "max": max(cold)},
+        "warm_add_s": {"median": statistics.median(warm), "max": max(warm)},
+        "python_start_and_import_s": startup,
+        "runs": runs,
+    }
+
+
+# -- data path per rule set ----------------------------------------------------------------
+
+
+def datapath(
+    sb: Sandbox, sizes: list[int], shapes: list[str], rounds: int, samples: int
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    name = sb.netns("datapath")
+    a = sb.echo(name, "[::]:0", "[::]:0")
+    b = sb.echo(name, "[::]:0", "[::]:0")
+    ports = {
+        "tcp-a": a["tcp_port"],
+        "udp-a": a["udp_port"],
+        "tcp-b": b["tcp_port"],
+        "udp-b": b["udp_port"],
+    }
+    with nsmod.open_netns(name) as ns, nsmod.enter(ns):
+        floor_sock = socket.socket()
+        floor_sock.bind(("127.0.0.1", 0))
+        floor_sock.listen()
+    empty = bcc_program(EMPTY_C, None)
+    floor = bcc_program(FLOOR_C, floor_sock.fileno())
+    fctx = testrun.lookup_ctx("tcp", ipaddress.ip_address("192.0.2.1"), 80)
+    assert testrun.run(floor, fctx).steered
+    rng = random.Random(1)
+    results: list[dict[str, Any]] = []
+    base_samples: dict[str, list[int]] = {"empty": [], "floor": []}
+    for shape in shapes:
+        for size in sizes:
+            log(f"{shape} prefix lengths, {size} rules: generating")
+            rules = make_rules(size, shape, rng)
+            path = os.path.join(sb.tmp, f"{shape}-{size}.toml")
+            with open(path, "w") as f:
+                f.write(toml_of(rules, ports))
+            log(f"  applying ({os.path.getsize(path) / 1e6:.1f} MB)")
+            t_first = sb.cli(name, "apply", path)
+            # replace: 1% of the rules (at least one) change target
+            changed = list(rules)
+            for i in rng.sample(range(len(changed)), max(1, len(changed) // 100)):
+                p, net, lo, hi, t = changed[i]
+                if t != "drop":
+                    changed[i] = (p, net, lo, hi, t[:-1] + ("b" if t.endswith("a") else "a"))
+            path2 = path.replace(".toml", "-2.toml")
+            with open(path2, "w") as f:
+                f.write(toml_of(changed, ports))
+            t_replace = sb.cli(name, "apply", path2)
+            t_same = sb.cli(name, "apply", path2)
+            with nsmod.open_netns(name) as ns:
+                d = state.Dispatcher.open(state.netns_dir(os.path.join(sb.bpffs, state.TOP), ns))
+            with d:
+                assert d.gen is not None
+                memlock = d.gen.memlock() + d.sockets.memlock() + d.targets.memlock()
+                prog = d.program
+                ctxs = sample_ctxs(prog, changed, rng, samples)
+                per: dict[str, list[int]] = {"empty": [], "floor": [], **{k: [] for k in ctxs}}
+                for _ in range(rounds):
+                    jobs: list[tuple[str, Program, list[testrun.LookupCtx], int]] = [
+                        ("empty", empty, [fctx] * 5, 20000),
+                        ("floor", floor, [fctx] * 5, 20000),
+                        *[(k, prog, v, 2000) for k, v in ctxs.items()],
+                    ]
+                    rng.shuffle(jobs)
+                    for kind, pr, cs, rep in jobs:
+                        per[kind] += ns_per_run(pr, cs, rep)
+                med = {k: statistics.median(v) for k, v in per.items() if v}
+                base_samples["empty"] += per["empty"]
+                base_samples["floor"] += per["floor"]
+                results.append(
+                    {
+                        "shape": shape,
+                        "rules": size,
+                        "apply_first_s": t_first,
+                        "apply_replace_1pct_s": t_replace,
+                        "apply_unchanged_s": t_same,
+                        "memlock_bytes": memlock,
+                        "ns": med,
+                        "samples": {k: len(v) for k, v in ctxs.items()},
+                        "ratio_to_floor": {k: med[k] / med["floor"] for k in ctxs if k in med},
+                    }
+                )
+                log(
+                    f"  apply {t_first:.2f} s, replace {t_replace:.2f} s, "
+                    f"{memlock / 2**20:.1f} MiB; floor {med['floor']:.0f} ns, "
+                    + ", ".join(f"{k} {med[k]:.0f} ns" for k in ctxs if k in med)
+                )
+            for p in (path, path2):
+                os.unlink(p)
+            sb.cli(name, "detach", "--all")
+    floor_sock.close()
+    sb.drop_netns(name)
+    base = {k: statistics.median(v) for k, v in base_samples.items()}
+    return results, base
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    cpu = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "cpus": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def size_label(n: int) -> str:
+    return {1: "1", 1000: "1k", 100_000: "100k", 1_000_000: "1M"}.get(n, str(n))
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    out = [
+        f"Measured {m['date']} on {m['cpu']} ({m['cpus']} vCPUs), kernel {m['kernel']}, "
+        f"with `scripts/bench`.",
+        "",
+    ]
+    base = res.get("baseline_ns")
+    if base:
+        out += [
+            f"BPF_PROG_TEST_RUN, median ns per run: empty program {base['empty']:.0f} ns, "
+            f"floor (one SOCKMAP lookup + bpf_sk_assign) {base['floor']:.0f} ns.",
+            "",
+            "| prefix lengths | rules | steered | × floor | no prefix | × floor | port miss "
+            "| × floor | apply (first) | apply (1% changed) | map memory |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in res["datapath"]:
+            ns, ratio = r["ns"], r["ratio_to_floor"]
+            cells = []
+            for k in ("steered", "no prefix", "port miss"):
+                cells += [f"{ns[k]:.0f} ns", f"{ratio[k]:.2f}"] if k in ns else ["-", "-"]
+            shape = "v4 /24 /32, v6 /64 /128" if r["shape"] == "few" else "every length"
+            out.append(
+                f"| {shape} | {size_label(r['rules'])} | "
+                + " | ".join(cells)
+                + f" | {r['apply_first_s']:.2f} s | {r['apply_replace_1pct_s']:.2f} s | "
+                f"{r['memlock_bytes'] / 2**20:.1f} MiB |"
+            )
+        out.append("")
+    c = res.get("cli")
+    if c:
+        out += [
+            "Whole CLI processes (median of "
+            f"{c['runs']} cold, {3 * c['runs']} warm): cold attach "
+            f"{c['cold_attach_s']['median']:.2f} s (max {c['cold_attach_s']['max']:.2f} s; "
+            f"{c['cold_attach_empty_cache_s']:.2f} s the first time, when BCC compiles the "
+            f"program), warm rule add {c['warm_add_s']['median']:.3f} s (max "
+            f"{c['warm_add_s']['max']:.3f} s); Python start-up and imports alone: "
+            f"{c['python_start_and_import_s']:.3f} s.",
+            "",
+        ]
+    t = res.get("tcp")
+    if t:
+        out += [
+            f"TCP connections per second, wrk, a new connection per request, {t['connections']} "
+            f"connections, {t['rounds']} rounds of {t['seconds_per_run']:.0f} s per mode "
+            f"(sklookupctl with {t['rules_loaded_for_sklookupctl']} rules loaded, the "
+            "benchmark's among them):",
+            "",
+            "| mode | median rate | × direct (paired median) | × direct (min–max) | errors |",
+            "|---|---:|---:|---:|---:|",
+            f"| direct | {t['rate_median']['direct']:.0f}/s | 1 | | {t['errors']['direct']} |",
+        ]
+        for mode, ratio in t["ratio_to_direct_median"].items():
+            lo, hi = t["ratio_to_direct_min_max"][mode]
+            out.append(
+                f"| {mode} | {t['rate_median'][mode]:.0f}/s | {ratio:.3f} | "
+                f"{lo:.2f}–{hi:.2f} | {t['errors'][mode]} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="1,1000,100000,1000000")
+    ap.add_argument("--shapes", default="few,every")
+    ap.add_argument("--rounds", type=int, default=7, help="data path rounds")
+    ap.add_argument("--samples", type=int, default=64, help="lookups of each kind")
+    ap.add_argument("--tcp-rounds", type=int, default=15)
+    ap.add_argument("--tcp-seconds", type=float, default=2.0)
+    ap.add_argument("--tcp-rules", type=int, default=100_000, help="rules loaded beside ours")
+    ap.add_argument("--cli-runs", type=int, default=7)
+    ap.add_argument("--skip", default="", help="comma list of: datapath,cli,tcp")
+    ap.add_argument("--out", default="bench-results.json")
+    ap.add_argument("--markdown", default="", help="also write the README tables here")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("scripts/bench: run as root (it makes namespaces and loads BPF programs)")
+    skip = set(filter(None, args.skip.split(",")))
+    res: dict[str, Any] = {"machine": machine()}
+    sb = Sandbox()
+    try:
+        if "datapath" not in skip:
+            sizes = [int(s) for s in args.sizes.split(",")]
+            res["datapath"], res["baseline_ns"] = datapath(
+                sb, sizes, args.shapes.split(","), args.rounds, args.samples
+            )
+        if "cli" not in skip:
+            log("CLI timings")
+            res["cli"] = cli_times(sb, args.cli_runs)
+        if "tcp" not in skip:
+            log("TCP connection rates")
+            res["tcp"] = connection_rates(sb, args.tcp_rounds, args.tcp_seconds, args.tcp_rules)
+    finally:
+        sb.close()
+    res["targets"] = judge(res)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=2, sort_keys=True)
+    text = markdown(res)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+    print(text)
+    print("Targets (issue 3):")
+    for line in res["targets"]:
+        print(f"  {line}")
+    print(f"JSON: {args.out}")
+
+
+def judge(res: dict[str, Any]) -> list[str]:
+    """The issue's targets against what was measured."""
+    out = []
+
+    def check(ok: bool, text: str) -> None:
+        out.append(f"{'met ' if ok else 'MISSED'}  {text}")
+
+    for r in res.get("datapath", []):
+        ratio = r["ratio_to_floor"]
+        label = f"{r['shape']} lengths, {size_label(r['rules'])} rules"
+        if "steered" in ratio and r["rules"] <= 100_000:
+            limit = 1.5 if r["shape"] == "few" else 2.5
+            check(
+                ratio["steered"] <= limit,
+                f"{label}: steered {ratio['steered']:.2f}× floor (≤ {limit})",
+            )
+        if "no prefix" in ratio:
+            check(
+                ratio["no prefix"] <= 1.3,
+                f"{label}: unmatched {ratio['no prefix']:.2f}× floor (≤ 1.3)",
+            )
+        if r["rules"] == 100_000:
+            check(r["apply_first_s"] <= 2, f"{label}: apply {r['apply_first_s']:.2f} s (≤ 2)")
+            check(
+                r["memlock_bytes"] <= 64 * 2**20,
+                f"{label}: {r['memlock_bytes'] / 2**20:.1f} MiB (≤ 64)",
+            )
+    c = res.get("cli")
+    if c:
+        check(
+            c["cold_attach_s"]["median"] <= 0.5,
+            f"cold attach {c['cold_attach_s']['median']:.2f} s (≤ 0.5)",
+        )
+        check(
+            c["warm_add_s"]["median"] <= 0.15,
+            f"warm add {c['warm_add_s']['median']:.3f} s (≤ 0.15)",
+        )
+    t = res.get("tcp")
+    if t:
+        r = t["ratio_to_direct_median"]
+        check(r["sklookupctl"] >= 0.97, f"steered rate {r['sklookupctl']:.3f}× direct (≥ 0.97)")
+        check(
+            r["sklookupctl"] > max(r["nft redirect"], r["nft tproxy"]),
+            f"ahead of nft redirect ({r['nft redirect']:.3f}) and tproxy ({r['nft tproxy']:.3f})",
+        )
+    return out
+
+
+if __name__ == "__main__":
+    main()

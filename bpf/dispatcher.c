@@ -47,9 +47,10 @@
 struct node {
 	u64 fallback;  /* the leaf when the skip bits differ */
 	u64 skip_bits; /* the `skip` address bits every address below this node has */
+	u64 leaf;      /* stride 0 (nothing below): the leaf when the skip bits match */
 	u32 base;      /* first entry of this node */
 	u8 skip;       /* 0..64 */
-	u8 stride;     /* 0..16; 0: one entry */
+	u8 stride;     /* 0..16 */
 	u16 pad;
 };
 
@@ -63,11 +64,13 @@ struct segment {
 	u32 pad;
 };
 
-/* mirrored by layout.Counters */
+/* mirrored by layout.Counters. Each lookup a rule wins ends steered, dropped or passed (so
+ * userspace adds those three up for the number of lookups); missing and errors say why a
+ * steering rule dropped or passed instead. */
 struct counters {
-	u64 lookups;
 	u64 steered;
 	u64 dropped;
+	u64 passed;
 	u64 missing;
 	u64 errors;
 };
@@ -105,6 +108,9 @@ int dispatch(struct bpf_sk_lookup *ctx)
 	u32 family = ctx->family;
 	u32 proto = ctx->protocol;
 	u32 port = ctx->local_port;
+	if (!port)
+		/* rules cover ports 1-65535: a run's first segment starts at port 1 */
+		return SK_PASS;
 	u64 hi, lo;
 	if (family == SKL_AF_INET) {
 		hi = (u64)bpf_ntohl(ctx->local_ip4) << 32;
@@ -136,11 +142,13 @@ int dispatch(struct bpf_sk_lookup *ctx)
 			pos += skip;
 		}
 		u32 stride = n->stride;
-		u32 e = n->base;
-		if (stride) {
-			e += (u32)address_bits(hi, lo, pos, stride);
-			pos += stride;
+		if (!stride) {
+			/* nothing below: the prefix that ends here, or the one inherited */
+			leaf = n->leaf;
+			break;
 		}
+		u32 e = n->base + (u32)address_bits(hi, lo, pos, stride);
+		pos += stride;
 		u64 *entry = entries.lookup(&e);
 		if (!entry)
 			return SK_PASS;
@@ -157,7 +165,7 @@ int dispatch(struct bpf_sk_lookup *ctx)
 		/* no rule for this protocol and address: the normal socket lookup goes on */
 		return SK_PASS;
 
-	/* binary search for the last segment with lo <= port (a run starts at port 0) */
+	/* binary search for the last segment with lo <= port */
 	for (int i = 0; i < SKL_SEARCH_STEPS; i++) {
 		if (count <= 1)
 			break;
@@ -177,8 +185,6 @@ int dispatch(struct bpf_sk_lookup *ctx)
 
 	u32 rule = seg->rule;
 	struct counters *c = counters.lookup(&rule);
-	if (c)
-		c->lookups++;
 
 	if (seg->action == SKL_ACTION_DROP) {
 		/* the operator asked for these connections to be refused */
@@ -196,7 +202,9 @@ int dispatch(struct bpf_sk_lookup *ctx)
 		 * land in some other socket; pass only when the rule says so */
 		if (c) {
 			c->missing++;
-			if (on_missing != SKL_MISSING_PASS)
+			if (on_missing == SKL_MISSING_PASS)
+				c->passed++;
+			else
 				c->dropped++;
 		}
 		return on_missing == SKL_MISSING_PASS ? SK_PASS : SK_DROP;
@@ -209,7 +217,9 @@ int dispatch(struct bpf_sk_lookup *ctx)
 		 * missing, for the same reason */
 		if (c) {
 			c->errors++;
-			if (on_missing != SKL_MISSING_PASS)
+			if (on_missing == SKL_MISSING_PASS)
+				c->passed++;
+			else
 				c->dropped++;
 		}
 		return on_missing == SKL_MISSING_PASS ? SK_PASS : SK_DROP;

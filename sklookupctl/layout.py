@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 
 # Bumped whenever a struct below or a map changes: pinned state of another layout is refused.
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 MAX_TARGETS = 4096
 
@@ -32,6 +32,7 @@ class Node(ctypes.Structure):
     _fields_ = [
         ("fallback", ctypes.c_uint64),
         ("skip_bits", ctypes.c_uint64),
+        ("leaf", ctypes.c_uint64),
         ("base", ctypes.c_uint32),
         ("skip", ctypes.c_uint8),
         ("stride", ctypes.c_uint8),
@@ -56,14 +57,16 @@ class Counters(ctypes.Structure):
     """mirrors struct counters"""
 
     _fields_ = [
-        ("lookups", ctypes.c_uint64),
         ("steered", ctypes.c_uint64),
         ("dropped", ctypes.c_uint64),
+        ("passed", ctypes.c_uint64),
         ("missing", ctypes.c_uint64),
         ("errors", ctypes.c_uint64),
     ]
 
 
+# what the kernel counts, in struct order; `lookups` (steered + dropped + passed) is derived
+KERNEL_COUNTERS = ("steered", "dropped", "passed", "missing", "errors")
 COUNTER_NAMES = ("lookups", "steered", "dropped", "missing", "errors")
 
 

@@ -432,6 +432,8 @@ class Compiled:
 
     def lookup(self, proto: str, addr: IPAddress, port: int) -> Rule | None:
         """What the BPF program does: longest matching prefix, then the segment for the port."""
+        if not port:
+            return None
         prefixes = self.groups.get((proto, addr.version), {})
         width = addr.max_prefixlen
         a = int(addr)
@@ -523,6 +525,10 @@ def compile_rules(rules: Iterable[Rule]) -> Compiled:
             while stack and not (stack[-1][0] <= net <= stack[-1][1]):
                 stack.pop()
             segs = _overlay(_own_segments(ranges), stack[-1][2] if stack else NO_RULE)
+            if len(segs) > 1 and segs[0][1] == 0 and segs[1][0] == 1:
+                # port 0 is never a rule's (the program passes it before looking): let the
+                # rule from port 1 start the run, one segment fewer to search
+                segs = ((0, segs[1][1]), *segs[2:])
             out[(net, plen)] = segs
             stack.append((net, net | ((1 << (width - plen)) - 1), segs))
         groups[(proto, version)] = out

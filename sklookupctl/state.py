@@ -242,8 +242,12 @@ class Generation:
         ]
 
     def counters(self) -> list[tuple[int, ...]]:
-        """Each rule's counters (entry 0 is rule number 1): every CPU's, plus those carried
-        over from earlier generations."""
+        """Each rule's counters as layout.COUNTER_NAMES (entry 0 is rule number 1)."""
+        return [(st + dr + pa, st, dr, mi, er) for st, dr, pa, mi, er in self.raw_counters()]
+
+    def raw_counters(self) -> list[tuple[int, ...]]:
+        """Each rule's counters as the kernel keeps them (layout.KERNEL_COUNTERS): every CPU's,
+        plus those carried over from earlier generations."""
         n = self.meta().rules
         base = _read_array(self.maps["base"], n + 1, _COUNTERS.size)
         totals = [list(v) for v in _COUNTERS.iter_unpack(base)]
@@ -479,7 +483,7 @@ def build_generation(d: Dispatcher, rs: RuleSet, targets: dict[str, Target]) -> 
     )
     contents = {
         "nodes": (len(tables.nodes), tables.pack_nodes()),
-        "entries": (len(tables.entries), tables.pack_entries()),
+        "entries": (max(1, len(tables.entries)), tables.pack_entries()),
         "segments": (max(1, len(tables.segments)), tables.pack_segments()),
         "counters": (n + 1, b""),
         "rules": (n + 1, b"".join(records)),
@@ -517,7 +521,7 @@ def _carry_counters(old: Generation, new: Generation) -> None:
 
     Read after the swap, so the old program has stopped counting (bar lookups already in
     flight when the link changed)."""
-    old_counts = old.counters()
+    old_counts = old.raw_counters()
     if not any(any(c) for c in old_counts):
         return
     by_key = {

@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from . import layout
 from .rules import DROP, Compiled, Segments
 
-_NODE = struct.Struct("<QQIBBH")
+_NODE = struct.Struct("<QQQIBBH")
 _SEGMENT = struct.Struct("<HBBIII")
 
 Item = tuple[int, int, int]  # (network as an int, prefix length, leaf)
-Node = tuple[int, int, int, int, int]  # (base, fallback leaf, skip bits, skip, stride)
+# (base, fallback leaf, skip bits, skip, stride, leaf when stride is 0)
+Node = tuple[int, int, int, int, int, int]
 
 
 @dataclass
@@ -43,12 +44,12 @@ class Tables:
 
     def pack_nodes(self) -> bytes:
         return b"".join(
-            _NODE.pack(fb, bits, base, skip, stride, 0)
-            for base, fb, bits, skip, stride in self.nodes
+            _NODE.pack(fb, bits, leaf, base, skip, stride, 0)
+            for base, fb, bits, skip, stride, leaf in self.nodes
         )
 
     def pack_entries(self) -> bytes:
-        return self.entries.tobytes()
+        return self.entries.tobytes() or bytes(8)
 
     def pack_segments(self) -> bytes:
         return b"".join(_SEGMENT.pack(*s, 0) for s in self.segments) or bytes(_SEGMENT.size)
@@ -60,7 +61,9 @@ class Tables:
         while todo:
             idx, d = todo.pop()
             best = max(best, d)
-            base, _fb, _bits, _skip, stride = self.nodes[idx]
+            base, _fb, _bits, _skip, stride, _leaf = self.nodes[idx]
+            if not stride:
+                continue
             for v in self.entries[base : base + (1 << stride)]:
                 if v & layout.NODE_FLAG:
                     todo.append((v & ~layout.NODE_FLAG, d + 1))
@@ -74,16 +77,15 @@ class Tables:
         idx = layout.ROOTS[(proto, version)]
         pos = 0
         for _ in range(layout.NODE_STEPS):
-            base, fallback, skip_bits, skip, stride = self.nodes[idx]
+            base, fallback, skip_bits, skip, stride, leaf = self.nodes[idx]
             if skip:
                 if (addr >> (width - pos - skip)) & ((1 << skip) - 1) != skip_bits:
                     return fallback
                 pos += skip
-            e = base
-            if stride:
-                e += (addr >> (width - pos - stride)) & ((1 << stride) - 1)
-                pos += stride
-            v = self.entries[e]
+            if not stride:
+                return leaf
+            v = self.entries[base + ((addr >> (width - pos - stride)) & ((1 << stride) - 1))]
+            pos += stride
             if not v & layout.NODE_FLAG:
                 return v
             idx = v & ~layout.NODE_FLAG
@@ -91,7 +93,7 @@ class Tables:
 
     def segment_at(self, leaf: int, port: int) -> tuple[int, int, int, int, int] | None:
         start, count = leaf & 0xFFFFFFFF, leaf >> 32
-        if not count:
+        if not count or not port:
             return None
         best = self.segments[start]
         for s in self.segments[start : start + count]:
@@ -122,7 +124,7 @@ def build(compiled: Compiled, target_ids: dict[str, int]) -> Tables:
             t.segments.extend([(lo, *what[number]) for lo, number in segs])
         return leaf
 
-    t.nodes.extend([(0, 0, 0, 0, 0)] * len(layout.ROOTS))
+    t.nodes.extend([(0, 0, 0, 0, 0, 0)] * len(layout.ROOTS))
     for (proto, version), root in layout.ROOTS.items():
         width = 32 if version == 4 else 128
         prefixes = compiled.groups.get((proto, version), {})
@@ -152,8 +154,7 @@ def _node(t: Tables, items: list[Item], pos: int, inherited: int, width: int, id
         net, plen, leaf = items[0]
         skip = plen - pos
         skip_bits = (net >> (width - plen)) & ((1 << skip) - 1)
-        t.nodes[idx] = (len(t.entries), fallback, skip_bits, skip, 0)
-        t.entries.append(leaf)
+        t.nodes[idx] = (0, fallback, skip_bits, skip, 0, leaf)
         return
     skip = skip_bits = 0
     if items:
@@ -176,9 +177,7 @@ def _node(t: Tables, items: list[Item], pos: int, inherited: int, width: int, id
                     rest.append(it)
             items = rest
     if not items:
-        stride = 0
-        t.nodes[idx] = (len(t.entries), fallback, skip_bits, skip, stride)
-        t.entries.append(inherited)
+        t.nodes[idx] = (0, fallback, skip_bits, skip, 0, inherited)
         return
     stride = _stride(len(items), width - pos)
     end = pos + stride
@@ -198,10 +197,10 @@ def _node(t: Tables, items: list[Item], pos: int, inherited: int, width: int, id
         n = 1 << (end - plen)
         slots[a : a + n] = [run] * n
     base = len(t.entries)
-    t.nodes[idx] = (base, fallback, skip_bits, skip, stride)
+    t.nodes[idx] = (base, fallback, skip_bits, skip, stride, 0)
     t.entries.extend(slots)
     for chunk, group in below.items():
         child = len(t.nodes)
-        t.nodes.append((0, 0, 0, 0, 0))
+        t.nodes.append((0, 0, 0, 0, 0, 0))
         _node(t, group, end, slots[chunk], width, child)
         t.entries[base + chunk] = layout.NODE_FLAG | child

@@ -240,9 +240,14 @@ def test_segments_are_merged_and_cover_the_port_space() -> None:
     rs.add(r("tcp", "192.0.2.0/24", "80", "a"))  # same effect as its neighbours? no: new rule
     compiled = rs.compile()
     segs = compiled.groups[("tcp", 4)][(int(ipaddress.IPv4Address("192.0.2.0")), 24)]
-    assert segs[0] == (0, 0)  # port 0: no rule
-    assert [lo for lo, _ in segs] == [0, 1, 80, 81]
-    assert [compiled.rules[n - 1].key.lo for _, n in segs[1:]] == [1, 80, 1]
+    # the rule from port 1 starts the run (port 0 never reaches a rule)
+    assert [lo for lo, _ in segs] == [0, 80, 81]
+    assert [compiled.rules[n - 1].key.lo for _, n in segs] == [1, 80, 1]
+    rs = RuleSet()
+    rs.add(r("tcp", "192.0.2.0/24", "2-9", "a"))
+    segs = rs.compile().groups[("tcp", 4)][(int(ipaddress.IPv4Address("192.0.2.0")), 24)]
+    assert segs == ((0, 0), (2, 1), (10, 0))
+    assert rs.compile().lookup("tcp", ipaddress.ip_address("192.0.2.1"), 0) is None
 
 
 def random_ruleset(rng: random.Random) -> RuleSet:

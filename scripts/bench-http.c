@@ -2,7 +2,9 @@
  *
  * Listens on 0.0.0.0:PORT with IP_TRANSPARENT (so nftables tproxy may hand it connections
  * too), forks WORKERS processes that each accept a connection, read the request, answer
- * "200 ok", and close. Every process exits by itself after LIFETIME seconds.
+ * "200 ok" with Connection: close, wait for the client to close (so TIME_WAIT stays on the
+ * client, which may reuse its ports, and not on this side, where it would stall SYNs that reuse
+ * a 4-tuple), and close. Every process exits by itself after LIFETIME seconds.
  *
  *   bench-http PORT WORKERS LIFETIME     prints the parent's pid once it listens
  */
@@ -11,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #ifndef IP_TRANSPARENT
@@ -46,8 +49,11 @@ int main(int argc, char **argv)
 		int c = accept(s, NULL, NULL);
 		if (c < 0)
 			continue;
-		if (read(c, buf, sizeof(buf)) > 0)
-			(void)!write(c, reply, sizeof(reply) - 1);
+		struct timeval tv = {.tv_sec = 1};
+		setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+		if (read(c, buf, sizeof(buf)) > 0 && write(c, reply, sizeof(reply) - 1) > 0)
+			while (read(c, buf, sizeof(buf)) > 0)
+				;
 		close(c);
 	}
 }

@@ -277,7 +277,7 @@ def sh(netns: str, *argv: str, stdin: str | None = None) -> str:
         ["ip", "netns", "exec", netns, *argv], input=stdin, capture_output=True, text=True
     )
     if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} in {netns}: {r.stderr.strip()}")
+        raise RuntimeError(f"{' '.join(argv)} in {netns}: {(r.stderr or r.stdout).strip()}")
     return r.stdout
 
 
@@ -287,7 +287,7 @@ def wrk(client: str, url: str, seconds: float, conns: int) -> tuple[float, int]:
         "wrk",
         "-t2",
         f"-c{conns}",
-        f"-d{seconds}s",
+        f"-d{max(1, round(seconds))}s",
         "-H",
         "Connection: close",
         url,
@@ -312,11 +312,11 @@ def connection_rates(sb: Sandbox, rounds: int, seconds: float, extra_rules: int)
     sh(cli, "ip", "link", "set", veth_c, "up")
     sh(cli, "ip", "route", "add", "203.0.113.0/24", "via", "198.51.100.1")
     sh(cli, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000")
-    sh(srv, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1")
+    sh(cli, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1")
     binary = os.path.join(sb.tmp, "bench-http")
     subprocess.run(["cc", "-O2", "-o", binary, os.path.join(HERE, "bench-http.c")], check=True)
     lifetime = int(rounds * 4 * (seconds + 8) + 600)
-    sb.start([binary, "8080", "2", str(lifetime)], netns=srv)
+    sb.start([binary, "8080", "16", str(lifetime)], netns=srv)
     # the benchmark's rule among `extra_rules` others: tcp/v4 ones steer to the same listener,
     # the rest drop; none touches the benchmark's prefixes
     ours = [ipaddress.ip_network("203.0.113.0/24"), ipaddress.ip_network("198.51.100.0/24")]
@@ -392,6 +392,7 @@ def connection_rates(sb: Sandbox, rounds: int, seconds: float, extra_rules: int)
         for name in order:
             url, on, off = modes[name]
             on()
+            time.sleep(0.5)  # let the set-up's own work (an apply of many rules) settle
             try:
                 got[name], errs = wrk(cli, url, seconds, 64)
             finally:

@@ -592,7 +592,7 @@ def _acquire_targets(ns: Netns, rf: rulefile.RuleFile, name: str) -> dict[str, s
 
 def _diff(
     res: ApplyResult,
-    old_rules: RuleSet,
+    old_rules: dict[RuleKey, state.Effect],
     new_rules: RuleSet,
     old_targets: dict[str, Target],
     cookies: dict[str, int | None],
@@ -600,13 +600,13 @@ def _diff(
 ) -> None:
     """Fill in what would change. `new_targets`: name -> (address, port, socket cookie)."""
     for key, rule in new_rules.rules.items():
-        old = old_rules.rules.get(key)
+        old = old_rules.get(key)
         if old is None:
             res.added.append(rule)
-        elif not old.same_effect(rule):
-            res.changed.append((old, rule))
+        elif old != (rule.action, rule.target, rule.on_missing):
+            res.changed.append((Rule(key, *old), rule))
     # added and changed in the file's order, removed in the old set's
-    res.removed = [r for k, r in old_rules.rules.items() if k not in new_rules.rules]
+    res.removed = [Rule(k, *eff) for k, eff in old_rules.items() if k not in new_rules.rules]
     for name, (addr, port, cookie) in sorted(new_targets.items()):
         old_t = old_targets.get(name)
         where = format_endpoint(addr, port)
@@ -697,7 +697,7 @@ def _apply_locked(
     staging = None
     try:
         old_targets = d.read_targets() if d else {}
-        old_rules = d.read_rules(old_targets) if d else RuleSet()
+        old_rules = d.read_effects(old_targets) if d else {}
         cookies = {n: d.socket_cookie(t.id) for n, t in old_targets.items()} if d else {}
         wanted = {
             n: (*(spec.to or (infos[n].addr, infos[n].port)), infos[n].cookie)

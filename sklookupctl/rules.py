@@ -14,6 +14,7 @@ import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .errors import InvalidArgument, NotFound, RuleConflict
 
@@ -172,69 +173,36 @@ class _Frozen:
         raise AttributeError(f"{type(self).__name__} is immutable")
 
 
-class RuleKey(_Frozen):
-    """What a rule covers: protocol, prefix and port range. Unique within a rule set.
-
-    Kept as integers (IP version, network, length); the ipaddress object is made on demand."""
-
-    __slots__ = ("_hash", "_prefix", "hi", "lo", "net", "plen", "proto", "version")
+class _KeyFields(NamedTuple):
     proto: str
     version: int  # 4 or 6
     net: int  # the network address as an int
     plen: int  # the prefix length
     lo: int
     hi: int
-    _hash: int
-    _prefix: IPNetwork | None
 
-    def __init__(self, proto: str, prefix: IPNetwork, lo: int, hi: int) -> None:
-        self._set(proto, prefix.version, int(prefix.network_address), prefix.prefixlen, lo, hi)
-        object.__setattr__(self, "_prefix", prefix)
+
+class RuleKey(_KeyFields):
+    """What a rule covers: protocol, prefix and port range. Unique within a rule set.
+
+    A tuple of integers (hashing and comparing them is done in C: rule sets hold 100,000s of
+    keys); the ipaddress object is made on demand. Make one with RuleKey(proto, prefix, lo, hi)
+    or RuleKey.of(proto, version, net, plen, lo, hi)."""
+
+    __slots__ = ()
+
+    def __new__(cls, proto: str, prefix: IPNetwork, lo: int, hi: int) -> RuleKey:
+        fields = (proto, prefix.version, int(prefix.network_address), prefix.prefixlen, lo, hi)
+        return tuple.__new__(cls, fields)
 
     @classmethod
     def of(cls, proto: str, version: int, net: int, plen: int, lo: int, hi: int) -> RuleKey:
         """A key from integers, without making the ipaddress object (much faster)."""
-        key = cls.__new__(cls)
-        init = object.__setattr__
-        init(key, "proto", proto)
-        init(key, "version", version)
-        init(key, "net", net)
-        init(key, "plen", plen)
-        init(key, "lo", lo)
-        init(key, "hi", hi)
-        init(key, "_prefix", None)
-        init(key, "_hash", hash((proto, version, net, plen, lo, hi)))
-        return key
-
-    def _set(self, proto: str, version: int, net: int, plen: int, lo: int, hi: int) -> None:
-        init = object.__setattr__
-        init(self, "proto", proto)
-        init(self, "version", version)
-        init(self, "net", net)
-        init(self, "plen", plen)
-        init(self, "lo", lo)
-        init(self, "hi", hi)
-        init(self, "_prefix", None)
-        init(self, "_hash", hash((proto, version, net, plen, lo, hi)))
+        return tuple.__new__(cls, (proto, version, net, plen, lo, hi))
 
     @property
     def prefix(self) -> IPNetwork:
-        p = self._prefix
-        if p is None:
-            p = network(self.version, self.net, self.plen)
-            object.__setattr__(self, "_prefix", p)
-        return p
-
-    def _ident(self) -> tuple[str, int, int, int, int, int]:
-        return (self.proto, self.version, self.net, self.plen, self.lo, self.hi)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, RuleKey):
-            return NotImplemented
-        return self._ident() == other._ident()
-
-    def __hash__(self) -> int:
-        return self._hash
+        return network(self.version, self.net, self.plen)
 
     def __repr__(self) -> str:
         return f"RuleKey({self.proto!r}, {self.prefix!r}, {self.lo}, {self.hi})"
@@ -516,14 +484,26 @@ def compile_rules(rules: Iterable[Rule]) -> Compiled:
         stack: list[tuple[int, int, Segments]] = []
         for net, plen in sorted(prefixes):
             own = prefixes[(net, plen)]
+            while stack and not (stack[-1][0] <= net <= stack[-1][1]):
+                stack.pop()
+            if len(own) == 1 and not stack:
+                # the common case: one rule, nothing above it
+                ordered.append(own[0])
+                lo, hi = own[0].key.lo, own[0].key.hi
+                n = len(ordered)
+                if lo == 1:
+                    segs: Segments = ((0, n), (hi + 1, 0)) if hi < 65535 else ((0, n),)
+                else:
+                    segs = ((0, 0), (lo, n), (hi + 1, 0)) if hi < 65535 else ((0, 0), (lo, n))
+                out[(net, plen)] = segs
+                stack.append((net, net | ((1 << (width - plen)) - 1), segs))
+                continue
             if len(own) > 1:
                 own.sort(key=lambda r: (r.key.lo, -r.key.hi))
             ranges = []
             for r in own:
                 ordered.append(r)
                 ranges.append((r.key.lo, r.key.hi, len(ordered)))
-            while stack and not (stack[-1][0] <= net <= stack[-1][1]):
-                stack.pop()
             segs = _overlay(_own_segments(ranges), stack[-1][2] if stack else NO_RULE)
             if len(segs) > 1 and segs[0][1] == 0 and segs[1][0] == 1:
                 # port 0 is never a rule's (the program passes it before looking): let the

@@ -28,6 +28,7 @@ import ipaddress
 import os
 import socket
 import struct
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,7 @@ from .rules import (
 )
 
 TOP = "sklookupctl"
+Effect = tuple[str, str | None, str]  # (action, target, on_missing) of a rule
 U32 = ctypes.c_uint32
 U64 = ctypes.c_uint64
 _RULE = struct.Struct("<BBBBB3xHHI16s")
@@ -245,21 +247,29 @@ class Generation:
         """Each rule's counters as layout.COUNTER_NAMES (entry 0 is rule number 1)."""
         return [(st + dr + pa, st, dr, mi, er) for st, dr, pa, mi, er in self.raw_counters()]
 
+    def counted(self) -> bool:
+        """Whether any counter of any rule is non-zero (cheap: two bulk reads)."""
+        n = self.meta().rules
+        base = _read_array(self.maps["base"], n + 1, _COUNTERS.size)
+        raw = self.maps["counters"].lookup_batch_raw(n + 1, _COUNTERS.size * possible_cpus())
+        return base.count(0) != len(base) or raw.count(0) != len(raw)
+
     def raw_counters(self) -> list[tuple[int, ...]]:
         """Each rule's counters as the kernel keeps them (layout.KERNEL_COUNTERS): every CPU's,
         plus those carried over from earlier generations."""
         n = self.meta().rules
-        base = _read_array(self.maps["base"], n + 1, _COUNTERS.size)
-        totals = [list(v) for v in _COUNTERS.iter_unpack(base)]
+        width = len(layout.KERNEL_COUNTERS)
+        base = array("Q", _read_array(self.maps["base"], n + 1, _COUNTERS.size))
         ncpu = possible_cpus()
         raw = self.maps["counters"].lookup_batch_raw(n + 1, _COUNTERS.size * ncpu)
-        per = list(_COUNTERS.iter_unpack(raw))
-        for i in range(min(n + 1, len(per) // ncpu)):
-            t = totals[i]
-            for cpu in range(ncpu):
-                for j, v in enumerate(per[i * ncpu + cpu]):
-                    t[j] += v
-        return [tuple(t) for t in totals[1:]]
+        per = array("Q", raw.ljust(_COUNTERS.size * ncpu * (n + 1), b"\0"))
+        # column j of rule i on cpu c is per[(i * ncpu + c) * width + j]: sum whole columns
+        stride = ncpu * width
+        columns = []
+        for j in range(width):
+            cpus = [per[c * width + j :: stride] for c in range(ncpu)]
+            columns.append(list(map(sum, zip(base[j::width], *cpus, strict=True))))
+        return list(zip(*columns, strict=True))[1:]
 
     def memlock(self) -> int:
         return sum(m.memlock() for m in self.maps.values())
@@ -378,6 +388,32 @@ class Dispatcher:
 
     def read_rules(self, targets: dict[str, Target]) -> RuleSet:
         return RuleSet({r.key: r for r in self.read_rule_list(targets)})
+
+    def read_effects(self, targets: dict[str, Target]) -> dict[RuleKey, Effect]:
+        """The live rules as key -> (action, target, on_missing), without making Rule objects
+        (comparing large rule sets)."""
+        if self.gen is None:
+            return {}
+        by_id = {t.id: t.name for t in targets.values()}
+        names = {layout.ACTION_DROP: DROP, layout.ACTION_STEER: STEER}
+        missing = {layout.MISSING_PASS: "pass", layout.MISSING_DROP: "drop"}
+        of = RuleKey.of
+        out: dict[RuleKey, Effect] = {}
+        for proto, family, plen, action, miss, lo, hi, target, addr in self.gen.rule_records():
+            v4 = family == socket.AF_INET
+            key = of(
+                PROTO_NAMES[proto],
+                4 if v4 else 6,
+                int.from_bytes(addr[:4] if v4 else addr, "big"),
+                plen,
+                lo,
+                hi,
+            )
+            if action == layout.ACTION_DROP:
+                out[key] = (DROP, None, "drop")
+            else:
+                out[key] = (names[action], by_id.get(target, f"#{target}"), missing[miss])
+        return out
 
     def read_rule_list(self, targets: dict[str, Target]) -> list[Rule]:
         """The live rules, by rule number (as counters are)."""
@@ -521,9 +557,9 @@ def _carry_counters(old: Generation, new: Generation) -> None:
 
     Read after the swap, so the old program has stopped counting (bar lookups already in
     flight when the link changed)."""
-    old_counts = old.raw_counters()
-    if not any(any(c) for c in old_counts):
+    if not old.counted():
         return
+    old_counts = old.raw_counters()
     by_key = {
         (p, f, pl, addr, lo, hi): i
         for i, (p, f, pl, _a, _m, lo, hi, _t, addr) in enumerate(old.rule_records())

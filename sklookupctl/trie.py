@@ -18,6 +18,7 @@ folded in), as start | count << 32 (0: no rule). Prefixes with the same segments
 
 from __future__ import annotations
 
+import operator
 import struct
 from array import array
 from dataclasses import dataclass, field
@@ -135,6 +136,7 @@ def build(compiled: Compiled, target_ids: dict[str, int]) -> Tables:
                 inherited = run_of(segs)
             else:
                 items.append((net, plen, run_of(segs)))
+        items.sort()  # already in address order from compile_rules: cheap, and then certain
         _node(t, items, 0, inherited, width, root)
     return t
 
@@ -145,9 +147,13 @@ def _stride(count: int, left: int) -> int:
     return min(s, left)
 
 
+_length = operator.itemgetter(1)
+
+
 def _node(t: Tables, items: list[Item], pos: int, inherited: int, width: int, idx: int) -> None:
-    """Fill node `idx` for `items` (prefixes longer than `pos` that share its first `pos` bits);
-    `inherited` is the leaf of the longest prefix of at most `pos` bits above them."""
+    """Fill node `idx` for `items` (prefixes longer than `pos` that share its first `pos` bits,
+    sorted by address); `inherited` is the leaf of the longest prefix of at most `pos` bits
+    above them."""
     fallback = inherited
     if len(items) == 1 and items[0][1] - pos <= layout.MAX_SKIP:
         # the common case deep in a trie: one prefix below, all of it skipped
@@ -158,12 +164,10 @@ def _node(t: Tables, items: list[Item], pos: int, inherited: int, width: int, id
         return
     skip = skip_bits = 0
     if items:
+        # items come sorted by address: the first and the last share what all of them share
         first = items[0][0]
-        diff = 0
-        shortest = width
-        for net, plen, _ in items:
-            diff |= net ^ first
-            shortest = min(shortest, plen)
+        diff = first ^ items[-1][0]
+        shortest = min(items, key=_length)[1]
         common = width - diff.bit_length() - pos
         skip = min(layout.MAX_SKIP, shortest - pos, common)
         if skip:
@@ -191,7 +195,7 @@ def _node(t: Tables, items: list[Item], pos: int, inherited: int, width: int, id
             ending.append(it)
         else:
             below.setdefault((it[0] >> shift) & mask, []).append(it)
-    ending.sort(key=lambda it: it[1])  # shorter first: longer prefixes overwrite them
+    ending.sort(key=_length)  # shorter first: longer prefixes overwrite them
     for net, plen, run in ending:
         a = (net >> shift) & mask
         n = 1 << (end - plen)

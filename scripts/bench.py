@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sklookupctl import api, compiler, state, testrun
@@ -250,8 +250,33 @@ def sample_ctxs(
     return {k: v[:want] for k, v in out.items()}
 
 
-def ns_per_run(prog: Program, ctxs: list[testrun.LookupCtx], repeat: int) -> list[int]:
-    return [testrun.run(prog, c, repeat).ns for c in ctxs]
+def paired_runs(
+    prog: Program,
+    empty: Program,
+    floor: Program,
+    fctx: testrun.LookupCtx,
+    ctxs: dict[str, list[testrun.LookupCtx]],
+    rounds: int,
+    rng: random.Random,
+) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
+    """ns per run of each lookup, each paired with a floor run just before it on the same CPU
+    (the machine drifts between a fast and a slow state: compare like with like)."""
+    per: dict[str, list[int]] = {"empty": [], "floor": [], **{k: [] for k in ctxs}}
+    ratios: dict[str, list[float]] = {k: [] for k in ctxs}
+    jobs = [(k, c) for k, cs in ctxs.items() for c in cs]
+    for _ in range(rounds):
+        rng.shuffle(jobs)
+        for kind, ctx in jobs:
+            f = testrun.run(floor, fctx, REPEAT).ns
+            d = testrun.run(prog, ctx, REPEAT).ns
+            per["floor"].append(f)
+            per[kind].append(d)
+            ratios[kind].append(d / f)
+        per["empty"] += [testrun.run(empty, fctx, REPEAT).ns for _ in range(8)]
+    return per, ratios
+
+
+REPEAT = 5000  # runs per BPF_PROG_TEST_RUN call
 
 
 # -- connection rates --------------------------------------------------------------------------
@@ -507,16 +532,8 @@ def datapath(
                 memlock = d.gen.memlock() + d.sockets.memlock() + d.targets.memlock()
                 prog = d.program
                 ctxs = sample_ctxs(prog, changed, rng, samples)
-                per: dict[str, list[int]] = {"empty": [], "floor": [], **{k: [] for k in ctxs}}
-                for _ in range(rounds):
-                    jobs: list[tuple[str, Program, list[testrun.LookupCtx], int]] = [
-                        ("empty", empty, [fctx] * 5, 20000),
-                        ("floor", floor, [fctx] * 5, 20000),
-                        *[(k, prog, v, 2000) for k, v in ctxs.items()],
-                    ]
-                    rng.shuffle(jobs)
-                    for kind, pr, cs, rep in jobs:
-                        per[kind] += ns_per_run(pr, cs, rep)
+                with one_cpu():
+                    per, ratios = paired_runs(prog, empty, floor, fctx, ctxs, rounds, rng)
                 med = {k: statistics.median(v) for k, v in per.items() if v}
                 base_samples["empty"] += per["empty"]
                 base_samples["floor"] += per["floor"]
@@ -530,7 +547,8 @@ def datapath(
                         "memlock_bytes": memlock,
                         "ns": med,
                         "samples": {k: len(v) for k, v in ctxs.items()},
-                        "ratio_to_floor": {k: med[k] / med["floor"] for k in ctxs if k in med},
+                        # median over lookups of (dispatcher ns / floor ns measured just before)
+                        "ratio_to_floor": {k: statistics.median(v) for k, v in ratios.items() if v},
                     }
                 )
                 log(
@@ -580,8 +598,10 @@ def markdown(res: dict[str, Any]) -> str:
     base = res.get("baseline_ns")
     if base:
         out += [
-            f"BPF_PROG_TEST_RUN, median ns per run: empty program {base['empty']:.0f} ns, "
-            f"floor (one SOCKMAP lookup + bpf_sk_assign) {base['floor']:.0f} ns.",
+            f"BPF_PROG_TEST_RUN on one CPU, median ns per run: empty program "
+            f"{base['empty']:.0f} ns, floor (one SOCKMAP lookup + bpf_sk_assign) "
+            f"{base['floor']:.0f} ns. × floor: the median, over lookups, of the dispatcher's "
+            "time divided by the floor's measured just before it.",
             "",
             "| prefix lengths | rules | steered | × floor | no prefix | × floor | port miss "
             "| × floor | apply (first) | apply (1% changed) | map memory |",
@@ -632,6 +652,18 @@ def markdown(res: dict[str, Any]) -> str:
             )
         out.append("")
     return "\n".join(out)
+
+
+@contextlib.contextmanager
+def one_cpu() -> Iterator[None]:
+    """Run on the last CPU only: test runs execute on the caller's CPU, and moving between
+    CPUs mid-measurement mixes their speeds."""
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {max(cpus)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cpus)
 
 
 def main() -> None:

@@ -13,9 +13,9 @@ import socket
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import layout, rulefile, sockets, state
+from . import layout, sockets, state
 from .bpfsys import BpfError, query_netns_programs
 from .errors import (
     EnvironmentProblem,
@@ -44,6 +44,9 @@ from .rules import (
     parse_protocol,
 )
 from .state import Dispatcher, Target
+
+if TYPE_CHECKING:
+    from . import rulefile
 
 DEFAULT_BPFFS = "/sys/fs/bpf"
 
@@ -548,13 +551,15 @@ def _read_file(path: str) -> str:
     except IsADirectoryError:
         raise InvalidArgument(f"{path} is a directory", "give a TOML rule file") from None
     except UnicodeDecodeError as e:
-        raise rulefile.FileError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise InvalidArgument(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except PermissionError:
         raise PermissionDenied(f"cannot read {path}", "check its permissions") from None
 
 
 def _acquire_targets(ns: Netns, rf: rulefile.RuleFile, name: str) -> dict[str, sockets.SocketInfo]:
     """Borrow every target's socket and check it can serve its rules; close them on error."""
+    from . import rulefile
+
     infos: dict[str, sockets.SocketInfo] = {}
     try:
         for tname, spec in rf.targets.items():
@@ -670,6 +675,8 @@ def _apply(
     bpffs: str,
     step: Callable[[str], Callable[[int, int], None]],
 ) -> ApplyResult:
+    from . import rulefile
+
     rf = rulefile.parse(text, path, step("checking"))
     require_privileges()
     with open_netns(netns) as ns:
@@ -749,6 +756,8 @@ def _apply_locked(
 
 def export(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> str:
     """The netns's rule set as a rule file; `apply` of it changes nothing."""
+    from . import rulefile
+
     require_privileges()
     with open_netns(netns) as ns, state.locked(bpffs, exclusive=False) as base:
         d = _open_existing(base, ns, writer=False) if os.path.isdir(base) else None

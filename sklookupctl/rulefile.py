@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -172,6 +171,8 @@ def loads_toml(text: str, where: str) -> dict[str, Any]:
     fast = _fast_parse(text)
     if fast is not None:
         return fast
+    import tomllib
+
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -463,6 +463,29 @@ def _overlay(own: list[tuple[int, int]], parent: Segments) -> Segments:
     return tuple(out)
 
 
+def _overlay_one(lo: int, hi: int, n: int, parent: Segments) -> Segments:
+    """_overlay for a prefix with one rule (most of them): ports lo..hi to rule `n`, `parent`
+    elsewhere."""
+    if parent is NO_RULE:
+        return ((0, 0), (lo, n), (hi + 1, 0)) if hi < 65535 else ((0, 0), (lo, n))
+    out: list[tuple[int, int]] = []
+    at_end = 0  # the parent's rule at port hi + 1
+    for a, m in parent:
+        if a < lo and (not out or out[-1][1] != m):
+            out.append((a, m))
+        if a <= hi + 1:
+            at_end = m
+    if not out or out[-1][1] != n:
+        out.append((lo, n))
+    if hi < 65535:
+        if at_end != n:
+            out.append((hi + 1, at_end))
+        for a, m in parent:
+            if a > hi + 1 and out[-1][1] != m:
+                out.append((a, m))
+    return tuple(out)
+
+
 def compile_rules(rules: Iterable[Rule]) -> Compiled:
     """Number the rules and give every prefix that has rules its segments.
 
@@ -486,28 +509,21 @@ def compile_rules(rules: Iterable[Rule]) -> Compiled:
             own = prefixes[(net, plen)]
             while stack and not (stack[-1][0] <= net <= stack[-1][1]):
                 stack.pop()
-            if len(own) == 1 and not stack:
-                # the common case: one rule, nothing above it
+            parent = stack[-1][2] if stack else NO_RULE
+            if len(own) == 1:  # the common case
                 ordered.append(own[0])
-                lo, hi = own[0].key.lo, own[0].key.hi
-                n = len(ordered)
-                if lo == 1:
-                    segs: Segments = ((0, n), (hi + 1, 0)) if hi < 65535 else ((0, n),)
-                else:
-                    segs = ((0, 0), (lo, n), (hi + 1, 0)) if hi < 65535 else ((0, 0), (lo, n))
-                out[(net, plen)] = segs
-                stack.append((net, net | ((1 << (width - plen)) - 1), segs))
-                continue
-            if len(own) > 1:
+                k = own[0].key
+                segs = _overlay_one(k.lo, k.hi, len(ordered), parent)
+            else:
                 own.sort(key=lambda r: (r.key.lo, -r.key.hi))
-            ranges = []
-            for r in own:
-                ordered.append(r)
-                ranges.append((r.key.lo, r.key.hi, len(ordered)))
-            segs = _overlay(_own_segments(ranges), stack[-1][2] if stack else NO_RULE)
-            if len(segs) > 1 and segs[0][1] == 0 and segs[1][0] == 1:
+                ranges = []
+                for r in own:
+                    ordered.append(r)
+                    ranges.append((r.key.lo, r.key.hi, len(ordered)))
+                segs = _overlay(_own_segments(ranges), parent)
+            if len(segs) > 1 and segs[1][0] == 1:
                 # port 0 is never a rule's (the program passes it before looking): let the
-                # rule from port 1 start the run, one segment fewer to search
+                # piece from port 1 start the run, one segment fewer to search
                 segs = ((0, segs[1][1]), *segs[2:])
             out[(net, plen)] = segs
             stack.append((net, net | ((1 << (width - plen)) - 1), segs))

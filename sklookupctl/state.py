@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import layout, program, trie
+from . import layout, trie
 from .bpfsys import (
     BPF_F_MMAPABLE,
     BPF_MAP_TYPE_ARRAY,
@@ -542,6 +542,8 @@ def build_generation(d: Dispatcher, rs: RuleSet, targets: dict[str, Target]) -> 
             maps[name] = m
             if data:
                 _write_array(m, data)
+        from . import program  # not imported by commands that only read
+
         fds = {name: maps[name].fd for name in layout.PROGRAM_MAPS if name in maps}
         fds["sockets"] = d.sockets.fd
         prog = program.load(fds)

@@ -281,3 +281,106 @@ def test_every_command_has_help(path: list[str]) -> None:
 def test_top_level_help_teaches() -> None:
     out = run("--help").output
     assert "attach tcp 192.0.2.0/24" in out and "--netns" in out
+
+
+def apply_result(dry_run: bool, n_added: int = 3) -> api.ApplyResult:
+    web = [rules.make_rule("tcp", f"198.51.100.{i}", "443", target="web") for i in range(n_added)]
+    old = rules.make_rule("tcp", "192.0.2.0/24", "all", target="web")
+    return api.ApplyResult(
+        "edge",
+        "r.toml",
+        dry_run,
+        rules=n_added + 1,
+        applied=not dry_run,
+        generation=4,
+        added=web,
+        changed=[(old, rules.Rule(old.key, rules.DROP))],
+        removed=[rules.make_rule("udp", "203.0.113.0/24", "53", target="dns")],
+        targets_added=["web 127.0.0.1:8080"],
+        targets_removed=["dns 127.0.0.1:53"],
+        notes=["target spare is not used by any rule: not registered"],
+    )
+
+
+def test_apply_passes_everything_and_prints_the_difference(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(api, "apply", rec.fake("apply", apply_result(dry_run=True)))
+    res = run("-n", "edge", "--bpffs", "/b", "apply", "--dry-run", "r.toml")
+    assert res.exit_code == 0, res.output
+    assert rec.calls == [
+        ("apply", ("edge", "r.toml"), {"dry_run": True, "bpffs": "/b", "progress": None})
+    ]
+    lines = res.output.splitlines()
+    assert lines[0] == "note: target spare is not used by any rule: not registered"
+    assert "  + target web 127.0.0.1:8080" in lines
+    assert "  - target dns 127.0.0.1:53" in lines
+    assert "  + tcp 198.51.100.0/32 443 -> web" in lines
+    assert "  ~ tcp 192.0.2.0/24 all drop (was -> web)" in lines
+    assert "  - udp 203.0.113.0/24 53 -> dns" in lines
+    assert lines[-1].startswith("dry run: would apply r.toml to edge: 3 added, 1 changed")
+
+
+def test_apply_shows_at_most_so_many_lines(rec: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api, "apply", rec.fake("apply", apply_result(False, n_added=250)))
+    res = run("apply", "r.toml")
+    assert res.exit_code == 0
+    assert "... and 54 more (--json lists them all)" in res.output  # 2 targets + 250 + 1 + 1
+    assert res.output.splitlines()[-1].startswith("applied r.toml to edge (generation 4)")
+    data = json.loads(run("apply", "--json", "r.toml").stdout)
+    assert len(data["added"]) == 250 and data["changed"][0]["to"]["action"] == "drop"
+
+
+def test_apply_nothing_to_change(rec: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    same = api.ApplyResult("edge", "r.toml", False, rules=7)
+    monkeypatch.setattr(api, "apply", rec.fake("apply", same))
+    assert run("apply", "r.toml").output == "r.toml: 7 rules, nothing to change in edge\n"
+
+
+def test_apply_errors_are_one_line(rec: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sklookupctl.rulefile import FileError
+
+    err = FileError("r.toml: rules[3].ports", "port range 90-80 is reversed", "write 80-90")
+    monkeypatch.setattr(api, "apply", rec.fake("apply", raises=err))
+    res = run("apply", "r.toml")
+    assert res.exit_code == 1
+    assert res.output == (
+        "error: r.toml: rules[3].ports: port range 90-80 is reversed (write 80-90)\n"
+    )
+
+
+def test_export_prints_the_file(rec: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api, "export", rec.fake("export", "# x\n[[rules]]\n"))
+    res = run("-n", "edge", "export")
+    assert res.output == "# x\n[[rules]]\n"
+    assert rec.calls == [("export", ("edge",), {"bpffs": api.DEFAULT_BPFFS})]
+
+
+def test_progress_bar_only_for_big_files_on_a_terminal(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+    import sys
+
+    from sklookupctl import render
+
+    small, big = tmp_path / "s.toml", tmp_path / "b.toml"
+    small.write_text("x")
+    big.write_text("x" * (render.PROGRESS_BYTES + 1))
+    with render.progress_for(str(big), quiet=False) as p:
+        assert p is None  # pytest's stderr is not a terminal
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Tty()
+    monkeypatch.setattr(sys, "stderr", tty)
+    for path, quiet in ((small, False), (big, True), ("-", False)):
+        with render.progress_for(str(path), quiet=quiet) as p:
+            assert p is None
+    with render.progress_for(str(big), quiet=False) as p:
+        assert p is not None
+        p("checking", 0, 100)
+        p("checking", 100, 100)
+        p("loading", 1, 1)

@@ -167,7 +167,53 @@ def _fast_parse(text: str) -> dict[str, Any] | None:
     return out
 
 
+_S = r'"([^"\\\x00-\x1f\x7f]*)"'  # a basic string without escapes
+_RULE_RE = re.compile(
+    rf"\[\[rules\]\]\nprotocol = {_S}\nprefix = {_S}\nports = {_S}\n"
+    rf"(?:(target) = {_S}\n|(action) = {_S}\n)(?:(on_missing) = {_S}\n)?(\n*)"
+)
+# the text of a block around its captured fields and line ends
+_BLOCK_FIXED = len('[[rules]]\nprotocol = ""\nprefix = ""\nports = ""\n = ""\n')
+_FIRST_RULE = re.compile(r"^\[\[rules\]\]$", re.MULTILINE)
+
+
+def _canonical(text: str) -> dict[str, Any] | None:
+    """The exact shape `export` writes: targets first, then rule tables of the same keys in the
+    same order, one per block. The regular expressions check and pick apart all the rules in C;
+    anything else returns None."""
+    m = _FIRST_RULE.search(text)
+    if m is None:
+        return None
+    head, body = text[: m.start()], text[m.start() :]
+    if not body.endswith("\n"):
+        body += "\n"
+    doc = _fast_parse(head)
+    if doc is None or "rules" in doc:
+        return None
+    rules = []
+    covered = 0  # the blocks found must make up the whole body, nothing skipped between them
+    for proto, prefix, ports, tk, tv, ak, av, ok, ov, ends in _RULE_RE.findall(body):
+        d = {"protocol": proto, "prefix": prefix, "ports": ports}
+        if tk:
+            d["target"] = tv
+        else:
+            d["action"] = av
+        covered += _BLOCK_FIXED + len(proto) + len(prefix) + len(ports) + len(tv) + len(av)
+        covered += len(tk) + len(ak) + len(ends)
+        if ok:
+            d["on_missing"] = ov
+            covered += len('on_missing = ""\n') + len(ov)
+        rules.append(d)
+    if covered != len(body):
+        return None
+    doc["rules"] = rules
+    return doc
+
+
 def loads_toml(text: str, where: str) -> dict[str, Any]:
+    canonical = _canonical(text)
+    if canonical is not None:
+        return canonical
     fast = _fast_parse(text)
     if fast is not None:
         return fast

@@ -505,22 +505,26 @@ def compile_rules(rules: Iterable[Rule]) -> Compiled:
         out: dict[tuple[int, int], Segments] = {}
         # (network, last address, segments) of the prefixes containing the current one
         stack: list[tuple[int, int, Segments]] = []
-        for net, plen in sorted(prefixes):
-            own = prefixes[(net, plen)]
+        for (net, plen), own in sorted(prefixes.items()):
             while stack and not (stack[-1][0] <= net <= stack[-1][1]):
                 stack.pop()
-            parent = stack[-1][2] if stack else NO_RULE
             if len(own) == 1:  # the common case
                 ordered.append(own[0])
                 k = own[0].key
-                segs = _overlay_one(k.lo, k.hi, len(ordered), parent)
+                lo, hi, n = k.lo, k.hi, len(ordered)
+                if stack:
+                    segs = _overlay_one(lo, hi, n, stack[-1][2])
+                elif lo == 1:  # nothing above, from port 1 (see below)
+                    segs = ((0, n), (hi + 1, 0)) if hi < 65535 else ((0, n),)
+                else:
+                    segs = ((0, 0), (lo, n), (hi + 1, 0)) if hi < 65535 else ((0, 0), (lo, n))
             else:
                 own.sort(key=lambda r: (r.key.lo, -r.key.hi))
                 ranges = []
                 for r in own:
                     ordered.append(r)
                     ranges.append((r.key.lo, r.key.hi, len(ordered)))
-                segs = _overlay(_own_segments(ranges), parent)
+                segs = _overlay(_own_segments(ranges), stack[-1][2] if stack else NO_RULE)
             if len(segs) > 1 and segs[1][0] == 1:
                 # port 0 is never a rule's (the program passes it before looking): let the
                 # piece from port 1 start the run, one segment fewer to search

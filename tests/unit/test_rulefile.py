@@ -241,3 +241,30 @@ def test_progress_is_reported() -> None:
     seen: list[tuple[int, int]] = []
     rulefile.parse(text, "f", lambda done, total: seen.append((done, total)))
     assert seen[0] == (0, 500) and seen[-1] == (500, 500) and len(seen) > 10
+
+
+def test_canonical_reader_agrees_with_tomllib() -> None:
+    """What export writes is read by two regular expressions; any change to that shape must
+    either still mean the same to tomllib or send the file down the general path."""
+    from ..rulegen import random_rules
+
+    rng = random.Random(11)
+    for _ in range(40):
+        rs, _anchors = random_rules(rng, rng.choice([1, 5, 30]))
+        targets = {
+            t: ("tcp" if t.startswith("tcp") else "udp", ipaddress.ip_address("127.0.0.1"), 80)
+            for t in rs.targets_in_use()
+        }
+        text = rulefile.dumps(rs, targets, "header")
+        assert rulefile._canonical(text) == tomllib.loads(text)
+        for _ in range(30):
+            i = rng.randrange(len(text))
+            mutated = (
+                text[:i]
+                + rng.choice(['"', "\\", "#", "\n", " ", "x", "[", "=", ""])
+                + text[i + 1 :]
+            )
+            got = rulefile._canonical(mutated)
+            if got is None:
+                continue
+            assert got == tomllib.loads(mutated), mutated

@@ -36,6 +36,9 @@ def say(text: str) -> None:
     sys.stdout.write(text + "\n")
 
 
+RULES_SHOWN = 100  # rules in status's table; a table of 100,000 rows helps nobody
+
+
 def status(st: dict[str, Any]) -> None:
     c = console()
     if not st["loaded"]:
@@ -61,7 +64,7 @@ def status(st: dict[str, Any]) -> None:
         rules.add_column(col)
     for col in ("lookups", "steered", "dropped", "missing", "errors"):
         rules.add_column(col, justify="right")
-    for r in st["rules"]:
+    for r in st["rules"][:RULES_SHOWN]:
         action = "drop" if r["action"] == "drop" else f"steer -> {r['target']}"
         missing = "" if r["action"] == "drop" else r["on_missing"]
         n = r["counters"]
@@ -75,6 +78,11 @@ def status(st: dict[str, Any]) -> None:
         )
     if st["rules"]:
         c.print(rules)
+        if len(st["rules"]) > RULES_SHOWN:
+            c.print(
+                f"... and {len(st['rules']) - RULES_SHOWN} more rules, {len(st['rules'])} in all "
+                "(`status --json` lists them with their counters, `export` as a rule file)"
+            )
     else:
         c.print("no rules: every lookup goes on as if sklookupctl were not there")
     if st["targets"]:

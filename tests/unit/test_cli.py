@@ -384,3 +384,15 @@ def test_progress_bar_only_for_big_files_on_a_terminal(
         p("checking", 0, 100)
         p("checking", 100, 100)
         p("loading", 1, 1)
+
+
+def test_status_shows_at_most_so_many_rules(rec: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sklookupctl import render
+
+    many = dict(STATUS, rules=[dict(STATUS["rules"][0], ports=str(p)) for p in range(1, 151)])
+    monkeypatch.setattr(api, "status", rec.fake("status", many))
+    res = run("status")
+    assert res.exit_code == 0
+    assert sum("steer -> web" in line for line in res.output.splitlines()) == render.RULES_SHOWN
+    assert f"... and {150 - render.RULES_SHOWN} more rules, 150 in all" in res.output
+    assert len(json.loads(run("status", "--json").stdout)["rules"]) == 150

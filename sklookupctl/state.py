@@ -173,6 +173,13 @@ def _rule_tuple(r: Rule) -> tuple[int, int, int, bytes, int, int]:
     )
 
 
+def _incomplete(path: str, e: FileNotFoundError) -> EnvironmentProblem:
+    return EnvironmentProblem(
+        f"incomplete sklookupctl state in {path}: {e.filename} is missing",
+        "run `sklookupctl detach --all` to clear it, then attach again",
+    )
+
+
 def _read_array(m: Map[Any, Any], count: int, size: int) -> bytes:
     with m.mmap() as mm:
         return bytes(mm[: count * size])
@@ -215,10 +222,7 @@ class Generation:
             for m in maps.values():
                 m.close()
             if isinstance(e, FileNotFoundError):
-                raise EnvironmentProblem(
-                    f"incomplete sklookupctl state in {path}: {e.filename} is missing",
-                    "run `sklookupctl detach --all` to clear it, then attach again",
-                ) from None
+                raise _incomplete(path, e) from None
             raise
         g = cls(prog, maps, path)
         if g.meta().layout != layout.LAYOUT_VERSION:
@@ -334,10 +338,7 @@ class Dispatcher:
             for o in opened:
                 o.close()
             if isinstance(e, FileNotFoundError):
-                raise EnvironmentProblem(
-                    f"incomplete sklookupctl state in {path}: {e.filename} is missing",
-                    "run `sklookupctl detach --all` to clear it, then attach again",
-                ) from None
+                raise _incomplete(path, e) from None
             raise
         kept["sockets"].value_type = U64
         kept["targets"].value_type = TargetInfo

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import random
 
@@ -22,6 +21,8 @@ from sklookupctl.rules import (
     parse_prefix,
     parse_protocol,
 )
+
+from ..rulegen import near, port_near, random_rules
 
 
 @pytest.mark.parametrize(
@@ -250,54 +251,16 @@ def test_segments_are_merged_and_cover_the_port_space() -> None:
     assert rs.compile().lookup("tcp", ipaddress.ip_address("192.0.2.1"), 0) is None
 
 
-def random_ruleset(rng: random.Random) -> RuleSet:
-    rs = RuleSet()
-    bases = ["192.0.2.0", "2001:db8::"]
-    for _ in range(rng.randrange(1, 25)):
-        base = rng.choice(bases)
-        v6 = ":" in base
-        plen = rng.choice([0, 8, 16, 24, 25, 30, 32] if not v6 else [0, 32, 64, 120, 128])
-        net = ipaddress.ip_network(f"{base}/{plen}", strict=False)
-        lo = rng.randrange(1, 65536)
-        hi = min(65535, lo + rng.choice([0, 1, 10, 1000, 65535]))
-        proto = rng.choice(["tcp", "udp"])
-        target = rng.choice([None, "a", "b", "c"])
-        rule = make_rule(
-            proto,
-            str(net),
-            f"{lo}-{hi}",
-            target=target,
-            drop=target is None,
-            on_missing=rng.choice(["drop", "pass"]),
-        )
-        with contextlib.suppress(RuleConflict):
-            rs.add(rule)
-    return rs
-
-
 def test_compiled_lookup_matches_the_reference() -> None:
     """Differential: the segment structure the kernel walks against the definition."""
     rng = random.Random(2026)
     for _ in range(150):
-        rs = random_ruleset(rng)
+        rs, anchors = random_rules(rng, rng.randrange(1, 25))
         compiled = rs.compile()
-        edges = [1, 80, 65535]
-        for rule in rs.sorted():
-            edges += [
-                rule.key.lo,
-                rule.key.hi,
-                max(1, rule.key.lo - 1),
-                min(65535, rule.key.hi + 1),
-            ]
         for _ in range(200):
             proto = rng.choice(["tcp", "udp"])
-            if rng.random() < 0.5:
-                addr: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv4Address(
-                    "192.0.2.0"
-                ) + rng.choice([0, 1, 2, 3, 200, 255, 256, 70000])
-            else:
-                addr = ipaddress.IPv6Address("2001:db8::") + rng.choice([0, 1, 255, 2**64, 2**96])
-            port = rng.choice([*edges, rng.randrange(1, 65536)])
+            addr = near(rng, rng.choice(anchors))
+            port = port_near(rng, rs)
             assert compiled.lookup(proto, addr, port) == rs.match(proto, addr, port)
 
 

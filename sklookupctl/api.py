@@ -580,11 +580,14 @@ def _acquire_targets(ns: Netns, rf: rulefile.RuleFile, name: str) -> dict[str, s
                     f"{spec.describe()} is a {info.proto} socket, its rules are {spec.proto}",
                     "point it at a socket of the rules' protocol",
                 )
+        # one check per (target, IP version): the first rule of each pair stands for the rest
+        firsts: dict[tuple[str, int], Rule] = {}
         for rule in rf.rules.rules.values():
-            if rule.target is None:
-                continue
+            if rule.target is not None:
+                firsts.setdefault((rule.target, rule.key.version), rule)
+        for rule in firsts.values():
             try:
-                _check_family(rule, infos[rule.target])
+                _check_family(rule, infos[rule.target or ""])
             except SklookupError as e:
                 where = f"{name}: rules[{rf.index(rule.key)}].target"
                 raise rulefile.FileError(where, e.message, e.hint) from None

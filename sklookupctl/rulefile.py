@@ -290,6 +290,7 @@ def _optional(d: dict[str, Any], field: str) -> str | None:
 
 
 _RULE_FIELD_SET = frozenset(RULE_FIELDS)
+_new = tuple.__new__
 
 
 def _parse_rule(d: dict[str, Any], targets: dict[str, Any], cache: Cache) -> Rule:
@@ -304,9 +305,10 @@ def _parse_rule(d: dict[str, Any], targets: dict[str, Any], cache: Cache) -> Rul
     action = d.get("action")
     on_missing = d.get("on_missing")
     if action is None and on_missing is None and target.__class__ is str and target in targets:
-        return Rule(
-            RuleKey.of(proto, version, net, plen, lo, hi), STEER, target, "drop"
-        )  # the common case
+        # the common case, valid by the checks above: made without checking again
+        key = _new(RuleKey, (proto, version, net, plen, lo, hi))
+        rule: Rule = _new(Rule, (key, STEER, target, "drop"))
+        return rule
     target, action, on_missing = (_optional(d, f) for f in ("target", "action", "on_missing"))
     if action is not None and action not in (STEER, DROP):
         raise _Bad("action", f"{action!r} is not an action", "use drop, or give a target")

@@ -160,19 +160,6 @@ def check_name(name: str) -> str:
     return name
 
 
-class _Frozen:
-    """Immutable after __init__. Plain slotted classes: rule sets hold 100,000s of these, and
-    frozen dataclasses take several times longer to make."""
-
-    __slots__ = ()
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"{type(self).__name__} is immutable")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"{type(self).__name__} is immutable")
-
-
 class _KeyFields(NamedTuple):
     proto: str
     version: int  # 4 or 6
@@ -223,40 +210,28 @@ class RuleKey(_KeyFields):
         return f"{self.proto} {self.prefix} {format_ports(self.lo, self.hi)}"
 
 
-class Rule(_Frozen):
-    """A rule: its key, and either a target name (steer) or drop."""
-
-    __slots__ = ("action", "key", "on_missing", "target")
+class _RuleFields(NamedTuple):
     key: RuleKey
     action: str  # STEER or DROP
-    target: str | None
-    on_missing: str
+    target: str | None = None
+    on_missing: str = "drop"
 
-    def __init__(
-        self, key: RuleKey, action: str, target: str | None = None, on_missing: str = "drop"
-    ) -> None:
+
+class Rule(_RuleFields):
+    """A rule: its key, and either a target name (steer) or drop. A tuple, like its key."""
+
+    __slots__ = ()
+
+    def __new__(
+        cls, key: RuleKey, action: str, target: str | None = None, on_missing: str = "drop"
+    ) -> Rule:
         if action == STEER and not target:
             raise InvalidArgument(f"rule {key} steers but has no target")
         if action == DROP and target:
             raise InvalidArgument(f"rule {key} drops and cannot have a target")
         if on_missing not in ON_MISSING:
             raise InvalidArgument(f"on-missing {on_missing!r} is not valid", "use drop or pass")
-        init = object.__setattr__
-        init(self, "key", key)
-        init(self, "action", action)
-        init(self, "target", target)
-        init(self, "on_missing", on_missing)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Rule):
-            return NotImplemented
-        return self.key == other.key and self.same_effect(other)
-
-    def __hash__(self) -> int:
-        return hash((self.key, self.action, self.target, self.on_missing))
-
-    def __repr__(self) -> str:
-        return f"Rule({self.key!r}, {self.action!r}, {self.target!r}, {self.on_missing!r})"
+        return tuple.__new__(cls, (key, action, target, on_missing))
 
     def same_effect(self, other: Rule) -> bool:
         return (self.action, self.target, self.on_missing) == (

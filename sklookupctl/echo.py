@@ -128,10 +128,25 @@ def serve_udp(s: socket.socket) -> None:
 # -- clients: what tests and the demo dial with ----------------------------------------------
 
 
+def _client(host: str, kind: int) -> socket.socket:
+    """A client socket bound to the loopback address when `host` is not loopback.
+
+    Dialling a local address on a port no socket is bound to (just what steering is for) from
+    that same address, the kernel may pick the destination port as the ephemeral source port:
+    the socket then connects to itself (TCP simultaneous open) or receives its own datagram,
+    and the hook never runs. A different source address rules that out.
+    """
+    s = socket.socket(_family(host), kind)
+    addr = ipaddress.ip_address(host)
+    if not addr.is_loopback:
+        s.bind(("127.0.0.1" if addr.version == 4 else "::1", 0))
+    return s
+
+
 def dial_tcp(host: str, port: int, timeout: float = 2.0, payload: bytes = b"") -> str:
     """Connect and return the first line the server sends ('ADDR PORT'), or 'refused' or
     'timeout'. The calling thread must already be in the namespace to dial from."""
-    s = socket.socket(_family(host), socket.SOCK_STREAM)
+    s = _client(host, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         s.connect((host, port))
@@ -160,7 +175,7 @@ def _readline(s: socket.socket) -> str:
 
 def dial_udp(host: str, port: int, timeout: float = 1.0) -> str:
     """Send one datagram and return the first reply line, or 'refused' or 'timeout'."""
-    s = socket.socket(_family(host), socket.SOCK_DGRAM)
+    s = _client(host, socket.SOCK_DGRAM)
     s.settimeout(timeout)
     try:
         s.connect((host, port))  # so an ICMP port unreachable comes back as ECONNREFUSED

@@ -268,3 +268,24 @@ def test_canonical_reader_agrees_with_tomllib() -> None:
             if got is None:
                 continue
             assert got == tomllib.loads(mutated), mutated
+
+
+def test_files_are_read_from_paths_or_stdin(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import sys
+
+    from sklookupctl import api
+    from sklookupctl.errors import InvalidArgument, NotFound
+
+    f = tmp_path / "r.toml"
+    f.write_text(GOOD)
+    assert api._read_file(str(f)) == GOOD
+    monkeypatch.setattr(sys, "stdin", io.StringIO(GOOD))
+    assert api._read_file("-") == GOOD
+    with pytest.raises(NotFound, match="no such file"):
+        api._read_file(str(tmp_path / "missing.toml"))
+    with pytest.raises(InvalidArgument, match="is a directory"):
+        api._read_file(str(tmp_path))
+    (tmp_path / "latin1.toml").write_bytes(b"x = '\xe9'\n")
+    with pytest.raises(InvalidArgument, match="not UTF-8"):
+        api._read_file(str(tmp_path / "latin1.toml"))

@@ -388,15 +388,6 @@ class Map(Fd, Generic[K, V]):
             start = out_b.value
         return bytes(out)
 
-    def lookup_percpu(self, key: K) -> list[V]:
-        """A per-CPU map's value on every possible CPU."""
-        ncpu = possible_cpus()
-        stride = (ctypes.sizeof(self.value_type) + 7) & ~7
-        buf = (ctypes.c_uint8 * (stride * ncpu))()
-        attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(key), value=ctypes.addressof(buf))
-        _bpf(BPF_MAP_LOOKUP_ELEM, attr, "map lookup")
-        return [self.value_type.from_buffer_copy(buf, i * stride) for i in range(ncpu)]
-
     def lookup(self, key: K) -> V | None:
         value: V = self.value_type()
         attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(key), value=ctypes.addressof(value))

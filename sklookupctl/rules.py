@@ -391,9 +391,6 @@ class Compiled:
                 return self.rules[number - 1] if number else None
         return None
 
-    def segment_count(self) -> int:
-        return sum(len(s) for g in self.groups.values() for s in g.values())
-
 
 def _own_segments(ranges: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
     """Segments of one prefix's own rules, (lo, hi, number) with nested or disjoint ranges:

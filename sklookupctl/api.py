@@ -360,8 +360,9 @@ def detach_all(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> DetachResult
         try:
             d = Dispatcher.open(path)
         except EnvironmentProblem:
-            # incomplete or foreign-layout state: unpinning is all that can be done, and it
-            # releases a link that only the pin held
+            # incomplete or foreign-layout state: detach its link now (unpinning alone releases
+            # the link only later, from a kernel work queue), then remove the pins
+            state.detach_pinned_link(path, ns)
             state.unpin_dir(path)
             return DetachResult(ns.label, "damaged state directory", True)
         with d:

@@ -295,10 +295,15 @@ _SelfT = TypeVar("_SelfT", bound=Fd)
 
 
 def obj_get(path: str) -> int:
-    """Open a pinned object; returns a new fd."""
+    """Open a pinned object; returns a new fd. FileNotFoundError when nothing is pinned there."""
     name = ctypes.c_char_p(os.fsencode(path))
     attr = _ObjAttr(pathname=ctypes.cast(name, ctypes.c_void_p).value or 0)
-    return _bpf(BPF_OBJ_GET, attr, f"open pinned {path}")
+    try:
+        return _bpf(BPF_OBJ_GET, attr, f"open pinned {path}")
+    except BpfError as e:
+        if e.errno == errno.ENOENT:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path) from None
+        raise
 
 
 K = TypeVar("K", bound=Any)

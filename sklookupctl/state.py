@@ -62,6 +62,10 @@ from .rules import (
 )
 
 TOP = "sklookupctl"
+OTHER_VERSION = (
+    "another sklookupctl version made it: `sklookupctl detach --all` removes it (steering in "
+    "that namespace stops until you attach or apply again)"
+)
 Effect = tuple[str, str | None, str]  # (action, target, on_missing) of a rule
 U32 = ctypes.c_uint32
 U64 = ctypes.c_uint64
@@ -176,7 +180,7 @@ def _rule_tuple(r: Rule) -> tuple[int, int, int, bytes, int, int]:
 def _incomplete(path: str, e: FileNotFoundError) -> EnvironmentProblem:
     return EnvironmentProblem(
         f"incomplete sklookupctl state in {path}: {e.filename} is missing",
-        "run `sklookupctl detach --all` to clear it, then attach again",
+        "`sklookupctl detach --all` clears it; then attach or apply again",
     )
 
 
@@ -214,8 +218,7 @@ class Generation:
                 if (info.type, info.value_size) != (mtype, ctypes.sizeof(value)):
                     raise EnvironmentProblem(
                         f"pinned map {path}/{name} is not what this version expects",
-                        "it was made by another sklookupctl version: run `sklookupctl detach "
-                        "--all` with that version, then attach again",
+                        OTHER_VERSION,
                     )
             prog = Program.from_pin(os.path.join(path, "program"))
         except BaseException as e:
@@ -225,12 +228,12 @@ class Generation:
                 raise _incomplete(path, e) from None
             raise
         g = cls(prog, maps, path)
-        if g.meta().layout != layout.LAYOUT_VERSION:
+        found = g.meta().layout
+        if found != layout.LAYOUT_VERSION:
             g.close()
             raise EnvironmentProblem(
-                f"state in {path} has layout {g.meta().layout}, this version uses "
-                f"{layout.LAYOUT_VERSION}",
-                "run `sklookupctl detach --all` with the version that made it, then attach again",
+                f"state in {path} has layout {found}, this version uses {layout.LAYOUT_VERSION}",
+                OTHER_VERSION,
             )
         return g
 
@@ -326,8 +329,7 @@ class Dispatcher:
                 if got != want:
                     raise EnvironmentProblem(
                         f"pinned map {path}/{name} has shape {got}, this version expects {want}",
-                        "it was made by another sklookupctl version: run `sklookupctl detach "
-                        "--all` with that version, then attach again",
+                        OTHER_VERSION,
                     )
                 kept[name] = m
             link = Link.from_pin(os.path.join(path, "link"))
@@ -615,6 +617,18 @@ def attach_link(d: Dispatcher, ns: Netns) -> None:
         raise EnvironmentProblem(f"cannot attach to {ns.label}: {e.strerror}", hint) from None
     d.link = link
     link.pin(os.path.join(d.path, "link"))
+
+
+def detach_pinned_link(path: str, ns: Netns) -> None:
+    """Detach the link pinned in a state directory we cannot otherwise read, if it is attached
+    to `ns` (or to nothing any more). Best effort: the directory is going anyway."""
+    try:
+        link = Link.from_pin(os.path.join(path, "link"))
+    except OSError:
+        return
+    with link, contextlib.suppress(BpfError):
+        if link.info().netns_ino in (ns.inode, 0):
+            link.detach()
 
 
 def remove(d: Dispatcher) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import uuid
@@ -42,3 +43,48 @@ def test_netns_add_list_del(ns: NS) -> None:
     finally:
         if os.path.exists(f"/run/netns/{name}"):
             ns.ok("netns", "del", name)
+
+
+def _live_gen(ns: NS) -> str:
+    """The live generation's directory of the dispatcher in `ns`."""
+    st = ns.status()
+    return os.path.join(str(st["path"]), f"gen-{st['program_id']}")
+
+
+def _overwrite_meta_layout(gen: str, version: int) -> None:
+    from sklookupctl import layout
+    from sklookupctl.bpfsys import Map
+
+    with Map.from_pin(os.path.join(gen, "meta"), ctypes.c_uint32, layout.Meta) as m:
+        meta = m.lookup(ctypes.c_uint32(0))
+        assert meta is not None
+        meta.layout = version
+        m.update(ctypes.c_uint32(0), meta)
+
+
+def test_state_of_another_version_is_refused_then_cleared(ns: NS) -> None:
+    ns.proxy(tcp="127.0.0.1:9000", tag="web")
+    ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--to", "127.0.0.1:9000")
+    _overwrite_meta_layout(_live_gen(ns), 99)
+    for args in (["status"], ["attach", "tcp", "198.51.100.0/24", "80", "--drop"], ["export"]):
+        res = ns.cli(*args)
+        assert res.exit_code == 1, res.output
+        assert res.output.startswith("error: state in ") and "has layout 99" in res.output
+        assert "`sklookupctl detach --all` removes it" in res.output
+        assert "Traceback" not in res.output and res.output.count("\n") == 1
+    # the old state still steers until the operator clears it
+    assert ns.dial("tcp", "192.0.2.1", 80) == "192.0.2.1 80 web"
+    assert "damaged state directory" in ns.ok("detach", "--all").output
+    assert ns.files() == [] and ns.dial("tcp", "192.0.2.1", 80) == "refused"
+    ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--to", "127.0.0.1:9000")
+    assert ns.dial("tcp", "192.0.2.1", 80) == "192.0.2.1 80 web"
+
+
+def test_incomplete_state_is_refused_then_cleared(ns: NS) -> None:
+    ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--drop")
+    os.unlink(os.path.join(_live_gen(ns), "segments"))
+    res = ns.cli("status")
+    assert res.exit_code == 1
+    assert "incomplete sklookupctl state" in res.output and "segments is missing" in res.output
+    assert "damaged state directory" in ns.ok("detach", "--all").output
+    assert ns.files() == [] and ns.dial("tcp", "192.0.2.1", 80) == "refused"

@@ -88,6 +88,19 @@ static __always_inline void release_sock(struct bpf_sock **sk)
 		bpf_sk_release(*sk);
 }
 
+/* A steering rule that could not steer: its on_missing decides, and the counters say which. */
+static __always_inline int not_steered(struct counters *c, u8 on_missing)
+{
+	if (on_missing == SKL_MISSING_PASS) {
+		if (c)
+			c->passed++;
+		return SK_PASS;
+	}
+	if (c)
+		c->dropped++;
+	return SK_DROP;
+}
+
 /* `n` (1..64) bits of the 128-bit address hi:lo, starting `pos` bits from the top */
 static __always_inline u64 address_bits(u64 hi, u64 lo, u32 pos, u32 n)
 {
@@ -200,14 +213,9 @@ int dispatch(struct bpf_sk_lookup *ctx)
 	if (!sk) {
 		/* the target's socket is gone (proxy down?): drop by default, so connections do not
 		 * land in some other socket; pass only when the rule says so */
-		if (c) {
+		if (c)
 			c->missing++;
-			if (on_missing == SKL_MISSING_PASS)
-				c->passed++;
-			else
-				c->dropped++;
-		}
-		return on_missing == SKL_MISSING_PASS ? SK_PASS : SK_DROP;
+		return not_steered(c, on_missing);
 	}
 
 	/* F_REPLACE: like the kernel's multi-program rule, the last program to select wins */
@@ -215,14 +223,9 @@ int dispatch(struct bpf_sk_lookup *ctx)
 	if (err) {
 		/* the socket cannot take this packet (family or protocol mismatch): treat it as
 		 * missing, for the same reason */
-		if (c) {
+		if (c)
 			c->errors++;
-			if (on_missing == SKL_MISSING_PASS)
-				c->passed++;
-			else
-				c->dropped++;
-		}
-		return on_missing == SKL_MISSING_PASS ? SK_PASS : SK_DROP;
+		return not_steered(c, on_missing);
 	}
 
 	/* steered */

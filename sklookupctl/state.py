@@ -201,6 +201,7 @@ class Generation:
     program: Program
     maps: dict[str, Map[Any, Any]]
     path: str | None = None
+    _meta: Meta | None = field(default=None, repr=False)  # written once, when built
 
     def close(self) -> None:
         self.program.close()
@@ -238,7 +239,10 @@ class Generation:
         return g
 
     def meta(self) -> Meta:
-        return Meta.from_buffer_copy(_read_array(self.maps["meta"], 1, ctypes.sizeof(Meta)))
+        if self._meta is None:
+            raw = _read_array(self.maps["meta"], 1, ctypes.sizeof(Meta))
+            self._meta = Meta.from_buffer_copy(raw)
+        return self._meta
 
     def rule_records(self) -> list[tuple[int, int, int, int, int, int, int, int, bytes]]:
         """(proto, family, prefixlen, action, on_missing, lo, hi, target, addr) by rule number
@@ -393,8 +397,8 @@ class Dispatcher:
         return RuleSet({r.key: r for r in self.read_rule_list(targets)})
 
     def read_effects(self, targets: dict[str, Target]) -> dict[RuleKey, Effect]:
-        """The live rules as key -> (action, target, on_missing), without making Rule objects
-        (comparing large rule sets)."""
+        """The live rules as key -> (action, target, on_missing), in rule-number order, without
+        making Rule objects (comparing large rule sets)."""
         if self.gen is None:
             return {}
         by_id = {t.id: t.name for t in targets.values()}
@@ -420,20 +424,7 @@ class Dispatcher:
 
     def read_rule_list(self, targets: dict[str, Target]) -> list[Rule]:
         """The live rules, by rule number (as counters are)."""
-        if self.gen is None:
-            return []
-        by_id = {t.id: t.name for t in targets.values()}
-        out: list[Rule] = []
-        for proto, family, plen, action, missing, lo, hi, target, addr in self.gen.rule_records():
-            v4 = family == socket.AF_INET
-            net = int.from_bytes(addr[:4] if v4 else addr, "big")
-            key = RuleKey.of(PROTO_NAMES[proto], 4 if v4 else 6, net, plen, lo, hi)
-            on_missing = "pass" if missing == layout.MISSING_PASS else "drop"
-            if action == layout.ACTION_DROP:
-                out.append(Rule(key, DROP, None, on_missing))
-            else:
-                out.append(Rule(key, STEER, by_id.get(target, f"#{target}"), on_missing))
-        return out
+        return [Rule(key, *effect) for key, effect in self.read_effects(targets).items()]
 
     def socket_cookie(self, target_id: int) -> int | None:
         """Cookie of the socket in the SOCKMAP slot, None when it is gone."""

@@ -197,6 +197,9 @@ def toml_of(rules: list[tuple[str, Any, int, int, str]], ports: dict[str, int]) 
 # -- BPF_PROG_TEST_RUN -------------------------------------------------------------------------
 
 
+_BCC_MODULES: list[Any] = []
+
+
 def bcc_program(source: str, sock_fd: int | None) -> Program:
     import bcc
 
@@ -211,11 +214,8 @@ def bcc_program(source: str, sock_fd: int | None) -> Program:
             ctypes.c_uint32(0), ctypes.c_uint64(sock_fd)
         )
     prog = Program(os.dup(fn.fd))
-    bcc_program.keep.append(mod)  # type: ignore[attr-defined]
+    _BCC_MODULES.append(mod)  # the program's maps live as long as the module
     return prog
-
-
-bcc_program.keep = []  # type: ignore[attr-defined]
 
 
 def sample_ctxs(

@@ -240,33 +240,20 @@ def _attach_locked(
         socket=f"{info.endpoint}, {info.holder}" if info else "",
     )
     with state.locked(bpffs, exclusive=True) as base:
-        state.clean_staging(base)
-        d = _open_existing(base, ns, writer=True)
-        staging = None
-        if d is None:
-            staging = os.path.join(base, f"staging-{ns.inode}-{os.getpid()}")
-            d = state.create(staging, ns)
-            result.loaded = True
-        try:
-            with d:
-                targets = d.read_targets()
-                rs = d.read_rules(targets)
-                rule_changed = rs.check_add(rule, replace)
-                new_socket = False
-                if info is not None and rule.target is not None:
-                    new_socket = _place_target(d, targets, rule, info, replace, known_as, result)
-                if rule_changed:
-                    rs.add(rule, replace)
-                    d.commit(rs, targets)
-                    _gc_targets(d, rs, targets)
-                result.changed = rule_changed or new_socket or result.loaded
-                if staging is not None:
-                    state.attach_link(d, ns)
-                    os.rename(staging, state.netns_dir(base, ns))
-                    staging = None
-        finally:
-            if staging is not None:
-                state.unpin_dir(staging)
+        existing = _open_existing(base, ns, writer=True)
+        result.loaded = existing is None
+        with existing or state.staged(base, ns) as d:
+            targets = d.read_targets()
+            rs = d.read_rules(targets)
+            rule_changed = rs.check_add(rule, replace)
+            new_socket = False
+            if info is not None and rule.target is not None:
+                new_socket = _place_target(d, targets, rule, info, replace, known_as, result)
+            if rule_changed:
+                rs.add(rule, replace)
+                d.commit(rs, targets)
+                _gc_targets(d, rs, targets)
+            result.changed = rule_changed or new_socket or result.loaded
     return result
 
 
@@ -705,7 +692,6 @@ def _apply_locked(
     res = ApplyResult(ns.label, path, dry_run, len(rf.rules))
     res.notes += [f"target {n} is not used by any rule: not registered" for n in rf.unused_targets]
     d = _open_existing(base, ns, writer=not dry_run) if os.path.isdir(base) else None
-    staging = None
     try:
         old_targets = d.read_targets() if d else {}
         old_rules = d.read_effects(old_targets) if d else {}
@@ -718,44 +704,36 @@ def _apply_locked(
         res.generation = d.gen.meta().generation if d and d.gen else 0
         if dry_run or not res.differs:
             return res
-        if d is None:
-            staging = os.path.join(base, f"staging-{ns.inode}-{os.getpid()}")
-            d = state.create(staging, ns)
-            res.loaded = True
-        # every target whose address or socket changes gets a fresh SOCKMAP slot, so rules of
-        # the old set keep reaching the old socket until the switch
-        targets: dict[str, Target] = {}
-        taken: set[int] = set()
-        for n, (addr, port, cookie) in wanted.items():
-            old_t = old_targets.get(n)
-            if old_t is not None and (old_t.addr, old_t.port, cookies.get(n)) == (
-                addr,
-                port,
-                cookie,
-            ):
-                targets[n] = old_t
-                continue
-            info = infos[n]
-            tid = _free_id(old_targets, taken)
-            taken.add(tid)
-            targets[n] = Target(tid, n, info.proto, info.family, addr, port, cookie)
-            d.put_target(targets[n], info.fd)
+        res.loaded = d is None
         step("loading")(0, 1)
-        d.commit(rf.rules, targets)
-        d.gc_targets({t.id for t in targets.values()})
-        if staging is not None:
-            state.attach_link(d, ns)
-            os.rename(staging, state.netns_dir(base, ns))
-            staging = None
+        with contextlib.nullcontext(d) if d else state.staged(base, ns) as w:
+            # every target whose address or socket changes gets a fresh SOCKMAP slot, so rules
+            # of the old set keep reaching the old socket until the switch
+            targets: dict[str, Target] = {}
+            taken: set[int] = set()
+            for n, (addr, port, cookie) in wanted.items():
+                old_t = old_targets.get(n)
+                if old_t is not None and (old_t.addr, old_t.port, cookies.get(n)) == (
+                    addr,
+                    port,
+                    cookie,
+                ):
+                    targets[n] = old_t
+                    continue
+                info = infos[n]
+                tid = _free_id(old_targets, taken)
+                taken.add(tid)
+                targets[n] = Target(tid, n, info.proto, info.family, addr, port, cookie)
+                w.put_target(targets[n], info.fd)
+            w.commit(rf.rules, targets)
+            w.gc_targets({t.id for t in targets.values()})
+            res.generation = w.gen.meta().generation if w.gen else 0
         res.applied = True
-        res.generation = d.gen.meta().generation if d.gen else 0
         step("loading")(1, 1)
         return res
     finally:
         if d is not None:
             d.close()
-        if staging is not None:
-            state.unpin_dir(staging)
 
 
 def export(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> str:

@@ -595,6 +595,25 @@ def create(path: str, ns: Netns) -> Dispatcher:
         raise
 
 
+@contextlib.contextmanager
+def staged(base: str, ns: Netns) -> Iterator[Dispatcher]:
+    """A namespace's first dispatcher, built under a staging name: when the block succeeds it is
+    attached and renamed into place, when it fails it is removed; closed either way. Staging
+    directories of invocations that died are removed first."""
+    clean_staging(base)
+    path = os.path.join(base, f"staging-{ns.inode}-{os.getpid()}")
+    d = create(path, ns)
+    try:
+        with d:
+            yield d
+            attach_link(d, ns)
+            os.rename(path, netns_dir(base, ns))
+    except BaseException:
+        if os.path.isdir(path):
+            unpin_dir(path)
+        raise
+
+
 def attach_link(d: Dispatcher, ns: Netns) -> None:
     """Attach the live generation's program to `ns` and pin the link next to it."""
     try:

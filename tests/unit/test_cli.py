@@ -384,6 +384,7 @@ def test_progress_bar_only_for_big_files_on_a_terminal(
         p("checking", 0, 100)
         p("checking", 100, 100)
         p("loading", 1, 1)
+    assert "checking" in tty.getvalue()  # the bar was drawn on the terminal
 
 
 def test_status_shows_at_most_so_many_rules(rec: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,7 @@
  * set of maps sized to that rule set (sklookupctl/program.py), then swaps it in with one
  * BPF_LINK_UPDATE. A lookup therefore sees the old rule set or the new one, never a mix.
  *
- * The rule set is compiled in userspace (sklookupctl/lpm.py) into:
+ * The rule set is compiled in userspace (sklookupctl/rules.py, sklookupctl/trie.py) into:
  *   nodes, entries  a multibit trie over the destination address, one root per (protocol,
  *                   family) at nodes[0..3]. Each node may first compare `skip` bits of the
  *                   address (path compression), then indexes `stride` bits into its entries.
@@ -15,8 +15,10 @@
  *   segments        the port space 0..65535 of one prefix cut into disjoint pieces, each with the
  *                   rule that wins there: longest prefix, then narrowest port range. Rules of
  *                   shorter prefixes are already folded in.
- *   counters        per-CPU, per rule: lookups it won, steered, dropped, missing socket, errors.
- *   sockets         SOCKMAP: target id -> socket. The one map that outlives rule-set changes.
+ *   counters        per-CPU, per rule: steered, dropped, passed, missing socket, assign errors.
+ *   sockets         SOCKMAP: slot -> socket. A target is a block of slots: one socket, or the
+ *                   members of a SO_REUSEPORT group. Successive generations share it (until it
+ *                   must grow), so a socket registered once stays in place.
  *
  * Every lookup here is an ARRAY lookup, which the verifier inlines: the cost does not grow with
  * the number of rules, only with the depth of the trie (bounded by NODE_STEPS).
@@ -43,6 +45,11 @@
 #define SKL_MISSING_DROP 0
 #define SKL_MISSING_PASS 1
 
+/* segment.flags */
+#define SKL_TARGET_EXACT 1 /* this socket only: BPF_SK_LOOKUP_F_NO_REUSEPORT */
+/* members of a reuseport group registered for one target */
+#define SKL_MAX_MEMBERS 16
+
 /* mirrored by layout.Node (ARRAY elements are 8-byte aligned: no padding is wasted) */
 struct node {
 	u64 fallback;  /* the leaf when the skip bits differ */
@@ -59,9 +66,11 @@ struct segment {
 	u16 lo;
 	u8 action;
 	u8 on_missing;
-	u32 target;
+	u32 slot;  /* the target's first SOCKMAP slot */
 	u32 rule;
-	u32 pad;
+	u8 slots;  /* the target's block: slot .. slot + slots - 1 */
+	u8 flags;  /* SKL_TARGET_* */
+	u16 pad;
 };
 
 /* mirrored by layout.Counters. Each lookup a rule wins ends steered, dropped or passed (so
@@ -206,30 +215,43 @@ int dispatch(struct bpf_sk_lookup *ctx)
 		return SK_DROP;
 	}
 
-	u32 target = seg->target;
+	u32 slot = seg->slot;
+	/* volatile: clang would otherwise derive the loop's trip count from it, and the verifier
+	 * then walks every value it may take */
+	volatile u32 slots = seg->slots;
 	u8 on_missing = seg->on_missing;
-	struct bpf_sock *sk __attribute__((cleanup(release_sock))) =
-		(struct bpf_sock *)sockets.lookup(&target);
-	if (!sk) {
-		/* the target's socket is gone (proxy down?): drop by default, so connections do not
-		 * land in some other socket; pass only when the rule says so */
-		if (c)
-			c->missing++;
-		return not_steered(c, on_missing);
-	}
-
 	/* F_REPLACE: like the kernel's multi-program rule, the last program to select wins */
-	long err = bpf_sk_assign(ctx, sk, BPF_SK_LOOKUP_F_REPLACE);
-	if (err) {
-		/* the socket cannot take this packet (family or protocol mismatch): treat it as
-		 * missing, for the same reason */
+	u64 flags = BPF_SK_LOOKUP_F_REPLACE;
+	if (seg->flags & SKL_TARGET_EXACT)
+		/* the operator chose this socket, not the kernel's pick within its reuseport group */
+		flags |= BPF_SK_LOOKUP_F_NO_REUSEPORT;
+	/* the first live member of the block; the kernel then picks within its reuseport group
+	 * (unless exact), so any live member stands for the whole group */
+	for (int i = 0; i < SKL_MAX_MEMBERS; i++) {
+		if (i >= slots)
+			break;
+		u32 k = slot + i;
+		struct bpf_sock *sk __attribute__((cleanup(release_sock))) =
+			(struct bpf_sock *)sockets.lookup(&k);
+		if (!sk)
+			/* this member is gone: try the next */
+			continue;
+		long err = bpf_sk_assign(ctx, sk, flags);
+		if (err) {
+			/* the socket cannot take this packet (family or protocol mismatch): treat it
+			 * as missing, for the reason below */
+			if (c)
+				c->errors++;
+			return not_steered(c, on_missing);
+		}
+		/* steered */
 		if (c)
-			c->errors++;
-		return not_steered(c, on_missing);
+			c->steered++;
+		return SK_PASS;
 	}
-
-	/* steered */
+	/* every socket of the target is gone (proxy down?): drop by default, so connections do not
+	 * land in some other socket; pass only when the rule says so */
 	if (c)
-		c->steered++;
-	return SK_PASS;
+		c->missing++;
+	return not_steered(c, on_missing);
 }

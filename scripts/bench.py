@@ -44,7 +44,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from sklookupctl import api, compiler, state, testrun
+from sklookupctl import api, compiler, store, testrun
 from sklookupctl import netns as nsmod
 from sklookupctl.bpfsys import Map, Program
 
@@ -525,11 +525,15 @@ def datapath(
                 f.write(toml_of(changed, ports))
             t_replace = sb.cli(name, "apply", path2)
             t_same = sb.cli(name, "apply", path2)
-            with nsmod.open_netns(name) as ns:
-                d = state.Dispatcher.open(state.netns_dir(os.path.join(sb.bpffs, state.TOP), ns))
+            with (
+                nsmod.open_netns(name) as ns,
+                store.Store.locked(sb.bpffs, exclusive=False) as st,
+            ):
+                d = st.open(ns)
+            assert d is not None
             with d:
                 assert d.gen is not None
-                memlock = d.gen.memlock() + d.sockets.memlock() + d.targets.memlock()
+                memlock = d.gen.memlock()
                 prog = d.program
                 ctxs = sample_ctxs(prog, changed, rng, samples)
                 with one_cpu():

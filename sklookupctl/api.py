@@ -2,6 +2,11 @@
 
 Every function takes the target namespace (`netns`: a name, a path, or None for the caller's)
 and the bpffs directory, and raises SklookupError subclasses with a hint.
+
+Every change goes one way (`_change`): find the sockets the change names (sockets.Discovery:
+one sock_diag dump and one /proc scan per command), take the lock, repair what killed commands
+left, read what is live, let the command say what it wants, make a plan (plan.make_plan, pure),
+and commit it (store.Dispatcher.commit). The commands differ only in what they want.
 """
 
 from __future__ import annotations
@@ -9,13 +14,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import socket
+import resource
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import layout, sockets, state
+from . import image, layout, sockets
 from .bpfsys import BpfError, query_netns_programs
 from .errors import (
     EnvironmentProblem,
@@ -26,8 +31,10 @@ from .errors import (
     RuleConflict,
     SklookupError,
     SocketRejected,
+    TargetMismatch,
 )
 from .netns import Netns, open_netns
+from .plan import NOTHING, Live, Member, Plan, Slotted, TargetChange, Want, live_rules, make_plan
 from .rules import (
     ON_MISSING,
     IPAddress,
@@ -43,7 +50,7 @@ from .rules import (
     parse_prefix,
     parse_protocol,
 )
-from .state import Dispatcher, Target
+from .store import Dispatcher, Store
 
 if TYPE_CHECKING:
     from . import rulefile
@@ -74,6 +81,149 @@ def require_privileges() -> None:
         )
 
 
+def _more_files() -> None:
+    """Registering thousands of sockets holds an fd for each until the switch: lift the soft
+    limit of open files to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _rule_json(r: Rule, counters: dict[str, int] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "protocol": r.key.proto,
+        "prefix": str(r.key.prefix),
+        "ports": format_ports(r.key.lo, r.key.hi),
+        "action": r.action,
+        "target": r.target,
+        "on_missing": r.on_missing,
+    }
+    if counters is not None:
+        out["counters"] = counters
+    return out
+
+
+# -- the write pipeline ------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What `_change` did."""
+
+    plan: Plan
+    live: Live
+    loaded: bool  # this change made the namespace's first generation
+    committed: bool  # a new generation went live
+    generation: int  # the live generation afterwards
+
+
+Desire = Callable[[Live], tuple[RuleSet, dict[str, Want]]]
+
+
+def _change(
+    ns: Netns, bpffs: str, disc: sockets.Discovery, desire: Desire, dry_run: bool = False
+) -> Outcome:
+    """The one way every change goes: lock, repair, read what is live, ask `desire` what is
+    wanted, plan, commit. With `dry_run`, only the plan is made (under a shared lock)."""
+    with Store.locked(bpffs, exclusive=not dry_run) as store:
+        if dry_run:
+            d = store.open(ns)
+            if d is not None and d.state == "unfinished":
+                d.close()
+                d = None
+        else:
+            store.gc()
+            d = store.open_for_write(ns)
+        try:
+            live = d.snapshot() if d is not None else NOTHING
+            rules, wants = desire(live)
+            plan = make_plan(live, rules, wants)
+            if dry_run or plan.noop:
+                return Outcome(plan, live, False, False, live.generation)
+            target = d if d is not None else store.create(ns)
+            generation = live.generation + 1
+            meta = image.MetaInfo(generation, ns.cookie(), ns.inode, ns.label)
+            try:
+                target.commit(plan, meta, ns, disc.socket_fd)
+            except BaseException:
+                if d is None:
+                    store.discard(target)
+                raise
+            if d is None:
+                target.close()
+            return Outcome(plan, live, d is None, True, generation)
+        finally:
+            if d is not None:
+                d.close()
+
+
+def _keep(t: Slotted) -> Want:
+    """A live target as it is: no socket looked for, its slots kept."""
+    return Want(t.name, t.proto, t.addr, t.port, (), t.exact)
+
+
+def _members(found: list[sockets.DiagEntry]) -> tuple[Member, ...]:
+    return tuple(Member(e.cookie, e.family, e.v6only) for e in found)
+
+
+def _want_at(
+    disc: sockets.Discovery,
+    live: Live,
+    name: str,
+    proto: str,
+    addr: IPAddress,
+    port: int,
+    exact: bool,
+    notes: list[str],
+) -> Want:
+    """A target at addr:port, with the socket(s) found there now. When none can serve and the
+    target is already live at that address, it stays as registered (its rules act as
+    on_missing says) with a note; otherwise the error says what is there."""
+    old = live.targets.get(name)
+    try:
+        found = disc.find(proto, addr, port, exact, live.alive(old) if old else ())
+    except (NotFound, SocketRejected) as e:
+        if old is not None and (old.proto, old.addr, old.port, old.exact) == (
+            proto,
+            addr,
+            port,
+            exact,
+        ):
+            notes.append(
+                f"target {name}: {e.message}; it stays registered without a socket, and its "
+                "rules act as on_missing says until a socket is registered"
+            )
+            return Want(name, proto, addr, port, (), exact)
+        raise
+    return Want(name, proto, addr, port, _members(found), exact)
+
+
+def _want_fd(
+    disc: sockets.Discovery, name: str, proto: str, pid: int, fd: int, exact: bool
+) -> tuple[Want, sockets.SocketInfo]:
+    """A target given by a process's fd (and its group, unless exact)."""
+    info = disc.borrow_fd(pid, fd)
+    if info.proto != proto:
+        raise SocketRejected(
+            f"fd {fd} of pid {pid} is a {info.proto} socket, not {proto}",
+            f"give a {proto} socket, or steer {info.proto} rules to it",
+        )
+    found = disc.group_around(info, exact)
+    return Want(name, proto, info.addr, info.port, _members(found), exact), info
+
+
+def _socket_text(disc: sockets.Discovery, want: Want) -> str:
+    if not want.members:
+        return "no socket"
+    text = disc.describe(want.members[0].cookie, want.proto)
+    if len(want.members) > 1:
+        text += f", and {len(want.members) - 1} more of its reuseport group"
+    return text
+
+
+# -- attach and detach -----------------------------------------------------------------------
+
+
 @dataclass
 class AttachResult:
     rule: Rule
@@ -96,85 +246,6 @@ class AttachResult:
         }
 
 
-def _rule_json(r: Rule, counters: dict[str, int] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "protocol": r.key.proto,
-        "prefix": str(r.key.prefix),
-        "ports": format_ports(r.key.lo, r.key.hi),
-        "action": r.action,
-        "target": r.target,
-        "on_missing": r.on_missing,
-    }
-    if counters is not None:
-        out["counters"] = counters
-    return out
-
-
-def _open_existing(base: str, ns: Netns, writer: bool) -> Dispatcher | None:
-    """The netns's dispatcher, None if there is none. A directory left by a dead namespace
-    that had the same inode is removed (writers) or ignored (readers)."""
-    path = state.netns_dir(base, ns)
-    if not os.path.isdir(path):
-        return None
-    d = Dispatcher.open(path)
-    if d.netns_cookie != ns.cookie():
-        d.close()
-        if writer:
-            state.unpin_dir(path)
-        return None
-    if d.link_netns_inode() != ns.inode:
-        d.close()
-        raise EnvironmentProblem(
-            f"the dispatcher in {ns.label} was detached by something other than sklookupctl",
-            "run `sklookupctl detach --all`, then attach again",
-        )
-    return d
-
-
-def _acquire(
-    ns: Netns, proto: str, to: str | None, pid: int | None, fd: int | None
-) -> tuple[sockets.SocketInfo, tuple[IPAddress, int]]:
-    """The socket, and the address the target is known by (--to as given, else its own)."""
-    if to is not None:
-        addr, port = parse_endpoint(to)
-        return sockets.acquire_by_address(ns, proto, addr, port), (addr, port)
-    assert pid is not None and fd is not None
-    info = sockets.acquire_by_fd(ns, pid, fd)
-    if info.proto != proto:
-        info.close()
-        raise SocketRejected(
-            f"fd {fd} of pid {pid} is a {info.proto} socket, the rule is {proto}",
-            f"give a {proto} socket or change the rule's protocol",
-        )
-    return info, (info.addr, info.port)
-
-
-def _check_family(rule: Rule, info: sockets.SocketInfo) -> None:
-    v = rule.key.version
-    if v == 6 and info.family == socket.AF_INET:
-        raise SocketRejected(
-            f"the socket at {info.endpoint} is IPv4 and cannot take IPv6 rule {rule.key}",
-            "use an IPv6 socket for IPv6 prefixes",
-        )
-    if v == 4 and info.v6only:
-        raise SocketRejected(
-            f"the socket at {info.endpoint} is IPv6-only (IPV6_V6ONLY) and cannot take IPv4 "
-            f"rule {rule.key}",
-            "use an IPv4 socket, or a dual-stack IPv6 one bound to [::]",
-        )
-
-
-def _free_id(targets: dict[str, Target], taken: set[int] | None = None) -> int:
-    used = {t.id for t in targets.values()} | (taken or set())
-    for i in range(layout.MAX_TARGETS):
-        if i not in used:
-            return i
-    raise RuleConflict(
-        f"all {layout.MAX_TARGETS} target slots are in use",
-        "detach rules whose targets are no longer needed",
-    )
-
-
 def attach(
     netns: str | None,
     proto: str,
@@ -188,9 +259,11 @@ def attach(
     name: str | None = None,
     on_missing: str = "drop",
     replace: bool = False,
+    exact: bool = False,
     bpffs: str = DEFAULT_BPFFS,
 ) -> AttachResult:
-    """Add (or with `replace`, change) one rule; load the dispatcher on first use."""
+    """Add (or with `replace`, change) one rule; load the dispatcher on first use. `exact`:
+    steer to the one socket found, not to its SO_REUSEPORT group."""
     modes = sum([to is not None, pid is not None or fd is not None, drop])
     if modes != 1:
         raise InvalidArgument("give exactly one of --to ADDR:PORT, --pid PID --fd FD, or --drop")
@@ -202,102 +275,77 @@ def attach(
         raise InvalidArgument("--name names a target; a --drop rule has none")
     if drop and on_missing != "drop":
         raise InvalidArgument("--on-missing applies to rules with a target, not to --drop")
+    if drop and exact:
+        raise InvalidArgument("--no-reuseport applies to rules with a target, not to --drop")
     if name is not None:
         check_name(name)
     rule_proto = parse_protocol(proto)
     rule = make_rule(rule_proto, prefix, ports, target="?", drop=drop, on_missing=on_missing)
+    endpoint = parse_endpoint(to) if to is not None else None
+    if endpoint is not None:
+        tname = name or f"{rule_proto}-{format_endpoint(*endpoint)}"
+        rule = Rule(rule.key, rule.action, tname, on_missing)
     require_privileges()
+    _more_files()
+    result = AttachResult(rule, changed=False, loaded=False, netns="", target=None)
 
-    with open_netns(netns) as ns:
-        info: sockets.SocketInfo | None = None
-        known_as: tuple[IPAddress, int] | None = None
-        try:
+    with open_netns(netns) as ns, sockets.Discovery(ns) as disc:
+        result.netns = ns.label
+        chosen: Rule = rule
+
+        def desire(live: Live) -> tuple[RuleSet, dict[str, Want]]:
+            nonlocal chosen
+            wants = {n: _keep(t) for n, t in live.targets.items()}
+            rs = live_rules(live)
             if not drop:
-                info, known_as = _acquire(ns, rule_proto, to, pid, fd)
-                _check_family(rule, info)
-                target_name = name or f"{rule_proto}-{format_endpoint(*known_as)}"
-                rule = Rule(rule.key, rule.action, target_name, on_missing)
-            return _attach_locked(ns, bpffs, rule, info, replace, known_as)
-        finally:
-            if info is not None:
-                info.close()
+                if endpoint is not None:
+                    tname = chosen.target or ""
+                    want = _want_at(disc, live, tname, rule_proto, *endpoint, exact, result.notes)
+                else:
+                    assert pid is not None and fd is not None
+                    want, info = _want_fd(disc, "", rule_proto, pid, fd, exact)
+                    tname = name or f"{rule_proto}-{info.endpoint}"
+                    want = Want(tname, want.proto, want.addr, want.port, want.members, exact)
+                    chosen = Rule(rule.key, rule.action, tname, on_missing)
+                _check_target(live, want, replace)
+                wants[tname] = want
+                result.target = tname
+                result.socket = _socket_text(disc, want)
+            rs.check_add(chosen, replace)
+            rs.add(chosen, replace)
+            return rs, wants
 
-
-def _attach_locked(
-    ns: Netns,
-    bpffs: str,
-    rule: Rule,
-    info: sockets.SocketInfo | None,
-    replace: bool,
-    known_as: tuple[IPAddress, int] | None,
-) -> AttachResult:
-    result = AttachResult(
-        rule,
-        changed=False,
-        loaded=False,
-        netns=ns.label,
-        target=rule.target,
-        socket=f"{info.endpoint}, {info.holder}" if info else "",
-    )
-    with state.locked(bpffs, exclusive=True) as base:
-        existing = _open_existing(base, ns, writer=True)
-        result.loaded = existing is None
-        with existing or state.staged(base, ns) as d:
-            targets = d.read_targets()
-            rs = d.read_rules(targets)
-            rule_changed = rs.check_add(rule, replace)
-            new_socket = False
-            if info is not None and rule.target is not None:
-                new_socket = _place_target(d, targets, rule, info, replace, known_as, result)
-            if rule_changed:
-                rs.add(rule, replace)
-                d.commit(rs, targets)
-                _gc_targets(d, rs, targets)
-            result.changed = rule_changed or new_socket or result.loaded
+        out = _change(ns, bpffs, disc, desire)
+        result.rule = chosen
+        result.changed = out.committed
+        result.loaded = out.loaded
+        for change in out.plan.target_changes:
+            if change.why in ("socket", "members") and change.name == result.target:
+                result.notes.append(f"target {change.name}: socket registered again")
     return result
 
 
-def _place_target(
-    d: Dispatcher,
-    targets: dict[str, Target],
-    rule: Rule,
-    info: sockets.SocketInfo,
-    replace: bool,
-    known_as: tuple[IPAddress, int] | None,
-    result: AttachResult,
-) -> bool:
-    """Register the rule's target socket (before any rule points at it). True if it changed."""
-    name = rule.target or ""
-    existing = targets.get(name)
-    if existing is not None and existing.proto != info.proto:
+def _check_target(live: Live, want: Want, replace: bool) -> None:
+    """attach may add a rule to a live target, or (with --replace) re-point it."""
+    old = live.targets.get(want.name)
+    if old is None:
+        return
+    if old.proto != want.proto:
         raise RuleConflict(
-            f"target {name} is a {existing.proto} target, the socket is {info.proto}",
+            f"target {want.name} is a {old.proto} target, the socket is {want.proto}",
             "use another --name",
         )
-    addr, port = known_as or (info.addr, info.port)
-    if existing is not None and (existing.addr, existing.port) != (addr, port) and not replace:
+    if (old.addr, old.port) != (want.addr, want.port) and not replace:
         raise RuleConflict(
-            f"target {name} points at {format_endpoint(existing.addr, existing.port)}",
+            f"target {want.name} points at {old.endpoint}",
             "pass --replace to point it elsewhere, or use another --name",
         )
-    if (
-        existing is not None
-        and d.socket_cookie(existing.id) == info.cookie
-        and (existing.addr, existing.port) == (addr, port)
-    ):
-        return False
-    tid = existing.id if existing is not None else _free_id(targets)
-    target = Target(tid, name, info.proto, info.family, addr, port, info.cookie)
-    if existing is not None:
-        result.notes.append(f"target {name}: socket registered again ({info.holder})")
-    d.put_target(target, info.fd)
-    targets[name] = target
-    return True
-
-
-def _gc_targets(d: Dispatcher, rs: RuleSet, targets: dict[str, Target]) -> None:
-    used = rs.targets_in_use()
-    d.gc_targets({t.id for name, t in targets.items() if name in used})
+    if old.exact != want.exact and not replace:
+        mode = "exact (--no-reuseport)" if old.exact else "its reuseport group"
+        raise RuleConflict(
+            f"target {want.name} steers to {mode}",
+            "pass --replace to change that, or use another --name",
+        )
 
 
 @dataclass
@@ -321,74 +369,93 @@ def detach(
     lo, hi = parse_ports(ports)
     key = RuleKey(parse_protocol(proto), parse_prefix(prefix), lo, hi)
     require_privileges()
-    with open_netns(netns) as ns, state.locked(bpffs, exclusive=True) as base:
-        d = _open_existing(base, ns, writer=True)
-        if d is None:
+    removed: list[Rule] = []
+
+    def desire(live: Live) -> tuple[RuleSet, dict[str, Want]]:
+        if not live.generation:
             raise NotLoaded(
                 f"no sklookupctl dispatcher in {ns.label}, so no rule {key}",
                 "see `sklookupctl status`",
             )
-        with d:
-            targets = d.read_targets()
-            rs = d.read_rules(targets)
-            removed = rs.remove(key)
-            d.commit(rs, targets)
-            _gc_targets(d, rs, targets)
-        return DetachResult(ns.label, f"{key} {removed.describe()}", False)
+        rs = live_rules(live)
+        removed.append(rs.remove(key))
+        return rs, {n: _keep(t) for n, t in live.targets.items()}
+
+    with open_netns(netns) as ns, sockets.Discovery(ns) as disc:
+        _change(ns, bpffs, disc, desire)
+        return DetachResult(ns.label, f"{key} {removed[0].describe()}", False)
 
 
 def detach_all(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> DetachResult:
     """Detach our dispatcher from the netns and remove its pins. Other tools' links stay."""
     require_privileges()
-    with open_netns(netns) as ns, state.locked(bpffs, exclusive=True) as base:
-        path = state.netns_dir(base, ns)
+    with open_netns(netns) as ns, Store.locked(bpffs, exclusive=True) as store:
+        legacy = store.remove_legacy(ns)
+        path = store.path_of(ns)
         if not os.path.isdir(path):
-            return DetachResult(ns.label, "nothing: no dispatcher was attached", False)
+            what = "state of another layout" if legacy else "nothing: no dispatcher was attached"
+            return DetachResult(ns.label, what, legacy)
         try:
-            d = Dispatcher.open(path)
+            d = Dispatcher.open(path, ns.cookie())
         except EnvironmentProblem:
-            # incomplete or foreign-layout state: detach its link now (unpinning alone releases
-            # the link only later, from a kernel work queue), then remove the pins
-            state.detach_pinned_link(path, ns)
-            state.unpin_dir(path)
+            # incomplete or foreign state: detach its link now (unpinning alone releases the
+            # link only later, from a kernel work queue), then remove the pins
+            from .store import _detach_pinned, unpin_dir
+
+            _detach_pinned(os.path.join(path, "link"), ns.inode)
+            unpin_dir(path)
             return DetachResult(ns.label, "damaged state directory", True)
         with d:
-            # a directory left by a dead namespace with this inode has a link that is already
-            # detached; LINK_DETACH on it is harmless
-            state.remove(d)
-        return DetachResult(ns.label, "dispatcher and all rules", True)
+            what = (
+                "dispatcher and all rules"
+                if d.state != "unfinished"
+                else "what a killed command left"
+            )
+            d.remove()
+        return DetachResult(ns.label, what, True)
+
+
+# -- reading ---------------------------------------------------------------------------------
 
 
 def status(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> dict[str, Any]:
     """What is loaded in the netns: program, link, rules, targets and their sockets."""
     require_privileges()
-    with open_netns(netns) as ns, state.locked(bpffs, exclusive=False) as base:
+    with (
+        open_netns(netns) as ns,
+        Store.locked(bpffs, exclusive=False) as store,
+        sockets.Discovery(ns) as disc,
+    ):
         out: dict[str, Any] = {"netns": ns.label, "netns_inode": ns.inode, "bpffs": bpffs}
         try:
             attached = query_netns_programs(ns.fd)
         except BpfError as e:
             raise EnvironmentProblem(f"cannot query {ns.label}: {e.strerror}") from None
-        d = _open_existing(base, ns, writer=False) if os.path.isdir(base) else None
-        if d is None:
+        d = store.open(ns)
+        if d is None or d.gen is None:
             out.update(loaded=False, other_programs=attached, rules=[], targets=[])
+            if d is not None:
+                out.update(state="unfinished", path=d.path)
+                d.close()
             return out
         with d:
+            gen = d.gen
             prog_id = int(d.program.info().id)
             link = d.link.info() if d.link else None
-            targets = d.read_targets()
-            rules = d.read_rule_list(targets)
-            counts = d.gen.counters() if d.gen else []
-            cookies = {t.name: d.socket_cookie(t.id) for t in targets.values()}
-            holders = sockets.owners_by_cookie(ns, [c for c in cookies.values() if c])
+            live = d.snapshot()
+            counts = gen.counters()
+            rules = [Rule(k, *eff) for k, eff in live.rules.items()]
             out.update(
                 loaded=True,
+                state=d.state,
                 path=d.path,
                 program_id=prog_id,
                 link_id=int(link.id) if link else None,
                 position=attached.index(prog_id) + 1 if prog_id in attached else None,
                 other_programs=[p for p in attached if p != prog_id],
-                generation=int(d.gen.meta().generation) if d.gen else 0,
-                memlock=d.gen.memlock() + d.sockets.memlock() + d.targets.memlock() if d.gen else 0,
+                generation=live.generation,
+                memlock=gen.memlock(),
+                sockmap={"capacity": live.capacity, "filled": len(live.filled)},
                 rules=[
                     _rule_json(r, dict(zip(layout.COUNTER_NAMES, c, strict=True)))
                     for r, c in sorted(
@@ -396,25 +463,72 @@ def status(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> dict[str, Any]:
                     )
                 ],
                 targets=[
-                    _target_json(t, cookies[t.name], holders)
-                    for t in sorted(targets.values(), key=lambda t: t.name)
+                    _target_json(t, live, disc) for t in sorted(live.targets.values(), key=_name)
                 ],
             )
         return out
 
 
-def _target_json(
-    t: Target, cookie: int | None, holders: dict[int, list[sockets.Holder]]
-) -> dict[str, Any]:
-    hs = holders.get(cookie, []) if cookie else []
+def _name(t: Slotted) -> str:
+    return t.name
+
+
+def _target_json(t: Slotted, live: Live, disc: sockets.Discovery) -> dict[str, Any]:
+    alive = live.alive(t)
+    holders = []
+    for c in alive:
+        e = disc.by_cookie(c, t.proto)
+        for h in disc.holders(e.inode) if e is not None else []:
+            holders.append({"pid": h.pid, "comm": h.comm, "fd": h.fd, "cookie": c})
     return {
         "name": t.name,
         "protocol": t.proto,
-        "address": format_endpoint(t.addr, t.port),
-        "socket": "live" if cookie else "missing",
-        "cookie": cookie,
-        "holders": [{"pid": h.pid, "comm": h.comm, "fd": h.fd} for h in hs],
+        "address": t.endpoint,
+        "reuseport": "exact" if t.exact else "group",
+        "socket": "live" if alive else "missing",
+        "cookie": alive[0] if alive else None,
+        "cookies": alive,
+        "members": t.slots,
+        "alive": len(alive),
+        "slots": [t.slot, t.slot + t.slots - 1],
+        "holders": holders,
     }
+
+
+def status_all(*, bpffs: str = DEFAULT_BPFFS) -> list[dict[str, Any]]:
+    """Every namespace sklookupctl steers, or steered and left state for: dead namespaces,
+    what killed commands left, state of another layout."""
+    require_privileges()
+    from . import netns as nsmod
+
+    names: dict[int, list[str]] = {}
+    for item in nsmod.list_named():
+        names.setdefault(int(str(item["inode"])), []).append(str(item["name"]))
+    with Store.locked(bpffs, exclusive=False) as store:
+        return [_entry_json(e, names) for e in store.entries()]
+
+
+def _entry_json(e: Any, names: dict[int, list[str]]) -> dict[str, Any]:
+    return {
+        "path": e.path,
+        "netns_cookie": e.cookie,
+        "netns_inode": e.inode,
+        "label": e.label,
+        "names": names.get(e.inode, []) if e.state not in ("dead", "other-layout-dead") else [],
+        "state": e.state,
+        "generation": e.generation,
+        "rules": e.rules,
+        "targets": e.targets,
+        "problem": e.problem,
+    }
+
+
+def gc_state(*, bpffs: str = DEFAULT_BPFFS) -> list[dict[str, Any]]:
+    """Remove the state of namespaces that are gone and what killed commands left; return
+    what was removed or repaired."""
+    require_privileges()
+    with Store.locked(bpffs, exclusive=True) as store:
+        return [_entry_json(e, {}) for e in store.gc()]
 
 
 # -- namespaces and addresses --------------------------------------------------------------
@@ -544,81 +658,42 @@ def _read_file(path: str) -> str:
         raise PermissionDenied(f"cannot read {path}", "check its permissions") from None
 
 
-def _acquire_targets(ns: Netns, rf: rulefile.RuleFile, name: str) -> dict[str, sockets.SocketInfo]:
-    """Borrow every target's socket and check it can serve its rules; close them on error."""
+def _file_wants(
+    disc: sockets.Discovery, live: Live, rf: rulefile.RuleFile, name: str, notes: list[str]
+) -> dict[str, Want]:
+    """Every target the file declares, with its sockets; errors located in the file."""
     from . import rulefile
 
-    infos: dict[str, sockets.SocketInfo] = {}
-    try:
-        for tname, spec in rf.targets.items():
-            where = f"{name}: targets.{tname}"
-            try:
-                if spec.to is not None:
-                    info = sockets.acquire_by_address(ns, spec.proto, *spec.to)
-                else:
-                    assert spec.pid is not None and spec.fd is not None
-                    info = sockets.acquire_by_fd(ns, spec.pid, spec.fd)
-            except SklookupError as e:
-                field_ = "to" if spec.to is not None else "pid"
-                raise rulefile.FileError(f"{where}.{field_}", e.message, e.hint) from None
-            infos[tname] = info
-            if info.proto != spec.proto:
-                raise rulefile.FileError(
-                    where,
-                    f"{spec.describe()} is a {info.proto} socket, its rules are {spec.proto}",
-                    "point it at a socket of the rules' protocol",
-                )
-        # one check per (target, IP version): the first rule of each pair stands for the rest
-        firsts: dict[tuple[str, int], Rule] = {}
-        for rule in rf.rules.rules.values():
-            if rule.target is not None:
-                firsts.setdefault((rule.target, rule.key.version), rule)
-        for rule in firsts.values():
-            try:
-                _check_family(rule, infos[rule.target or ""])
-            except SklookupError as e:
-                where = f"{name}: rules[{rf.index(rule.key)}].target"
-                raise rulefile.FileError(where, e.message, e.hint) from None
-    except BaseException:
-        for info in infos.values():
-            info.close()
-        raise
-    return infos
+    wants: dict[str, Want] = {}
+    for tname, spec in rf.targets.items():
+        where = f"{name}: targets.{tname}"
+        try:
+            if spec.to is not None:
+                wants[tname] = _want_at(disc, live, tname, spec.proto, *spec.to, spec.exact, notes)
+            else:
+                assert spec.pid is not None and spec.fd is not None
+                wants[tname], _ = _want_fd(disc, tname, spec.proto, spec.pid, spec.fd, spec.exact)
+        except SklookupError as e:
+            field_ = "to" if spec.to is not None else "pid"
+            raise rulefile.FileError(f"{where}.{field_}", e.message, e.hint) from None
+    return wants
 
 
-def _diff(
-    res: ApplyResult,
-    old_rules: dict[RuleKey, state.Effect],
-    new_rules: RuleSet,
-    old_targets: dict[str, Target],
-    cookies: dict[str, int | None],
-    new_targets: dict[str, tuple[IPAddress, int, int]],
-) -> None:
-    """Fill in what would change. `new_targets`: name -> (address, port, socket cookie)."""
-    for key, rule in new_rules.rules.items():
-        old = old_rules.get(key)
-        if old is None:
-            res.added.append(rule)
-        elif old != (rule.action, rule.target, rule.on_missing):
-            res.changed.append((Rule(key, *old), rule))
-    # added and changed in the file's order, removed in the old set's
-    res.removed = [Rule(k, *eff) for k, eff in old_rules.items() if k not in new_rules.rules]
-    for name, (addr, port, cookie) in sorted(new_targets.items()):
-        old_t = old_targets.get(name)
-        where = format_endpoint(addr, port)
-        if old_t is None:
-            res.targets_added.append(f"{name} {where}")
-        elif (old_t.addr, old_t.port) != (addr, port):
+def _target_lines(res: ApplyResult, changes: list[TargetChange]) -> None:
+    for c in changes:
+        if c.new is None:
+            assert c.old is not None
+            res.targets_removed.append(f"{c.name} {c.old.endpoint}")
+        elif c.old is None:
+            res.targets_added.append(f"{c.name} {c.new.endpoint}")
+        elif c.why == "address":
+            res.targets_changed.append(f"{c.name} {c.old.endpoint} -> {c.new.endpoint}")
+        elif c.why == "members":
             res.targets_changed.append(
-                f"{name} {format_endpoint(old_t.addr, old_t.port)} -> {where}"
+                f"{c.name} {c.new.endpoint}: other sockets ({c.new.slots} in its group)"
             )
-        elif cookies.get(name) != cookie:
-            res.targets_changed.append(f"{name} {where}: another socket")
-    res.targets_removed = sorted(
-        f"{n} {format_endpoint(t.addr, t.port)}"
-        for n, t in old_targets.items()
-        if n not in new_targets
-    )
+        else:
+            res.targets_changed.append(f"{c.name} {c.new.endpoint}: another {c.why}")
 
 
 def apply(
@@ -670,70 +745,30 @@ def _apply(
 
     rf = rulefile.parse(text, path, step("checking"))
     require_privileges()
-    with open_netns(netns) as ns:
-        infos = _acquire_targets(ns, rf, path)
+    _more_files()
+    with open_netns(netns) as ns, sockets.Discovery(ns) as disc:
+        res = ApplyResult(ns.label, path, dry_run, len(rf.rules))
+        res.notes += [
+            f"target {n} is not used by any rule: not registered" for n in rf.unused_targets
+        ]
+
+        def desire(live: Live) -> tuple[RuleSet, dict[str, Want]]:
+            step("loading")(0, 1)
+            return rf.rules, _file_wants(disc, live, rf, path, res.notes)
+
         try:
-            with state.locked(bpffs, exclusive=not dry_run) as base:
-                return _apply_locked(ns, base, path, rf, infos, dry_run, step)
-        finally:
-            for info in infos.values():
-                info.close()
-
-
-def _apply_locked(
-    ns: Netns,
-    base: str,
-    path: str,
-    rf: rulefile.RuleFile,
-    infos: dict[str, sockets.SocketInfo],
-    dry_run: bool,
-    step: Callable[[str], Callable[[int, int], None]],
-) -> ApplyResult:
-    res = ApplyResult(ns.label, path, dry_run, len(rf.rules))
-    res.notes += [f"target {n} is not used by any rule: not registered" for n in rf.unused_targets]
-    d = _open_existing(base, ns, writer=not dry_run) if os.path.isdir(base) else None
-    try:
-        old_targets = d.read_targets() if d else {}
-        old_rules = d.read_effects(old_targets) if d else {}
-        cookies = {n: d.socket_cookie(t.id) for n, t in old_targets.items()} if d else {}
-        wanted = {
-            n: (*(spec.to or (infos[n].addr, infos[n].port)), infos[n].cookie)
-            for n, spec in rf.targets.items()
-        }
-        _diff(res, old_rules, rf.rules, old_targets, cookies, wanted)
-        res.generation = d.gen.meta().generation if d and d.gen else 0
-        if dry_run or not res.differs:
-            return res
-        res.loaded = d is None
-        step("loading")(0, 1)
-        with contextlib.nullcontext(d) if d else state.staged(base, ns) as w:
-            # every target whose address or socket changes gets a fresh SOCKMAP slot, so rules
-            # of the old set keep reaching the old socket until the switch
-            targets: dict[str, Target] = {}
-            taken: set[int] = set()
-            for n, (addr, port, cookie) in wanted.items():
-                old_t = old_targets.get(n)
-                if old_t is not None and (old_t.addr, old_t.port, cookies.get(n)) == (
-                    addr,
-                    port,
-                    cookie,
-                ):
-                    targets[n] = old_t
-                    continue
-                info = infos[n]
-                tid = _free_id(old_targets, taken)
-                taken.add(tid)
-                targets[n] = Target(tid, n, info.proto, info.family, addr, port, cookie)
-                w.put_target(targets[n], info.fd)
-            w.commit(rf.rules, targets)
-            w.gc_targets({t.id for t in targets.values()})
-            res.generation = w.gen.meta().generation if w.gen else 0
-        res.applied = True
+            out = _change(ns, bpffs, disc, desire, dry_run)
+        except TargetMismatch as e:
+            where = f"{path}: rules[{rf.index(e.rule)}].target"  # type: ignore[arg-type]
+            raise rulefile.FileError(where, e.message, e.hint) from None
+        plan = out.plan
+        res.added, res.removed, res.changed = plan.added, plan.removed, plan.changed
+        _target_lines(res, plan.target_changes)
+        res.applied = out.committed
+        res.loaded = out.loaded
+        res.generation = out.generation
         step("loading")(1, 1)
         return res
-    finally:
-        if d is not None:
-            d.close()
 
 
 def export(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> str:
@@ -741,17 +776,18 @@ def export(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> str:
     from . import rulefile
 
     require_privileges()
-    with open_netns(netns) as ns, state.locked(bpffs, exclusive=False) as base:
-        d = _open_existing(base, ns, writer=False) if os.path.isdir(base) else None
+    with open_netns(netns) as ns, Store.locked(bpffs, exclusive=False) as store:
+        d = store.open(ns)
         header = f"sklookupctl rule set of {ns.label}"
-        if d is None:
+        if d is None or d.gen is None:
+            if d is not None:
+                d.close()
             return rulefile.dumps(RuleSet(), {}, header + " (no dispatcher: empty)")
         with d:
-            targets = d.read_targets()
-            rs = d.read_rules(targets)
-            used = rs.targets_in_use()
+            live = d.snapshot()
+            rs = live_rules(live)
             return rulefile.dumps(
                 rs,
-                {n: (t.proto, t.addr, t.port) for n, t in targets.items() if n in used},
-                f"{header}, generation {d.gen.meta().generation if d.gen else 0}",
+                {n: (t.proto, t.addr, t.port, t.exact) for n, t in live.targets.items()},
+                f"{header}, generation {live.generation}",
             )

@@ -117,6 +117,14 @@ def cli(ctx: click.Context, netns: str | None, bpffs: str) -> None:
     is_flag=True,
     help="Change an existing rule with the same PROTO PREFIX PORTS (or re-point TARGET).",
 )
+@click.option(
+    "--no-reuseport",
+    "exact",
+    is_flag=True,
+    help="Steer to exactly the socket found, not to its SO_REUSEPORT group (by default "
+    "every member listening there is registered, the kernel picks one per connection, and "
+    "steering goes on while any member lives).",
+)
 @json_option
 @click.pass_obj
 def attach(
@@ -131,6 +139,7 @@ def attach(
     name: str | None,
     on_missing: str,
     replace: bool,
+    exact: bool,
     as_json: bool,
 ) -> None:
     """Steer PROTO traffic to PREFIX on PORTS to one socket (or drop it).
@@ -141,8 +150,12 @@ def attach(
     PORTS   N, LO-HI or all
 
     The longest prefix wins, then the narrowest port range. Port ranges of one protocol and
-    prefix must nest or be disjoint. Re-running the same attach changes nothing. The first
-    attach in a netns compiles and attaches the dispatcher; later ones only add rules.
+    prefix must nest or be disjoint. Re-running the same attach changes nothing, or
+    registers the socket(s) of a restarted proxy. The first attach in a netns loads and
+    attaches the dispatcher; later ones only add rules.
+
+    When the target's socket is gone (the proxy stopped), its rules drop (or pass, with
+    --on-missing pass); re-running attach registers the new socket.
 
     \b
     Examples:
@@ -162,6 +175,7 @@ def attach(
         name=name,
         on_missing=on_missing,
         replace=replace,
+        exact=exact,
         bpffs=obj.bpffs,
     )
     if as_json:
@@ -274,15 +288,56 @@ def export(obj: Obj) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
+@click.option(
+    "--all",
+    "all_",
+    is_flag=True,
+    help="List every namespace sklookupctl has state for, whatever became of it: steering, "
+    "detached, dead (the namespace is gone: `gc` removes it), unfinished (left by a killed "
+    "command).",
+)
 @json_option
 @click.pass_obj
-def status(obj: Obj, as_json: bool) -> None:
-    """Show the dispatcher, its rules, and each target's socket and holder."""
+def status(obj: Obj, all_: bool, as_json: bool) -> None:
+    """Show the dispatcher, its rules, and each target's socket and holder.
+
+    A target whose socket is gone shows as MISSING: its rules drop (or pass, where
+    on-missing is pass) until attach or apply registers a new socket. A reuseport target
+    shows how many of its group's members are alive.
+    """
+    if all_:
+        entries = api.status_all(bpffs=obj.bpffs)
+        if as_json:
+            render.emit_json(entries)
+        else:
+            render.status_all(entries)
+        return
     st = api.status(obj.netns, bpffs=obj.bpffs)
     if as_json:
         render.emit_json(st)
     else:
         render.status(st)
+
+
+@cli.command(context_settings=CONTEXT)
+@json_option
+@click.pass_obj
+def gc(obj: Obj, as_json: bool) -> None:
+    """Remove the state of namespaces that no longer exist, and what killed commands left.
+
+    A namespace deleted while steered leaves its program and maps pinned in bpffs (its link
+    detaches by itself); a command killed halfway leaves an unfinished directory or a stale
+    generation. Every writing command cleans these up too; gc does it on its own, for
+    example from a timer. Steering that works is never touched.
+    """
+    done = api.gc_state(bpffs=obj.bpffs)
+    if as_json:
+        render.emit_json(done)
+        return
+    for e in done:
+        render.say(render.gc_line(e))
+    if not done:
+        render.say("nothing to remove")
 
 
 @cli.group(cls=Group, context_settings=CONTEXT)

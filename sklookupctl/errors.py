@@ -34,6 +34,15 @@ class SocketRejected(SklookupError):
     """A socket that exists but cannot serve the rule (state, protocol, family, netns)."""
 
 
+class TargetMismatch(SocketRejected):
+    """A target's socket cannot serve a rule that uses it (IP family); names both."""
+
+    def __init__(self, message: str, hint: str, target: str, rule: object) -> None:
+        super().__init__(message, hint)
+        self.target = target
+        self.rule = rule  # the RuleKey of the first rule it cannot serve
+
+
 class PermissionDenied(SklookupError):
     """The caller lacks the privileges the operation needs."""
 

@@ -1,13 +1,14 @@
-"""Userspace mirrors of the structs and constants in bpf/dispatcher.c. Keep the two in step."""
+"""Userspace mirrors of the structs and constants in bpf/dispatcher.c, and of the records a
+generation keeps for userspace. Keep the two in step; image.py encodes and decodes them."""
 
 from __future__ import annotations
 
 import ctypes
 
-# Bumped whenever a struct below or a map changes: pinned state of another layout is refused.
-LAYOUT_VERSION = 3
-
-MAX_TARGETS = 4096
+# Bumped whenever a struct below, a map or the directory layout changes: pinned state of another
+# layout is refused. 4: a directory per netns cookie; every generation holds its own target table
+# and a reference to the SOCKMAP; targets are blocks of slots (reuseport groups).
+LAYOUT_VERSION = 4
 
 NODE_FLAG = 0x80000000
 NODE_STEPS = 36
@@ -21,6 +22,14 @@ ACTION_DROP = 2
 
 MISSING_DROP = 0
 MISSING_PASS = 1
+
+# segment.flags / target record flags
+TARGET_EXACT = 1  # assign with BPF_SK_LOOKUP_F_NO_REUSEPORT: this socket, not its group
+TARGET_V6ONLY = 2  # record only: the socket is IPv6-only (cannot take IPv4 rules)
+SEGMENT_FLAGS = TARGET_EXACT  # the flags the program reads
+
+# members of a reuseport group registered for one target (the program tries them in order)
+MAX_MEMBERS = 16
 
 # roots of the trie, nodes[0..3]
 ROOTS = {("tcp", 4): 0, ("tcp", 6): 1, ("udp", 4): 2, ("udp", 6): 3}
@@ -47,9 +56,11 @@ class Segment(ctypes.Structure):
         ("lo", ctypes.c_uint16),
         ("action", ctypes.c_uint8),
         ("on_missing", ctypes.c_uint8),
-        ("target", ctypes.c_uint32),
+        ("slot", ctypes.c_uint32),
         ("rule", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("slots", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint16),
     ]
 
 
@@ -71,7 +82,8 @@ COUNTER_NAMES = ("lookups", "steered", "dropped", "missing", "errors")
 
 
 class RuleRecord(ctypes.Structure):
-    """A rule as stored for userspace (the `rules` map of a generation); index = rule number."""
+    """A rule as stored for userspace (the `rules` map of a generation); index = rule number.
+    `target` is the index of the rule's target in the generation's `targets` map."""
 
     _fields_ = [
         ("proto", ctypes.c_uint8),
@@ -87,27 +99,36 @@ class RuleRecord(ctypes.Structure):
     ]
 
 
-class Meta(ctypes.Structure):
-    """One per generation, userspace only."""
-
-    _fields_ = [
-        ("layout", ctypes.c_uint32),
-        ("rules", ctypes.c_uint32),
-        ("netns_cookie", ctypes.c_uint64),
-        ("generation", ctypes.c_uint64),
-    ]
-
-
-class TargetInfo(ctypes.Structure):
-    """The `targets` map (userspace only): what a target is called and where it listens."""
+class TargetRecord(ctypes.Structure):
+    """A target as stored for userspace (the `targets` map of a generation): its name, the
+    address it was declared with, and its block of SOCKMAP slots."""
 
     _fields_ = [
         ("name", ctypes.c_char * 64),
         ("proto", ctypes.c_uint8),
         ("family", ctypes.c_uint8),
         ("port", ctypes.c_uint16),
+        ("slots", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint16),
+        ("slot", ctypes.c_uint32),
         ("addr", ctypes.c_uint8 * 16),
-        ("cookie", ctypes.c_uint64),
+        ("pad2", ctypes.c_uint32),
+    ]
+
+
+class Meta(ctypes.Structure):
+    """One per generation, userspace only."""
+
+    _fields_ = [
+        ("layout", ctypes.c_uint32),
+        ("rules", ctypes.c_uint32),
+        ("targets", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("netns_cookie", ctypes.c_uint64),
+        ("netns_inode", ctypes.c_uint64),
+        ("generation", ctypes.c_uint64),
+        ("label", ctypes.c_char * 64),  # the namespace as the writer was told (name or path)
     ]
 
 

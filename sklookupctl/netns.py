@@ -236,3 +236,52 @@ def addr_list(ns: Netns) -> list[IPNetwork]:
                 dst = r.get_attr("RTA_DST")
                 out.append(ipaddress.ip_network(f"{dst}/{r['dst_len']}"))
     return sorted(out, key=lambda n: (n.version, n))
+
+
+# -- which namespaces are alive ---------------------------------------------------------------
+
+
+def _ns_links() -> Iterator[tuple[str, str]]:
+    """(path, readlink text) of every place a network namespace may be held: named ones,
+    other nsfs mounts, processes' and threads' namespaces, and open fds."""
+    if os.path.isdir(NETNS_RUN_DIR):
+        for name in os.listdir(NETNS_RUN_DIR):
+            path = os.path.join(NETNS_RUN_DIR, name)
+            with contextlib.suppress(OSError):
+                yield path, f"net:[{os.stat(path).st_ino}]"
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 4 and parts[3].startswith("net:["):
+                yield parts[4], parts[3]
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                path = f"/proc/{pid}/task/{tid}/ns/net"
+                with contextlib.suppress(OSError):
+                    yield path, os.readlink(path)
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                path = f"/proc/{pid}/fd/{fd}"
+                with contextlib.suppress(OSError):
+                    link = os.readlink(path)
+                    if link.startswith("net:["):
+                        yield path, link
+
+
+def find_alive(inode: int, cookie: int) -> str | None:
+    """A path to the network namespace with this inode and cookie, None when it is gone (the
+    inode alone may have been reused by a newer namespace: the cookie never is)."""
+    want = f"net:[{inode}]"
+    for path, link in _ns_links():
+        if link != want:
+            continue
+        try:
+            with open_netns(path) as ns:
+                # one inode is one namespace at a time: this one, or a newer one that reuses it
+                return path if ns.cookie() == cookie else None
+        except (SklookupError, OSError):
+            continue  # gone while we looked: another path may still hold it
+    return None

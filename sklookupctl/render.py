@@ -43,6 +43,12 @@ def status(st: dict[str, Any]) -> None:
     c = console()
     if not st["loaded"]:
         c.print(f"netns {st['netns']} (inode {st['netns_inode']}): no sklookupctl dispatcher")
+        if st.get("state") == "unfinished":
+            c.print(
+                f"{st['path']} was left by a command that was killed before it went live: "
+                "it steers nothing; the next change or `sklookupctl gc` removes it",
+                markup=False,
+            )
         if st["other_programs"]:
             c.print(f"other sk_lookup programs attached: {_ids(st['other_programs'])}")
         return
@@ -53,9 +59,18 @@ def status(st: dict[str, Any]) -> None:
     )
     if st["other_programs"]:
         c.print(f"other sk_lookup programs attached: {_ids(st['other_programs'])}")
+    if st.get("state") == "detached":
+        c.print(
+            "[bold red]DETACHED[/]: the link no longer runs in this namespace (something other "
+            "than sklookupctl detached it), so nothing below steers; the next change attaches "
+            "it again, `detach --all` removes it"
+        )
+    sockmap = st.get("sockmap", {})
     c.print(
         f"state: {st['path']} (generation {st['generation']}, "
-        f"{st['memlock'] / 2**20:.1f} MiB of kernel memory)"
+        f"{st['memlock'] / 2**20:.1f} MiB of kernel memory, "
+        f"{sockmap.get('filled', 0)} of {sockmap.get('capacity', 0)} socket slots filled)",
+        markup=False,
     )
     from rich.table import Table
 
@@ -86,21 +101,80 @@ def status(st: dict[str, Any]) -> None:
     else:
         c.print("no rules: every lookup goes on as if sklookupctl were not there")
     if st["targets"]:
+        from rich.markup import escape
+
         targets = Table(title="Targets", title_justify="left")
-        for col in ("name", "proto", "address", "socket", "cookie", "held by"):
+        for col in ("name", "proto", "address", "socket", "members", "cookie", "held by"):
             targets.add_column(col)
         for t in st["targets"]:
             held = ", ".join(f"{h['pid']} ({h['comm']}) fd {h['fd']}" for h in t["holders"])
             sock = "live" if t["socket"] == "live" else "[bold red]MISSING[/]"
+            if t["reuseport"] == "exact":
+                members = "exact"
+            elif t["members"] > 1:
+                members = f"{t['alive']} of {t['members']} alive (reuseport group)"
+            else:
+                members = "1"
             targets.add_row(
-                t["name"], t["protocol"], t["address"], sock, str(t["cookie"] or "-"), held or "-"
+                escape(t["name"]),
+                t["protocol"],
+                escape(t["address"]),
+                sock,
+                members,
+                str(t["cookie"] or "-"),
+                escape(held) or "-",
             )
         c.print(targets)
         if any(t["socket"] == "missing" for t in st["targets"]):
             c.print(
                 "A missing socket was closed by its owner: its rules drop (or pass where "
-                "on-missing is pass) until `attach` registers a new one."
+                "on-missing is pass) until `attach` or `apply` registers a new one."
             )
+
+
+STATES = {
+    "steering": "steering",
+    "detached": "DETACHED (something else detached its link; the next change re-attaches it)",
+    "dead": "DEAD (the namespace is gone; `sklookupctl gc` removes this)",
+    "unfinished": "unfinished (left by a killed command; never steered; `gc` removes it)",
+    "damaged": "DAMAGED (`detach --all` in that namespace removes it)",
+    "other-layout": "made by another sklookupctl version (`detach --all` there removes it)",
+    "other-layout-dead": "made by another version, namespace gone (`gc` removes it)",
+}
+
+
+def status_all(entries: list[dict[str, Any]]) -> None:
+    if not entries:
+        say("sklookupctl has no state in this bpffs")
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title="Namespaces with sklookupctl state", title_justify="left")
+    for col in ("namespace", "inode", "cookie", "state", "generation", "rules", "targets"):
+        t.add_column(col)
+    for e in entries:
+        name = ", ".join(e["names"]) or e["label"] or "?"
+        t.add_row(
+            escape(name),
+            str(e["netns_inode"] or "?"),
+            str(e["netns_cookie"] or "?"),
+            STATES.get(e["state"], e["state"]),
+            str(e["generation"]),
+            str(e["rules"]),
+            str(e["targets"]),
+        )
+    console().print(t)
+
+
+def gc_line(e: dict[str, Any]) -> str:
+    what = {
+        "dead": "removed the state of a namespace that is gone",
+        "unfinished": "removed what a killed command left",
+        "other-layout-dead": "removed another version's state of a namespace that is gone",
+    }.get(e["state"], "retired stale generations of")
+    who = e["label"] or f"inode {e['netns_inode']}"
+    return f"{what}: {who} ({e['path']})"
 
 
 def _ids(ids: list[int]) -> str:

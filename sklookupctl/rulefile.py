@@ -47,7 +47,8 @@ from .rules import (
 )
 
 RULE_FIELDS = ("protocol", "prefix", "ports", "target", "action", "on_missing")
-TARGET_FIELDS = ("to", "pid", "fd", "protocol")
+TARGET_FIELDS = ("to", "pid", "fd", "protocol", "reuseport")
+REUSEPORT = ("group", "exact")
 
 
 class FileError(InvalidArgument):
@@ -67,6 +68,7 @@ class TargetSpec:
     to: tuple[IPAddress, int] | None = None
     pid: int | None = None
     fd: int | None = None
+    exact: bool = False  # reuseport = "exact": this socket only, not its SO_REUSEPORT group
 
     def describe(self) -> str:
         if self.to is not None:
@@ -415,6 +417,14 @@ def parse(text: str, name: str, progress: Progress | None = None) -> RuleFile:
             )
         else:
             proto = next(iter(used))
+        reuseport = _str_field(t, "reuseport", where, False) or "group"
+        if reuseport not in REUSEPORT:
+            raise FileError(
+                f"{where}.reuseport",
+                f"{reuseport!r} is not valid",
+                "use group (the kernel picks within the socket's SO_REUSEPORT group) or exact",
+            )
+        exact = reuseport == "exact"
         to_text = _str_field(t, "to", where, False)
         pid, fd = t.get("pid"), t.get("fd")
         if to_text is not None and (pid is not None or fd is not None):
@@ -422,7 +432,7 @@ def parse(text: str, name: str, progress: Progress | None = None) -> RuleFile:
         if to_text is not None:
             with _at(f"{where}.to"):
                 to = parse_endpoint(to_text)
-            targets[tname] = TargetSpec(tname, proto, to=to)
+            targets[tname] = TargetSpec(tname, proto, to=to, exact=exact)
             continue
         if pid is None and fd is None:
             raise FileError(f"{where}.to", "missing", 'give to = "ADDR:PORT", or pid and fd')
@@ -431,7 +441,7 @@ def parse(text: str, name: str, progress: Progress | None = None) -> RuleFile:
                 raise FileError(f"{where}.{field}", "missing", "pid and fd go together")
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise FileError(f"{where}.{field}", f"must be a non-negative integer, not {v!r}")
-        targets[tname] = TargetSpec(tname, proto, pid=pid, fd=fd)
+        targets[tname] = TargetSpec(tname, proto, pid=pid, fd=fd, exact=exact)
     if progress is not None:
         progress(total, total)
     return RuleFile(rs, targets, unused)
@@ -472,22 +482,26 @@ def _q(s: str) -> str:
     return f'"{out}"'
 
 
-def dumps(rules: RuleSet, targets: dict[str, tuple[str, IPAddress, int]], header: str = "") -> str:
+def dumps(
+    rules: RuleSet, targets: dict[str, tuple[str, IPAddress, int, bool]], header: str = ""
+) -> str:
     """The file `apply` reads back to the same rule set. `targets`: name -> (protocol,
-    address, port), for the targets the rules use."""
+    address, port, exact), for the targets the rules use."""
     out: list[str] = []
     if header:
         out += [f"# {line}" if line else "#" for line in header.splitlines()]
         out.append("")
     for name in sorted(targets):
-        proto, addr, port = targets[name]
+        proto, addr, port, exact = targets[name]
         key = name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else _q(name)
         out += [
             f"[targets.{key}]",
             f"to = {_q(format_endpoint(addr, port))}",
             f"protocol = {_q(proto)}",
-            "",
         ]
+        if exact:
+            out.append('reuseport = "exact"')
+        out.append("")
     for r in rules.sorted():
         k = r.key
         out += [

@@ -27,9 +27,13 @@ from . import layout
 from .rules import DROP, Compiled, Segments
 
 _NODE = struct.Struct("<QQQIBBH")
-_SEGMENT = struct.Struct("<HBBIII")
+_SEGMENT = struct.Struct("<HBBIIBBH")  # mirrors struct segment
 
 Item = tuple[int, int, int]  # (network as an int, prefix length, leaf)
+# a target's block of SOCKMAP slots as segments carry it: (first slot, slots, flags)
+Block = tuple[int, int, int]
+# (first port, action, on_missing, first slot, rule number, slots, flags): mirrors struct segment
+SegmentRow = tuple[int, int, int, int, int, int, int]
 # (base, fallback leaf, skip bits, skip, stride, leaf when stride is 0)
 Node = tuple[int, int, int, int, int, int]
 
@@ -40,7 +44,7 @@ class Tables:
 
     nodes: list[Node] = field(default_factory=list)
     entries: array[int] = field(default_factory=lambda: array("Q"))
-    segments: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+    segments: list[SegmentRow] = field(default_factory=list)
     runs: int = 0  # distinct runs
 
     def pack_nodes(self) -> bytes:
@@ -92,7 +96,7 @@ class Tables:
             idx = v & ~layout.NODE_FLAG
         raise AssertionError("trie deeper than the program walks")
 
-    def segment_at(self, leaf: int, port: int) -> tuple[int, int, int, int, int] | None:
+    def segment_at(self, leaf: int, port: int) -> SegmentRow | None:
         start, count = leaf & 0xFFFFFFFF, leaf >> 32
         if not count or not port:
             return None
@@ -103,18 +107,19 @@ class Tables:
         return best
 
 
-def build(compiled: Compiled, target_ids: dict[str, int]) -> Tables:
-    """Lay out `compiled`; `target_ids` gives each target's SOCKMAP slot."""
+def build(compiled: Compiled, blocks: dict[str, Block]) -> Tables:
+    """Lay out `compiled`; `blocks` gives each target's block of SOCKMAP slots."""
     t = Tables()
     interned: dict[Segments, int] = {}
-    # (action, on_missing, target id, rule number) by rule number; 0: no rule
-    what: list[tuple[int, int, int, int]] = [(layout.ACTION_NONE, 0, 0, 0)]
+    # (action, on_missing, first slot, rule number, slots, flags) by rule number; 0: no rule
+    what: list[tuple[int, int, int, int, int, int]] = [(layout.ACTION_NONE, 0, 0, 0, 0, 0)]
     for number, r in enumerate(compiled.rules, 1):
         missing = layout.MISSING_PASS if r.on_missing == "pass" else layout.MISSING_DROP
         if r.action == DROP:
-            what.append((layout.ACTION_DROP, missing, 0, number))
+            what.append((layout.ACTION_DROP, missing, 0, number, 0, 0))
         else:
-            what.append((layout.ACTION_STEER, missing, target_ids[r.target or ""], number))
+            slot, slots, flags = blocks[r.target or ""]
+            what.append((layout.ACTION_STEER, missing, slot, number, slots, flags))
 
     def run_of(segs: Segments) -> int:
         leaf = interned.get(segs)

@@ -163,7 +163,7 @@ BAD = [
             "--fd",
             str(p.tcp_fd),
         ],
-        "is a tcp socket, the rule is udp",
+        "is a tcp socket, not udp",
     ),
     Bad(
         "wrong protocol (--to)",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
+import os
 import random
 import socket
 from collections import Counter
@@ -15,11 +17,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from sklookupctl import layout, state, testrun
+from sklookupctl import image, layout, store, testrun
 from sklookupctl import netns as nsmod
-from sklookupctl.bpfsys import BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_SOCKMAP, Map
+from sklookupctl.bpfsys import BPF_MAP_TYPE_SOCKMAP, Map
+from sklookupctl.plan import Slotted
 from sklookupctl.rules import DROP, Rule, RuleSet
-from sklookupctl.state import Dispatcher, Target
 
 from ..rulegen import TARGETS, near, port_near, random_rules
 from .conftest import NS
@@ -27,10 +29,18 @@ from .conftest import NS
 SO_COOKIE = 57
 
 
+# each target's block of slots: (first slot, slots, the member holding the socket if live).
+# Live targets keep their socket in the last slot of a block of three: the program must try
+# the members in order and skip the empty ones.
+BLOCKS = {"tcp-live": (0, 3), "tcp-gone": (3, 2), "udp-live": (5, 3), "udp-gone": (8, 1)}
+
+
 @contextlib.contextmanager
-def dispatcher(ns: NS) -> Iterator[tuple[Dispatcher, dict[str, Target], dict[str, int]]]:
-    """An unpinned, unattached dispatcher whose `*-live` targets have sockets (dual-stack,
-    made in the test's netns) and whose `*-gone` targets have none."""
+def sockmap(
+    ns: NS,
+) -> Iterator[tuple[Map[ctypes.c_uint32, ctypes.c_uint64], dict[str, Slotted], dict[str, int]]]:
+    """An unpinned SOCKMAP whose `*-live` targets have a socket (dual-stack, made in the
+    test's netns) in the last slot of their block, and whose `*-gone` targets have none."""
     socks: list[socket.socket] = []
     with nsmod.open_netns(ns.name) as n, nsmod.enter(n):
         for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
@@ -40,28 +50,37 @@ def dispatcher(ns: NS) -> Iterator[tuple[Dispatcher, dict[str, Target], dict[str
             if kind == socket.SOCK_STREAM:
                 s.listen()
             socks.append(s)
-    sockmap: Map[ctypes.c_uint32, ctypes.c_uint64] = Map.create(
-        BPF_MAP_TYPE_SOCKMAP, ctypes.c_uint32, ctypes.c_uint64, layout.MAX_TARGETS, "t_sockets"
+    sockets: Map[ctypes.c_uint32, ctypes.c_uint64] = Map.create(
+        BPF_MAP_TYPE_SOCKMAP, ctypes.c_uint32, ctypes.c_uint64, 64, "t_sockets"
     )
-    infos: Map[ctypes.c_uint32, layout.TargetInfo] = Map.create(
-        BPF_MAP_TYPE_HASH, ctypes.c_uint32, layout.TargetInfo, layout.MAX_TARGETS, "t_targets"
-    )
-    d = Dispatcher("", sockmap, infos, 0)
-    targets: dict[str, Target] = {}
+    targets: dict[str, Slotted] = {}
     cookies: dict[str, int] = {}
-    for i, name in enumerate(TARGETS):
+    for name in TARGETS:
         proto, _, kind = name.partition("-")
-        targets[name] = Target(i, name, proto, socket.AF_INET6, None, 0, 0)  # type: ignore[arg-type]
+        first, count = BLOCKS[name]
+        targets[name] = Slotted(
+            name, proto, socket.AF_INET6, ipaddress.ip_address("::"), 1, first, count
+        )
         if kind == "live":
             s = socks[0 if proto == "tcp" else 1]
-            sockmap.update(ctypes.c_uint32(i), ctypes.c_uint64(s.fileno()))
+            sockets.update(ctypes.c_uint32(first + count - 1), ctypes.c_uint64(s.fileno()))
             cookies[name] = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
     try:
-        yield d, targets, cookies
+        yield sockets, targets, cookies
     finally:
-        d.close()
+        sockets.close()
         for s in socks:
             s.close()
+
+
+def generation(
+    sockets: Map[ctypes.c_uint32, ctypes.c_uint64], rs: RuleSet, targets: dict[str, Slotted]
+) -> store.Generation:
+    img = image.encode(rs, targets, image.MetaInfo(1, 0, 0, "test"))
+    shared: Map[ctypes.c_uint32, ctypes.c_uint64] = Map(
+        os.dup(sockets.fd), ctypes.c_uint32, ctypes.c_uint64
+    )
+    return store.build(img, shared)
 
 
 def expected(rule: Rule | None, cookies: dict[str, int]) -> tuple[int, int]:
@@ -79,50 +98,63 @@ def expected(rule: Rule | None, cookies: dict[str, int]) -> tuple[int, int]:
 @pytest.mark.parametrize("seed", range(6))
 def test_program_matches_the_reference(ns: NS, seed: int) -> None:
     rng = random.Random(seed)
-    with dispatcher(ns) as (d, targets, cookies):
+    with sockmap(ns) as (sockets, targets, cookies):
         for _ in range(15):
             rs, anchors = random_rules(rng, rng.choice([1, 5, 30, 200]))
-            gen = state.build_generation(d, rs, targets)
-            d.gen, old = gen, d.gen
-            if old is not None:
-                old.close()
-            tally: dict[Rule, Counter[str]] = {}
-            for _ in range(250):
-                proto = rng.choice(["tcp", "udp"])
-                addr = near(rng, rng.choice(anchors))
-                port = port_near(rng, rs)
-                want_rule = rs.match(proto, addr, port)
-                out = testrun.run(gen.program, testrun.lookup_ctx(proto, addr, port))
-                assert (out.verdict, out.cookie) == expected(want_rule, cookies), (
-                    proto,
-                    str(addr),
-                    port,
-                    want_rule,
-                )
-                if want_rule is not None:
-                    c = tally.setdefault(want_rule, Counter())
-                    c["lookups"] += 1
-                    if out.steered:
-                        c["steered"] += 1
-                    if out.verdict == testrun.SK_DROP:
-                        c["dropped"] += 1
-                    if want_rule.action != DROP and not out.steered:
-                        c["missing"] += 1
-            # every rule's counters say exactly what happened to the lookups it won
-            for rule, counts in zip(d.read_rule_list(targets), gen.counters(), strict=True):
-                got = dict(zip(layout.COUNTER_NAMES, counts, strict=True))
-                want = tally.get(rule, Counter())
-                assert got == {k: want[k] for k in layout.COUNTER_NAMES}, rule
+            gen = generation(sockets, rs, targets)
+            try:
+                check(rng, gen, rs, targets, cookies)
+            finally:
+                gen.close()
+
+
+def check(
+    rng: random.Random,
+    gen: store.Generation,
+    rs: RuleSet,
+    targets: dict[str, Slotted],
+    cookies: dict[str, int],
+) -> None:
+    anchors = [r.key.prefix.network_address for r in rs.rules.values()] or [
+        ipaddress.ip_address("192.0.2.1")
+    ]
+    tally: dict[Rule, Counter[str]] = {}
+    for _ in range(250):
+        proto = rng.choice(["tcp", "udp"])
+        addr = near(rng, rng.choice(anchors))
+        port = port_near(rng, rs)
+        want_rule = rs.match(proto, addr, port)
+        out = testrun.run(gen.program, testrun.lookup_ctx(proto, addr, port))
+        assert (out.verdict, out.cookie) == expected(want_rule, cookies), (
+            proto,
+            str(addr),
+            port,
+            want_rule,
+        )
+        if want_rule is not None:
+            c = tally.setdefault(want_rule, Counter())
+            c["lookups"] += 1
+            if out.steered:
+                c["steered"] += 1
+            if out.verdict == testrun.SK_DROP:
+                c["dropped"] += 1
+            if want_rule.action != DROP and not out.steered:
+                c["missing"] += 1
+    # every rule's counters say exactly what happened to the lookups it won
+    names = sorted(targets)
+    rules = [Rule(k, *eff) for k, eff in gen.effects(names).items()]
+    for rule, counts in zip(rules, gen.counters(), strict=True):
+        got = dict(zip(layout.COUNTER_NAMES, counts, strict=True))
+        want = tally.get(rule, Counter())
+        assert got == {k: want[k] for k in layout.COUNTER_NAMES}, rule
 
 
 def test_an_empty_rule_set_passes_everything(ns: NS) -> None:
-    with dispatcher(ns) as (d, targets, _cookies):
-        gen = state.build_generation(d, RuleSet(), targets)
-        d.gen = gen
-        for proto, addr in (("tcp", "192.0.2.1"), ("udp", "2001:db8::1")):
-            import ipaddress
-
-            out = testrun.run(
-                gen.program, testrun.lookup_ctx(proto, ipaddress.ip_address(addr), 80)
-            )
-            assert (out.verdict, out.cookie) == (testrun.SK_PASS, 0)
+    with sockmap(ns) as (sockets, targets, _cookies):
+        gen = generation(sockets, RuleSet(), targets)
+        with contextlib.closing(gen):
+            for proto, addr in (("tcp", "192.0.2.1"), ("udp", "2001:db8::1")):
+                out = testrun.run(
+                    gen.program, testrun.lookup_ctx(proto, ipaddress.ip_address(addr), 80)
+                )
+                assert (out.verdict, out.cookie) == (testrun.SK_PASS, 0)

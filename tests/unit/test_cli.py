@@ -96,8 +96,13 @@ STATUS: dict[str, Any] = {
             "name": "web",
             "protocol": "tcp",
             "address": "127.0.0.1:8080",
+            "reuseport": "group",
             "socket": "missing",
             "cookie": None,
+            "cookies": [],
+            "members": 1,
+            "alive": 0,
+            "slots": [0, 0],
             "holders": [],
         }
     ],
@@ -139,6 +144,7 @@ def test_attach_passes_everything(rec: Recorder) -> None:
                 "name": "web",
                 "on_missing": "pass",
                 "replace": True,
+                "exact": False,
                 "bpffs": "/b",
             },
         )

@@ -227,7 +227,7 @@ def test_unused_targets_are_reported_not_registered() -> None:
 
 def test_dumps_round_trips() -> None:
     rf = rulefile.parse(GOOD.replace("pid = 1234\nfd = 5", 'to = "198.51.100.1:53"'), "r")
-    targets = {n: (t.proto, *t.to) for n, t in rf.targets.items() if t.to is not None}
+    targets = {n: (t.proto, *t.to, t.exact) for n, t in rf.targets.items() if t.to is not None}
     text = rulefile.dumps(rf.rules, targets, "header\nsecond line")
     assert text.startswith("# header\n# second line\n")
     again = rulefile.parse(text, "export")
@@ -252,7 +252,12 @@ def test_canonical_reader_agrees_with_tomllib() -> None:
     for _ in range(40):
         rs, _anchors = random_rules(rng, rng.choice([1, 5, 30]))
         targets = {
-            t: ("tcp" if t.startswith("tcp") else "udp", ipaddress.ip_address("127.0.0.1"), 80)
+            t: (
+                "tcp" if t.startswith("tcp") else "udp",
+                ipaddress.ip_address("127.0.0.1"),
+                80,
+                rng.random() < 0.3,
+            )
             for t in rs.targets_in_use()
         }
         text = rulefile.dumps(rs, targets, "header")

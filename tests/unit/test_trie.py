@@ -15,7 +15,7 @@ def test_tables_walk_matches_the_reference() -> None:
     for round_ in range(120):
         rs, anchors = random_rules(rng, rng.choice([1, 3, 10, 40, 150]))
         compiled = rs.compile()
-        t = trie.build(compiled, {name: i for i, name in enumerate(TARGETS)})
+        t = trie.build(compiled, {name: (i, 1, 0) for i, name in enumerate(TARGETS)})
         assert t.depth() <= layout.NODE_STEPS
         for _ in range(300):
             proto = rng.choice(["tcp", "udp"])
@@ -32,14 +32,14 @@ def test_sparse_and_dense_prefixes_cost_few_steps() -> None:
     rs = RuleSet()
     for i in range(256):
         rs.add(make_rule("tcp", f"198.51.{i}.0/24", "all", target="web"))
-    t = trie.build(rs.compile(), {"web": 1})
+    t = trie.build(rs.compile(), {"web": (1, 1, 0)})
     assert t.runs == 256
     assert t.depth() <= 2  # one skip of 8 bits and a stride of 10 covers them
     # a lone /128 under a /48 costs a few nodes, not one per 4 bits
     rs = RuleSet()
     rs.add(make_rule("tcp", "2001:db8::/48", "all", target="web"))
     rs.add(make_rule("tcp", "2001:db8::1/128", "443", target="web"))
-    t = trie.build(rs.compile(), {"web": 1})
+    t = trie.build(rs.compile(), {"web": (1, 1, 0)})
     assert t.depth() <= 5
 
 

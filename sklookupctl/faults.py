@@ -1,0 +1,50 @@
+"""Named fault points in the write path, for crash tests. Inert unless an environment variable
+names them: nothing here runs in normal use but one dictionary lookup.
+
+    SKLOOKUPCTL_FAULT=NAME[:N]      SIGKILL this process the Nth time (default 1st) it reaches
+                                    point NAME
+    SKLOOKUPCTL_FAULT_TRACE=FILE    append the name of every point reached to FILE
+
+A test first runs a command with the trace to learn the points it passes, then runs it again
+once per point, killed there, and checks that steering follows the old or the new rule set and
+that the next command recovers. The points are listed in POINTS, in the order a change meets them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+POINTS = (
+    "commit.built",  # a generation's maps filled and its program loaded, nothing pinned
+    "commit.pinned",  # the new generation pinned beside the live one
+    "commit.filled",  # new sockets put in their slots
+    "commit.linked",  # first generation: link made, not pinned yet
+    "commit.switched",  # the new generation is live (link updated, or made and pinned)
+    "retire.carried",  # counters carried into the live generation
+    "retire.freed",  # slots of the old generation emptied
+    "retire.unpinned",  # the old generation's directory removed
+    "remove.unlinked",  # detach --all: the link's pin removed, link still attached
+    "remove.detached",  # detach --all: link detached, pins not yet removed
+    "unpin.partial",  # a directory half removed
+)
+
+_FAULT = os.environ.get("SKLOOKUPCTL_FAULT", "")
+_TRACE = os.environ.get("SKLOOKUPCTL_FAULT_TRACE", "")
+_name, _, _nth = _FAULT.partition(":")
+_target = int(_nth) if _nth.isdigit() else 1
+_seen: dict[str, int] = {}
+
+
+def point(name: str) -> None:
+    """A place where a kill must leave recoverable state."""
+    if not (_FAULT or _TRACE):
+        return
+    assert name in POINTS, name
+    if _TRACE:
+        with open(_TRACE, "a") as f:
+            f.write(name + "\n")
+    if name == _name:
+        _seen[name] = _seen.get(name, 0) + 1
+        if _seen[name] == _target:
+            os.kill(os.getpid(), signal.SIGKILL)

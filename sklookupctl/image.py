@@ -1,0 +1,174 @@
+"""A generation's contents, as bytes for its maps, and back. Pure Python, no kernel.
+
+`encode` turns a plan's rule set and targets into what every map of a generation holds: the
+tables the program reads (nodes, entries, segments: see trie.py) and the records kept for
+userspace (rules, targets, meta). The decoders read the records back for the store's snapshot.
+The store (store.py) only creates maps of these sizes and copies the bytes in.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass
+
+from . import layout, trie
+from .plan import Effect, Slotted
+from .rules import DROP, PROTO_NAMES, PROTOCOLS, STEER, IPAddress, RuleKey, RuleSet
+
+RULE = struct.Struct("<BBBBB3xHHI16s")  # mirrors layout.RuleRecord
+TARGET = struct.Struct("<64sBBHBBHI16s4x")  # mirrors layout.TargetRecord
+COUNTERS = struct.Struct("<5Q")  # mirrors layout.Counters
+assert RULE.size == 32 and TARGET.size == 96 and COUNTERS.size == 40
+
+_ACTIONS = {layout.ACTION_DROP: DROP, layout.ACTION_STEER: STEER}
+_MISSING = {layout.MISSING_PASS: "pass", layout.MISSING_DROP: "drop"}
+
+
+@dataclass
+class Image:
+    """Entries and contents of each map of a generation (the SOCKMAP aside)."""
+
+    maps: dict[str, tuple[int, bytes]]
+    rules: int  # rules in it (rule numbers 1..rules)
+
+
+@dataclass(frozen=True)
+class MetaInfo:
+    generation: int
+    netns_cookie: int
+    netns_inode: int
+    label: str
+
+
+def encode(rules: RuleSet, targets: dict[str, Slotted], meta: MetaInfo) -> Image:
+    compiled = rules.compile()
+    blocks = {
+        n: (t.slot, t.slots, layout.TARGET_EXACT if t.exact else 0) for n, t in targets.items()
+    }
+    tables = trie.build(compiled, blocks)
+    n = len(compiled.rules)
+    if n >= 1 << 31 or len(tables.segments) >= 1 << 31:
+        raise ValueError(f"{n} rules is more than a generation holds")
+    names = sorted(targets)
+    index = {name: i for i, name in enumerate(names)}
+    records = [bytes(RULE.size)]
+    for r in compiled.rules:
+        k = r.key
+        v4 = k.version == 4
+        records.append(
+            RULE.pack(
+                PROTOCOLS[k.proto],
+                socket.AF_INET if v4 else socket.AF_INET6,
+                k.plen,
+                layout.ACTION_DROP if r.action == DROP else layout.ACTION_STEER,
+                layout.MISSING_PASS if r.on_missing == "pass" else layout.MISSING_DROP,
+                k.lo,
+                k.hi,
+                index[r.target] if r.target is not None else 0,
+                k.net.to_bytes(4, "big") + bytes(12) if v4 else k.net.to_bytes(16, "big"),
+            )
+        )
+    target_records = [_pack_target(targets[name]) for name in names]
+    m = layout.Meta(
+        layout=layout.LAYOUT_VERSION,
+        rules=n,
+        targets=len(names),
+        netns_cookie=meta.netns_cookie,
+        netns_inode=meta.netns_inode,
+        generation=meta.generation,
+        label=meta.label.encode()[:63],
+    )
+    return Image(
+        {
+            "nodes": (len(tables.nodes), tables.pack_nodes()),
+            "entries": (max(1, len(tables.entries)), tables.pack_entries()),
+            "segments": (max(1, len(tables.segments)), tables.pack_segments()),
+            "counters": (n + 1, b""),
+            "rules": (n + 1, b"".join(records)),
+            "base": (n + 1, b""),
+            "targets": (max(1, len(names)), b"".join(target_records)),
+            "meta": (1, bytes(m)),
+        },
+        n,
+    )
+
+
+def _pack_target(t: Slotted) -> bytes:
+    flags = (layout.TARGET_EXACT if t.exact else 0) | (layout.TARGET_V6ONLY if t.v6only else 0)
+    return TARGET.pack(
+        t.name.encode(),
+        PROTOCOLS[t.proto],
+        t.family,
+        t.port,
+        t.slots,
+        flags,
+        0,
+        t.slot,
+        t.addr.packed.ljust(16, b"\0"),
+    )
+
+
+def decode_meta(raw: bytes) -> layout.Meta:
+    return layout.Meta.from_buffer_copy(raw[: ctypes.sizeof(layout.Meta)])
+
+
+def decode_targets(raw: bytes, count: int) -> list[Slotted]:
+    """The targets, by index (rule records refer to them by index)."""
+    out = []
+    for name, proto, family, port, slots, flags, _pad, slot, addr in TARGET.iter_unpack(
+        raw[: count * TARGET.size]
+    ):
+        a: IPAddress = (
+            ipaddress.IPv4Address(addr[:4])
+            if family == socket.AF_INET
+            else ipaddress.IPv6Address(addr)
+        )
+        out.append(
+            Slotted(
+                name.rstrip(b"\0").decode(),
+                PROTO_NAMES[proto],
+                family,
+                a,
+                port,
+                slot,
+                slots,
+                bool(flags & layout.TARGET_EXACT),
+                bool(flags & layout.TARGET_V6ONLY),
+            )
+        )
+    return out
+
+
+def decode_rules(raw: bytes, count: int, names: list[str]) -> dict[RuleKey, Effect]:
+    """The rules as key -> (action, target, on_missing), in rule-number order (counters are
+    kept by rule number)."""
+    of = RuleKey.of
+    out: dict[RuleKey, Effect] = {}
+    body = raw[RULE.size : (count + 1) * RULE.size]
+    for proto, family, plen, action, miss, lo, hi, target, addr in RULE.iter_unpack(body):
+        v4 = family == socket.AF_INET
+        key = of(
+            PROTO_NAMES[proto],
+            4 if v4 else 6,
+            int.from_bytes(addr[:4] if v4 else addr, "big"),
+            plen,
+            lo,
+            hi,
+        )
+        if action == layout.ACTION_DROP:
+            out[key] = (DROP, None, "drop")
+        else:
+            out[key] = (_ACTIONS[action], names[target], _MISSING[miss])
+    return out
+
+
+def rule_identities(raw: bytes, count: int) -> list[tuple[int, int, int, int, int, bytes]]:
+    """What identifies each rule across generations, by rule number from 1: (protocol, family,
+    prefix length, first port, last port, address). For carrying counters over."""
+    body = raw[RULE.size : (count + 1) * RULE.size]
+    return [
+        (p, f, pl, lo, hi, addr) for p, f, pl, _a, _m, lo, hi, _t, addr in RULE.iter_unpack(body)
+    ]

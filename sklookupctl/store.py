@@ -1,0 +1,758 @@
+"""The dispatcher's state in bpffs: a directory per network namespace, the lock, and the commit.
+
+    <bpffs>/sklookupctl/
+        ns-<netns cookie>/     the state of one network namespace (a netns cookie is never
+                               reused; an inode is)
+            link               the bpf_link attaching the live program to the namespace
+            gen-<program id>/  a generation: everything one rule set needs, built whole
+                program        the dispatcher, bound to the maps below
+                sockets        SOCKMAP: slot -> socket (the same map in successive
+                               generations, until it has to grow)
+                nodes entries segments counters    what the program reads
+                rules targets base meta            records for userspace (image.py)
+
+The live generation is the one the link runs. A change builds a new generation beside it, fills
+the new sockets' slots, swaps the link's program with one BPF_LINK_UPDATE (each lookup sees the
+old rule set or the new one), then retires the old generation: counters carried over, its
+slots emptied, its directory removed. A namespace's first generation goes live when its link is
+made and pinned: a directory without a link is what a killed command left, and never steers.
+
+Writers hold an exclusive flock on <bpffs>/sklookupctl and readers a shared one, so whatever a
+writer finds that is not live (a generation beside the live one, a directory without a link)
+was left by a command that died: `repair` finishes or undoes it, `Store.gc` does it for every
+namespace and removes the state of namespaces that are gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import faults, image, layout
+from .bpfsys import (
+    BPF_F_MMAPABLE,
+    BPF_MAP_TYPE_ARRAY,
+    BPF_MAP_TYPE_PERCPU_ARRAY,
+    BPF_MAP_TYPE_SOCKMAP,
+    BpfError,
+    Link,
+    Map,
+    Program,
+    is_bpffs,
+    possible_cpus,
+)
+from .errors import EnvironmentProblem, PermissionDenied
+from .netns import Netns, find_alive
+from .plan import Live, Plan, Slotted
+
+TOP = "sklookupctl"
+NS_PREFIX = "ns-"
+GEN_PREFIX = "gen-"
+OTHER_VERSION = (
+    "another sklookupctl version made it: `sklookupctl detach --all` removes it (steering in "
+    "that namespace stops until you attach or apply again)"
+)
+U32 = ctypes.c_uint32
+U64 = ctypes.c_uint64
+
+# (type, value type, flags) of every map of a generation but the SOCKMAP; sizes follow the
+# rule set (image.encode)
+GEN_MAPS: dict[str, tuple[int, type[Any], int]] = {
+    "nodes": (BPF_MAP_TYPE_ARRAY, layout.Node, BPF_F_MMAPABLE),
+    "entries": (BPF_MAP_TYPE_ARRAY, U64, BPF_F_MMAPABLE),
+    "segments": (BPF_MAP_TYPE_ARRAY, layout.Segment, BPF_F_MMAPABLE),
+    "counters": (BPF_MAP_TYPE_PERCPU_ARRAY, layout.Counters, 0),
+    "rules": (BPF_MAP_TYPE_ARRAY, layout.RuleRecord, BPF_F_MMAPABLE),
+    "base": (BPF_MAP_TYPE_ARRAY, layout.Counters, BPF_F_MMAPABLE),
+    "targets": (BPF_MAP_TYPE_ARRAY, layout.TargetRecord, BPF_F_MMAPABLE),
+    "meta": (BPF_MAP_TYPE_ARRAY, layout.Meta, BPF_F_MMAPABLE),
+}
+
+
+def base_dir(bpffs: str) -> str:
+    try:
+        ok = is_bpffs(bpffs)
+    except FileNotFoundError:
+        raise EnvironmentProblem(
+            f"{bpffs} does not exist", f"mount bpffs there: mount -t bpf bpf {bpffs}"
+        ) from None
+    if not ok:
+        raise EnvironmentProblem(
+            f"{bpffs} is not a bpffs mount",
+            f"mount one (mount -t bpf bpf {bpffs}) or pass --bpffs with a bpffs directory",
+        )
+    return os.path.join(bpffs, TOP)
+
+
+def unpin_dir(path: str) -> None:
+    """Remove a state directory and every pin under it (nothing if it is not there)."""
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return
+    for i, name in enumerate(names):
+        p = os.path.join(path, name)
+        if os.path.isdir(p):
+            unpin_dir(p)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+        if i == 0:
+            faults.point("unpin.partial")
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(path)
+
+
+def _incomplete(path: str, e: FileNotFoundError) -> EnvironmentProblem:
+    return EnvironmentProblem(
+        f"incomplete sklookupctl state in {path}: {e.filename} is missing",
+        "`sklookupctl detach --all` clears it; then attach or apply again",
+    )
+
+
+def _read_array(m: Map[Any, Any], count: int, size: int) -> bytes:
+    with m.mmap() as mm:
+        return bytes(mm[: count * size])
+
+
+def _write_array(m: Map[Any, Any], data: bytes) -> None:
+    with m.mmap() as mm:
+        mm[: len(data)] = data
+
+
+def _empty_slot(sockets: Map[Any, Any], slot: int) -> None:
+    """Empty a SOCKMAP slot. A slot whose socket was closed is already empty: the kernel then
+    answers EINVAL (not ENOENT), which is no error here."""
+    try:
+        sockets.delete(U32(slot))
+    except BpfError as e:
+        if e.errno != errno.EINVAL:
+            raise
+
+
+# -- generations ------------------------------------------------------------------------------
+
+
+@dataclass
+class Generation:
+    """The program and maps built for one rule set. Owns their fds."""
+
+    program: Program
+    maps: dict[str, Map[Any, Any]]  # GEN_MAPS and "sockets"
+    path: str | None = None
+    _meta: layout.Meta | None = field(default=None, repr=False)  # written once, when built
+
+    @property
+    def sockets(self) -> Map[ctypes.c_uint32, ctypes.c_uint64]:
+        return self.maps["sockets"]
+
+    def close(self) -> None:
+        self.program.close()
+        for m in self.maps.values():
+            m.close()
+
+    @classmethod
+    def open(cls, path: str) -> Generation:
+        """Open a pinned generation, checking every map is what this version expects."""
+        maps: dict[str, Map[Any, Any]] = {}
+        try:
+            meta: Map[Any, Any] = Map.from_pin(os.path.join(path, "meta"), U32, layout.Meta)
+            maps["meta"] = meta
+            found = image.decode_meta(_read_array(meta, 1, ctypes.sizeof(layout.Meta))).layout
+            if found != layout.LAYOUT_VERSION:
+                raise EnvironmentProblem(
+                    f"state in {path} has layout {found}, this version uses "
+                    f"{layout.LAYOUT_VERSION}",
+                    OTHER_VERSION,
+                )
+            for name, (mtype, value, _flags) in GEN_MAPS.items():
+                if name == "meta":
+                    continue
+                m: Map[Any, Any] = Map.from_pin(os.path.join(path, name), U32, value)
+                maps[name] = m
+                info = m.info()
+                if (info.type, info.value_size) != (mtype, ctypes.sizeof(value)):
+                    raise EnvironmentProblem(
+                        f"pinned map {path}/{name} is not what this version expects",
+                        OTHER_VERSION,
+                    )
+            s: Map[Any, Any] = Map.from_pin(os.path.join(path, "sockets"), U32, U64)
+            maps["sockets"] = s
+            info = s.info()
+            if (info.type, info.key_size, info.value_size) != (BPF_MAP_TYPE_SOCKMAP, 4, 8):
+                raise EnvironmentProblem(f"pinned map {path}/sockets is not a SOCKMAP")
+            prog = Program.from_pin(os.path.join(path, "program"))
+        except BaseException as e:
+            for m in maps.values():
+                m.close()
+            if isinstance(e, FileNotFoundError):
+                raise _incomplete(path, e) from None
+            raise
+        return cls(prog, maps, path)
+
+    def pin(self, path: str) -> None:
+        os.mkdir(path, 0o700)
+        for name, m in self.maps.items():
+            m.pin(os.path.join(path, name))
+        self.program.pin(os.path.join(path, "program"))
+        self.path = path
+
+    # -- reading
+
+    def meta(self) -> layout.Meta:
+        if self._meta is None:
+            raw = _read_array(self.maps["meta"], 1, ctypes.sizeof(layout.Meta))
+            self._meta = image.decode_meta(raw)
+        return self._meta
+
+    def targets(self) -> list[Slotted]:
+        """The targets by index."""
+        n = self.meta().targets
+        return image.decode_targets(_read_array(self.maps["targets"], n, image.TARGET.size), n)
+
+    def _rule_bytes(self) -> bytes:
+        n = self.meta().rules
+        return _read_array(self.maps["rules"], n + 1, image.RULE.size)
+
+    def effects(self, names: list[str]) -> dict[Any, Any]:
+        """The rules, key -> (action, target, on_missing), by rule number."""
+        return image.decode_rules(self._rule_bytes(), self.meta().rules, names)
+
+    def identities(self) -> list[tuple[int, int, int, int, int, bytes]]:
+        return image.rule_identities(self._rule_bytes(), self.meta().rules)
+
+    def counted(self) -> bool:
+        """Whether any counter of any rule is non-zero (cheap: two bulk reads)."""
+        n = self.meta().rules
+        base = _read_array(self.maps["base"], n + 1, image.COUNTERS.size)
+        raw = self.maps["counters"].lookup_batch_raw(n + 1, image.COUNTERS.size * possible_cpus())
+        return base.count(0) != len(base) or raw.count(0) != len(raw)
+
+    def raw_counters(self) -> list[tuple[int, ...]]:
+        """Each rule's counters as the kernel keeps them (layout.KERNEL_COUNTERS): every CPU's,
+        plus those carried over from earlier generations (entry 0 is rule number 1)."""
+        n = self.meta().rules
+        width = len(layout.KERNEL_COUNTERS)
+        size = image.COUNTERS.size
+        base = array("Q", _read_array(self.maps["base"], n + 1, size))
+        ncpu = possible_cpus()
+        raw = self.maps["counters"].lookup_batch_raw(n + 1, size * ncpu)
+        per = array("Q", raw.ljust(size * ncpu * (n + 1), b"\0"))
+        # column j of rule i on cpu c is per[(i * ncpu + c) * width + j]: sum whole columns
+        stride = ncpu * width
+        columns = []
+        for j in range(width):
+            cpus = [per[c * width + j :: stride] for c in range(ncpu)]
+            columns.append(list(map(sum, zip(base[j::width], *cpus, strict=True))))
+        return list(zip(*columns, strict=True))[1:]
+
+    def counters(self) -> list[tuple[int, ...]]:
+        """Each rule's counters as layout.COUNTER_NAMES (entry 0 is rule number 1)."""
+        return [(st + dr + pa, st, dr, mi, er) for st, dr, pa, mi, er in self.raw_counters()]
+
+    def memlock(self) -> int:
+        return sum(m.memlock() for m in self.maps.values())
+
+
+def build(img: image.Image, sockets: Map[Any, Any]) -> Generation:
+    """Create maps sized to `img`, fill them, and load a program bound to them and `sockets`
+    (whose fd the generation then owns). Nothing is pinned."""
+    maps: dict[str, Map[Any, Any]] = {"sockets": sockets}
+    try:
+        for name, (mtype, value, flags) in GEN_MAPS.items():
+            count, data = img.maps[name]
+            maps[name] = _create_map(mtype, value, count, name, flags)
+            if data:
+                _write_array(maps[name], data)
+        from . import program  # loads the compiler only when a program must be built
+
+        prog = program.load({name: maps[name].fd for name in layout.PROGRAM_MAPS})
+    except BaseException:
+        for m in maps.values():
+            m.close()
+        raise
+    return Generation(prog, maps)
+
+
+def _create_map(mtype: int, value: type[Any], count: int, name: str, flags: int) -> Map[Any, Any]:
+    try:
+        return Map.create(mtype, U32, value, count, f"skl_{name}", flags)
+    except BpfError as e:
+        raise EnvironmentProblem(
+            f"cannot create map {name} of {count} entries: {e.strerror}",
+            "the kernel is short of memory for this rule set" if e.errno == errno.ENOMEM else "",
+        ) from None
+
+
+def _carry_counters(old: Generation, new: Generation) -> None:
+    """Counters of rules present in both generations continue in the new one's `base`.
+
+    `base` is assigned, not added to: carrying again (a repair after a killed command) gives
+    the same result. Read after the swap, so the old program has stopped counting (bar
+    lookups already in flight when the link changed)."""
+    if not old.counted():
+        return
+    old_counts = old.raw_counters()
+    by_key = {ident: i for i, ident in enumerate(old.identities())}
+    out = bytearray(image.COUNTERS.size * (new.meta().rules + 1))
+    carried = False
+    for j, ident in enumerate(new.identities(), 1):
+        i = by_key.get(ident)
+        if i is not None and any(old_counts[i]):
+            image.COUNTERS.pack_into(out, j * image.COUNTERS.size, *old_counts[i])
+            carried = True
+    if carried:
+        _write_array(new.maps["base"], bytes(out))
+
+
+# -- one namespace ----------------------------------------------------------------------------
+
+
+@dataclass
+class Dispatcher:
+    """The pinned state of one network namespace: its link and live generation. Owns their
+    fds. Made by Store.open / Store.create."""
+
+    path: str
+    cookie: int
+    link: Link | None = None
+    gen: Generation | None = None
+    stale: list[str] = field(default_factory=list)  # generation directories that are not live
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
+        if self.gen is not None:
+            self.gen.close()
+
+    def __enter__(self) -> Dispatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @classmethod
+    def open(cls, path: str, cookie: int) -> Dispatcher:
+        """Open the state in `path` as it is (see `state`)."""
+        d = cls(path, cookie)
+        try:
+            d.link = Link.from_pin(os.path.join(path, "link"))
+        except FileNotFoundError:
+            d.link = None
+        try:
+            live = f"{GEN_PREFIX}{d.link.info().prog_id}" if d.link is not None else ""
+            if live:
+                d.gen = Generation.open(os.path.join(path, live))
+            d.stale = sorted(
+                os.path.join(path, n)
+                for n in os.listdir(path)
+                if n.startswith(GEN_PREFIX) and n != live
+            )
+        except BaseException:
+            d.close()
+            raise
+        return d
+
+    @property
+    def state(self) -> str:
+        """steering; detached (the link no longer runs in a namespace: the namespace is gone,
+        or something else detached it); unfinished (no link: a first commit that was killed,
+        or a `detach --all` that was)."""
+        if self.link is None or self.gen is None:
+            return "unfinished"
+        return "steering" if self.link.info().netns_ino else "detached"
+
+    @property
+    def program(self) -> Program:
+        assert self.gen is not None
+        return self.gen.program
+
+    def snapshot(self) -> Live:
+        """What is live, for make_plan."""
+        g = self.gen
+        if g is None:
+            raise EnvironmentProblem(f"no live generation in {self.path}")
+        targets = g.targets()
+        filled: dict[int, int] = {}
+        for t in targets:
+            for slot in t.block():
+                c = self.socket_cookie(slot)
+                if c is not None:
+                    filled[slot] = c
+        return Live(
+            g.effects([t.name for t in targets]),
+            {t.name: t for t in targets},
+            filled,
+            int(g.sockets.info().max_entries),
+            int(g.meta().generation),
+            self.state == "steering",
+        )
+
+    def socket_cookie(self, slot: int) -> int | None:
+        """Cookie of the socket in a SOCKMAP slot, None when it is empty."""
+        assert self.gen is not None
+        v = self.gen.sockets.lookup(U32(slot))
+        return None if v is None else int(v.value)
+
+    # -- writing
+
+    def commit(
+        self,
+        plan: Plan,
+        meta: image.MetaInfo,
+        ns: Netns,
+        socket_fd: Callable[[int, str], int],
+    ) -> None:
+        """Carry out `plan`: build and pin the new generation, fill its new slots, make it
+        live, then retire the old one. `socket_fd(cookie, proto)` gives an fd of a socket the
+        plan fills in.
+
+        A failure before the switch leaves everything as it was; after it, the change has
+        happened and the old generation's retirement is finished by the next writer if this
+        one cannot."""
+        old = self.gen
+        img = image.encode(plan.rules, plan.targets, meta)
+        if plan.new_map or old is None:
+            sockets: Map[Any, Any] = _create_map(
+                BPF_MAP_TYPE_SOCKMAP, U64, plan.capacity, "sockets", 0
+            )
+        else:
+            sockets = Map(os.dup(old.sockets.fd), U32, U64)
+        gen = build(img, sockets)
+        faults.point("commit.built")
+        path = os.path.join(self.path, f"{GEN_PREFIX}{gen.program.info().id}")
+        proto_of = {t.slot + i: t.proto for t in plan.targets.values() for i in range(t.slots)}
+        filled: list[int] = []
+        try:
+            gen.pin(path)
+            faults.point("commit.pinned")
+            for slot, cookie in plan.fills.items():
+                fd = socket_fd(cookie, proto_of[slot])
+                try:
+                    gen.sockets.update(U32(slot), U64(fd))
+                except BpfError as e:
+                    raise EnvironmentProblem(
+                        f"the kernel refused a socket in the SOCKMAP: {e.strerror}",
+                        "it must be a listening TCP or bound unconnected UDP socket",
+                    ) from None
+                filled.append(slot)
+            faults.point("commit.filled")
+            self._switch(gen, old, plan.attach, ns)
+        except BaseException:
+            if not plan.new_map:
+                for slot in filled:
+                    with contextlib.suppress(BpfError):
+                        _empty_slot(gen.sockets, slot)
+            gen.close()
+            unpin_dir(path)
+            raise
+        faults.point("commit.switched")
+        self.gen = gen
+        if old is not None:
+            same_map = not plan.new_map
+            self._retire(old, plan.frees if same_map else [])
+
+    def _switch(self, gen: Generation, old: Generation | None, attach: bool, ns: Netns) -> None:
+        """Make `gen` live: one BPF_LINK_UPDATE, or (first generation, or a detached link) a
+        new link, pinned."""
+        if not attach:
+            assert self.link is not None and old is not None
+            self.link.update(gen.program, old.program)
+            return
+        try:
+            link = Link.create_netns(gen.program, ns.fd)
+        except BpfError as e:
+            hint = (
+                "a netns holds at most 64 sk_lookup links"
+                if e.errno == errno.E2BIG
+                else "the kernel needs sk_lookup support (5.9+)"
+            )
+            raise EnvironmentProblem(f"cannot attach to {ns.label}: {e.strerror}", hint) from None
+        try:
+            faults.point("commit.linked")
+            pin = os.path.join(self.path, "link")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pin)  # a link that no longer runs (detached by something else)
+            link.pin(pin)
+        except BaseException:
+            link.close()  # unpinned: closing it detaches it
+            raise
+        if self.link is not None:
+            self.link.close()
+        self.link = link
+
+    def _retire(self, old: Generation, frees: list[int]) -> None:
+        """After a switch: carry the old generation's counters over, empty its slots the new
+        one does not use, remove it."""
+        assert self.gen is not None
+        _carry_counters(old, self.gen)
+        faults.point("retire.carried")
+        for slot in frees:
+            _empty_slot(self.gen.sockets, slot)
+        faults.point("retire.freed")
+        old.close()
+        if old.path:
+            unpin_dir(old.path)
+        faults.point("retire.unpinned")
+
+    def repair(self) -> bool:
+        """Finish what a killed writer left. False when nothing here was ever committed (no
+        link): the directory is removed. Otherwise generations beside the live one are retired:
+        the newest one the live generation replaced gives its counters, and the slots any of
+        them filled in the live SOCKMAP that the live generation does not use are emptied."""
+        if self.link is None or self.gen is None:
+            self.close()
+            unpin_dir(self.path)
+            return False
+        if not self.stale:
+            return True
+        live = self.gen
+        used = {s for t in live.targets() for s in t.block()}
+        live_map = live.sockets.info().id
+        frees: set[int] = set()
+        sweep = False
+        superseded: list[Generation] = []
+        for p in self.stale:
+            try:
+                g = Generation.open(p)
+            except (EnvironmentProblem, OSError):
+                sweep = True  # half removed: which slots it filled is unknown
+                unpin_dir(p)
+                continue
+            if g.sockets.info().id == live_map:
+                frees |= {s for t in g.targets() for s in t.block()} - used
+            if g.meta().generation < live.meta().generation:
+                superseded.append(g)
+            else:  # built, never live
+                g.close()
+                unpin_dir(p)
+        superseded.sort(key=lambda g: g.meta().generation)
+        if superseded:
+            # the newest one holds the counters of those before it
+            _carry_counters(superseded[-1], live)
+        if sweep:
+            capacity = live.sockets.info().max_entries
+            frees |= set(range(capacity)) - used
+        for slot in sorted(frees):
+            _empty_slot(live.sockets, slot)
+        for g in superseded:
+            g.close()
+            unpin_dir(g.path or "")
+        self.stale = []
+        return True
+
+    def remove(self) -> None:
+        """Detach our link (never anyone else's) and remove the directory. The link's pin goes
+        first: if this command dies after it, nothing keeps the link and it detaches."""
+        if self.link is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.path, "link"))
+            faults.point("remove.unlinked")
+            with contextlib.suppress(BpfError):
+                self.link.detach()
+            faults.point("remove.detached")
+        self.close()
+        unpin_dir(self.path)
+
+
+# -- every namespace --------------------------------------------------------------------------
+
+
+@dataclass
+class Entry:
+    """One namespace's state, as `status --all` and `gc` see it."""
+
+    path: str
+    cookie: int
+    inode: int
+    label: str
+    state: str  # steering | detached | dead | unfinished | damaged | other-layout
+    generation: int = 0
+    rules: int = 0
+    targets: int = 0
+    problem: str = ""
+
+
+class Store:
+    """<bpffs>/sklookupctl, locked: exclusive for writers, shared for readers."""
+
+    def __init__(self, bpffs: str, base: str, exclusive: bool) -> None:
+        self.bpffs = bpffs
+        self.base = base
+        self.exclusive = exclusive
+
+    @classmethod
+    @contextlib.contextmanager
+    def locked(cls, bpffs: str, exclusive: bool) -> Iterator[Store]:
+        """Hold the lock for the block. Readers of a bpffs where nothing was ever made get a
+        store with nothing in it (and make nothing)."""
+        base = base_dir(bpffs)
+        store = cls(bpffs, base, exclusive)
+        if exclusive:
+            try:
+                os.makedirs(base, mode=0o700, exist_ok=True)
+            except PermissionError:
+                raise PermissionDenied(f"cannot create {base}", "run as root") from None
+        elif not os.path.isdir(base):
+            yield store
+            return
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield store
+        finally:
+            os.close(fd)
+
+    def path_of(self, ns: Netns) -> str:
+        return os.path.join(self.base, f"{NS_PREFIX}{ns.cookie()}")
+
+    def open(self, ns: Netns) -> Dispatcher | None:
+        """The namespace's state as it is; None when there is none. State of another version
+        is refused."""
+        self._refuse_legacy(ns)
+        path = self.path_of(ns)
+        if not os.path.isdir(path):
+            return None
+        return Dispatcher.open(path, ns.cookie())
+
+    def open_for_write(self, ns: Netns) -> Dispatcher | None:
+        """The namespace's dispatcher, repaired; None when there is none (what a killed first
+        commit left is removed)."""
+        assert self.exclusive
+        d = self.open(ns)
+        if d is not None and not d.repair():
+            return None
+        return d
+
+    def create(self, ns: Netns) -> Dispatcher:
+        """An empty directory for a namespace's first commit."""
+        path = self.path_of(ns)
+        os.mkdir(path, 0o700)
+        return Dispatcher(path, ns.cookie())
+
+    def discard(self, d: Dispatcher) -> None:
+        """Remove a directory whose first commit failed (nothing of it went live)."""
+        d.close()
+        unpin_dir(d.path)
+
+    # -- state made by layout 3 (directories named by inode), still read for what it is
+
+    def legacy_path(self, ns: Netns) -> str | None:
+        path = os.path.join(self.base, str(ns.inode))
+        return path if os.path.isdir(path) else None
+
+    def _refuse_legacy(self, ns: Netns) -> None:
+        path = self.legacy_path(ns)
+        if path is not None and _legacy_cookie(path) in (ns.cookie(), None):
+            raise EnvironmentProblem(
+                f"state in {path} has another layout, this version uses {layout.LAYOUT_VERSION}",
+                OTHER_VERSION,
+            )
+
+    def remove_legacy(self, ns: Netns) -> bool:
+        """Detach and remove this namespace's state of layout 3, if any."""
+        path = self.legacy_path(ns)
+        if path is None:
+            return False
+        _detach_pinned(os.path.join(path, "link"), ns.inode)
+        unpin_dir(path)
+        return True
+
+    # -- every namespace
+
+    def entries(self) -> list[Entry]:
+        """The state of every namespace sklookupctl has steered, whatever became of it."""
+        if not os.path.isdir(self.base):
+            return []
+        out = []
+        for name in sorted(os.listdir(self.base)):
+            path = os.path.join(self.base, name)
+            if name.startswith(NS_PREFIX) and name[len(NS_PREFIX) :].isdigit():
+                out.append(self._entry(path, int(name[len(NS_PREFIX) :])))
+            elif name.isdigit():
+                out.append(_legacy_entry(path, int(name)))
+        return out
+
+    def _entry(self, path: str, cookie: int) -> Entry:
+        e = Entry(path, cookie, 0, "", "unfinished")
+        try:
+            d = Dispatcher.open(path, cookie)
+        except EnvironmentProblem as err:
+            e.state, e.problem = "damaged", err.message
+            return e
+        with d:
+            e.state = d.state
+            if d.gen is not None:
+                meta = d.gen.meta()
+                e.inode, e.label = int(meta.netns_inode), meta.label.decode(errors="replace")
+                e.generation, e.rules, e.targets = int(meta.generation), meta.rules, meta.targets
+        if e.state == "detached" and find_alive(e.inode, cookie) is None:
+            e.state = "dead"
+        return e
+
+    def gc(self) -> list[Entry]:
+        """Remove the state of namespaces that are gone and what killed commands left; retire
+        stale generations. Returns what was removed or repaired (state as found)."""
+        assert self.exclusive
+        done = []
+        for e in self.entries():
+            if e.state in ("dead", "unfinished", "other-layout-dead"):
+                # nothing of it steers: a namespace that is gone, or a first commit or a
+                # `detach --all` that was killed
+                unpin_dir(e.path)
+                done.append(e)
+            elif e.state in ("steering", "detached"):
+                with Dispatcher.open(e.path, e.cookie) as d:
+                    if d.stale:
+                        d.repair()
+                        e.problem = "stale generations retired"
+                        done.append(e)
+        return done
+
+
+def _detach_pinned(pin: str, inode: int) -> None:
+    """Detach the link pinned at `pin` if it runs in the namespace with this inode (or in none
+    any more). Best effort: its directory is going anyway."""
+    try:
+        link = Link.from_pin(pin)
+    except OSError:
+        return
+    with link, contextlib.suppress(BpfError):
+        if link.info().netns_ino in (inode, 0):
+            link.detach()
+
+
+def _legacy_cookie(path: str) -> int | None:
+    """The netns cookie recorded by layout 3 state (its meta: layout, rules, cookie), or None
+    when it cannot be read."""
+    try:
+        with Link.from_pin(os.path.join(path, "link")) as link:
+            prog_id = link.info().prog_id
+        meta: Map[Any, Any] = Map.from_pin(
+            os.path.join(path, f"{GEN_PREFIX}{prog_id}", "meta"), U32, ctypes.c_uint8 * 24
+        )
+        with meta:
+            v = meta.lookup(U32(0))
+        return None if v is None else int.from_bytes(bytes(v)[8:16], "little")
+    except (OSError, EnvironmentProblem):
+        return None
+
+
+def _legacy_entry(path: str, inode: int) -> Entry:
+    e = Entry(path, _legacy_cookie(path) or 0, inode, "", "other-layout")
+    e.problem = OTHER_VERSION
+    try:
+        with Link.from_pin(os.path.join(path, "link")) as link:
+            attached = bool(link.info().netns_ino)
+    except OSError:
+        attached = False
+    if not attached and (not e.cookie or find_alive(inode, e.cookie) is None):
+        e.state = "other-layout-dead"
+    return e

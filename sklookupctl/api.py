@@ -195,6 +195,14 @@ def _want_at(
             )
             return Want(name, proto, addr, port, (), exact)
         raise
+    if exact:
+        tier = sockets.choose(disc.at_port(proto, port), addr, port)
+        if len(tier) > 1:
+            notes.append(
+                f"target {name}: {len(tier)} sockets listen at {format_endpoint(addr, port)} "
+                f"(a reuseport group); steering to one of them only "
+                f"({disc.describe(found[0].cookie, proto)}); pass --pid and --fd to choose"
+            )
     return Want(name, proto, addr, port, _members(found), exact)
 
 
@@ -390,6 +398,7 @@ def detach_all(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> DetachResult
     """Detach our dispatcher from the netns and remove its pins. Other tools' links stay."""
     require_privileges()
     with open_netns(netns) as ns, Store.locked(bpffs, exclusive=True) as store:
+        store.gc()
         legacy = store.remove_legacy(ns)
         path = store.path_of(ns)
         if not os.path.isdir(path):

@@ -29,7 +29,10 @@ BPF_PROG_LOAD = 5
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
+BPF_PROG_GET_NEXT_ID = 11
+BPF_MAP_GET_NEXT_ID = 12
 BPF_PROG_GET_FD_BY_ID = 13
+BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
 BPF_MAP_LOOKUP_BATCH = 24
@@ -542,19 +545,38 @@ def possible_cpus() -> int:
     return n
 
 
-def link_ids() -> Iterator[int]:
-    """Ids of every bpf_link on the machine."""
+def _ids(cmd: int, what: str) -> Iterator[int]:
     cur = 0
     while True:
         attr = _IdAttr(id=cur)
         try:
-            _bpf(BPF_LINK_GET_NEXT_ID, attr, "list links")
+            _bpf(cmd, attr, f"list {what}")
         except BpfError as e:
             if e.errno == errno.ENOENT:
                 return
             raise
         cur = attr.next_id
         yield cur
+
+
+def link_ids() -> Iterator[int]:
+    """Ids of every bpf_link on the machine."""
+    return _ids(BPF_LINK_GET_NEXT_ID, "links")
+
+
+def prog_ids() -> Iterator[int]:
+    """Ids of every BPF program on the machine."""
+    return _ids(BPF_PROG_GET_NEXT_ID, "programs")
+
+
+def map_ids() -> Iterator[int]:
+    """Ids of every BPF map on the machine."""
+    return _ids(BPF_MAP_GET_NEXT_ID, "maps")
+
+
+def map_from_id(map_id: int) -> Map[Any, Any]:
+    fd = _bpf(BPF_MAP_GET_FD_BY_ID, _IdAttr(id=map_id), f"open map {map_id}")
+    return Map(fd, ctypes.c_uint32, ctypes.c_uint64)
 
 
 def query_netns_programs(netns_fd: int) -> list[int]:

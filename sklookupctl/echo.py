@@ -11,6 +11,7 @@ Client helpers for the same protocol live here too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import os
@@ -37,10 +38,12 @@ def _family(host: str) -> int:
     return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
 
 
-def open_tcp(endpoint: str, v6only: bool = False) -> socket.socket:
+def open_tcp(endpoint: str, v6only: bool = False, reuseport: bool = False) -> socket.socket:
     host, port = parse(endpoint)
     s = socket.socket(_family(host), socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuseport:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     if s.family == socket.AF_INET6:
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
     s.bind((host, port))
@@ -48,9 +51,11 @@ def open_tcp(endpoint: str, v6only: bool = False) -> socket.socket:
     return s
 
 
-def open_udp(endpoint: str, v6only: bool = False) -> socket.socket:
+def open_udp(endpoint: str, v6only: bool = False, reuseport: bool = False) -> socket.socket:
     host, port = parse(endpoint)
     s = socket.socket(_family(host), socket.SOCK_DGRAM)
+    if reuseport:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     if s.family == socket.AF_INET6:
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
         s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
@@ -88,6 +93,28 @@ def _serve_conn(conn: socket.socket) -> None:
                 conn.sendall(data)
         except OSError:
             pass
+
+
+def serve_many(listeners: list[socket.socket]) -> None:
+    """Many TCP listeners in one thread: each connection gets its first line and is closed."""
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    for s in listeners:
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+    while True:
+        for key, _ in sel.select():
+            try:
+                conn, _ = key.fileobj.accept()  # type: ignore[union-attr]
+            except OSError:
+                continue
+            with conn:
+                conn.setblocking(True)
+                host, port = conn.getsockname()[:2]
+                own = key.fileobj.getsockname()[1]  # type: ignore[union-attr]
+                with contextlib.suppress(OSError):
+                    conn.sendall(f"{host} {port} {own}{TAG}\n".encode())
 
 
 def serve_tcp(s: socket.socket) -> None:
@@ -195,6 +222,13 @@ def main() -> None:
     ap.add_argument("--tcp", metavar="ADDR:PORT")
     ap.add_argument("--udp", metavar="ADDR:PORT")
     ap.add_argument("--v6only", action="store_true")
+    ap.add_argument("--reuseport", action="store_true", help="set SO_REUSEPORT before bind")
+    ap.add_argument(
+        "--tcp-range",
+        metavar="ADDR:LO-HI",
+        help="a TCP listener on every port LO..HI (each connection is answered 'ADDR PORT "
+        "LISTENING-PORT[ TAG]' and closed)",
+    )
     ap.add_argument("--tcp-bound", metavar="ADDR:PORT", help="a TCP socket that never listens")
     ap.add_argument("--udp-connected", metavar="ADDR:PORT", help="a connected UDP socket")
     ap.add_argument("--tag", default="", help="word appended to each reply's first line")
@@ -213,8 +247,19 @@ def main() -> None:
         os.close(fd)
     ready: dict[str, object] = {"pid": os.getpid()}
     socks = []
+    if args.tcp_range:
+        import resource
+
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        host, _, span = args.tcp_range.rpartition(":")
+        lo, _, hi = span.partition("-")
+        many = [open_tcp(f"{host}:{p}") for p in range(int(lo), int(hi) + 1)]
+        socks += many
+        ready.update(tcp_range=[int(lo), int(hi)])
+        threading.Thread(target=serve_many, args=(many,), daemon=True).start()
     if args.tcp:
-        t = open_tcp(args.tcp, args.v6only)
+        t = open_tcp(args.tcp, args.v6only, args.reuseport)
         socks.append(t)
         ready.update(tcp_fd=t.fileno(), tcp_port=t.getsockname()[1])
         threading.Thread(target=serve_tcp, args=(t,), daemon=True).start()
@@ -222,7 +267,7 @@ def main() -> None:
         udp = args.udp
         if args.tcp and udp.endswith(":0"):  # same port number as the TCP socket
             udp = f"{udp[:-2]}:{ready['tcp_port']}"
-        u = open_udp(udp, args.v6only)
+        u = open_udp(udp, args.v6only, args.reuseport)
         socks.append(u)
         ready.update(udp_fd=u.fileno(), udp_port=u.getsockname()[1])
         threading.Thread(target=serve_udp, args=(u,), daemon=True).start()

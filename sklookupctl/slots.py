@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 # the SOCKMAP's size: at least this, and twice what the rule set needs (a whole set of targets
 # can then move to new sockets in one change without growing); never more than the maximum
-MIN_CAPACITY = 1024
+MIN_CAPACITY = 64
 MAX_CAPACITY = 1 << 20
 
 

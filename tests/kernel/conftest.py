@@ -9,12 +9,15 @@ or /sys/fs/bpf. Namespaces, pins and processes are removed also when a test fail
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 import pytest
 from click.testing import CliRunner, Result
 
-from sklookupctl import api, echo
+from sklookupctl import api, bpfsys, echo
 from sklookupctl import netns as nsmod
 from sklookupctl.cli import cli
 
@@ -194,4 +197,75 @@ def _no_leftovers(bpffs: str) -> Iterator[None]:
     assert not left, f"tests left namespaces behind: {left}"
 
 
-__all__ = ["NS", "Proxy", "throwaway"]
+# -- kernel objects: everything sklookupctl made is pinned, or gone ----------------------------
+
+
+@dataclass(frozen=True)
+class Objects:
+    """sklookupctl's BPF objects (by id): programs, maps and links."""
+
+    progs: frozenset[int]
+    maps: frozenset[int]
+    links: frozenset[int]
+
+    def since(self, base: Objects) -> Objects:
+        return Objects(
+            frozenset(i for i in self.progs if i > max(base.progs, default=0)),
+            frozenset(i for i in self.maps if i > max(base.maps, default=0)),
+            frozenset(i for i in self.links if i > max(base.links, default=0)),
+        )
+
+
+def kernel_objects() -> Objects:
+    """Every program named skl_dispatch, map named skl_*, and link running one of those
+    programs (a detached link still holds its program)."""
+    progs, maps, links = set(), set(), set()
+    for pid in bpfsys.prog_ids():
+        with contextlib.suppress(OSError), bpfsys.Program.from_id(pid) as p:
+            if p.info().name == b"skl_dispatch":
+                progs.add(pid)
+    for mid in bpfsys.map_ids():
+        with contextlib.suppress(OSError), bpfsys.map_from_id(mid) as m:
+            if m.info().name.startswith(b"skl_"):
+                maps.add(mid)
+    for lid in bpfsys.link_ids():
+        with contextlib.suppress(OSError), bpfsys.Link.from_id(lid) as link:
+            if link.info().prog_id in progs:
+                links.add(lid)
+    return Objects(frozenset(progs), frozenset(maps), frozenset(links))
+
+
+def pinned_objects(bpffs: str) -> Objects:
+    """The objects pinned under <bpffs>/sklookupctl."""
+    progs, maps, links = set(), set(), set()
+    for root, _dirs, files in os.walk(os.path.join(bpffs, "sklookupctl")):
+        for f in files:
+            path = os.path.join(root, f)
+            with contextlib.suppress(OSError):
+                if f == "program":
+                    with bpfsys.Program.from_pin(path) as p:
+                        progs.add(p.info().id)
+                elif f == "link":
+                    with bpfsys.Link.from_pin(path) as link:
+                        links.add(link.info().id)
+                else:
+                    with bpfsys.Map.from_pin(path, ctypes.c_uint32, ctypes.c_uint64) as m:
+                        maps.add(m.info().id)
+    return Objects(frozenset(progs), frozenset(maps), frozenset(links))
+
+
+def assert_no_leaks(bpffs: str, base: Objects, wait: float = 5.0) -> None:
+    """Every program, map and link sklookupctl made since `base` is pinned (the kernel frees
+    unpinned ones a moment later: wait for it)."""
+    deadline = time.monotonic() + wait
+    while True:
+        gc.collect()  # library objects dropped without close() would hold fds
+        made = kernel_objects().since(base)
+        pinned = pinned_objects(bpffs).since(base)
+        if made == pinned or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert made == pinned, f"made {made}, pinned {pinned}"
+
+
+__all__ = ["NS", "Objects", "Proxy", "assert_no_leaks", "kernel_objects", "throwaway"]

@@ -1,0 +1,253 @@
+"""A command killed at any point of the write path: steering follows the old rule set or the new
+one (never a mix, never nothing), `status` shows what steers, and the next command recovers
+with nothing leaked.
+
+Each scenario is run once with a trace of the fault points it passes (faults.py), then once per
+point reached, killed there (SIGKILL, from inside, exactly at the point), in a fresh namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from sklookupctl import faults
+
+from .conftest import NS, PREFIXES, assert_no_leaks, kernel_objects, throwaway
+
+Probe = tuple[str, int]  # a TCP dial: (address, port)
+
+
+@dataclass
+class Case:
+    """One scenario: `setup` makes the old state (and returns the command that makes the new
+    one); `old` and `new` say where each probe lands ("refused" or a proxy's tag)."""
+
+    name: str
+    setup: Callable[[NS, Path], list[str]]
+    old: dict[Probe, str]
+    new: dict[Probe, str]
+    old_rules: set[tuple[str, str, str]]
+    new_rules: set[tuple[str, str, str]]
+    capacities: tuple[int, int] | None = None  # of the SOCKMAP before and after
+
+
+def _target(name: str, port: int) -> str:
+    return f'[targets.{name}]\nto = "127.0.0.1:{port}"\n'
+
+
+def _rule(prefix: str, target: str | None, ports: str = "all") -> str:
+    act = f'target = "{target}"' if target else 'action = "drop"'
+    return f'[[rules]]\nprotocol = "tcp"\nprefix = "{prefix}"\nports = "{ports}"\n{act}\n'
+
+
+def first_attach(ns: NS, tmp: Path) -> list[str]:
+    a = ns.proxy(tcp="127.0.0.1:0", tag="a")
+    return ["attach", "tcp", "192.0.2.0/24", "all", "--to", f"127.0.0.1:{a.port}", "--name", "a"]
+
+
+def attach_new_target(ns: NS, tmp: Path) -> list[str]:
+    a = ns.proxy(tcp="127.0.0.1:0", tag="a")
+    b = ns.proxy(tcp="127.0.0.1:0", tag="b")
+    ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--to", f"127.0.0.1:{a.port}", "--name", "a")
+    return ["attach", "tcp", "198.51.100.0/24", "all", "--to", f"127.0.0.1:{b.port}", "--name", "b"]
+
+
+def detach_one(ns: NS, tmp: Path) -> list[str]:
+    a = ns.proxy(tcp="127.0.0.1:0", tag="a")
+    b = ns.proxy(tcp="127.0.0.1:0", tag="b")
+    ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--to", f"127.0.0.1:{a.port}", "--name", "a")
+    ns.ok("attach", "tcp", "198.51.100.0/24", "all", "--to", f"127.0.0.1:{b.port}", "--name", "b")
+    return ["detach", "tcp", "198.51.100.0/24", "all"]
+
+
+def apply_moves(ns: NS, tmp: Path) -> list[str]:
+    """The target moves to another socket, a rule goes, a drop rule comes."""
+    a = ns.proxy(tcp="127.0.0.1:0", tag="a")
+    b = ns.proxy(tcp="127.0.0.1:0", tag="b")
+    ns.proxy(tcp="203.0.113.1:80", tag="n")  # a normal listener
+    old = tmp / "old.toml"
+    old.write_text(
+        _target("a", a.port) + _rule("192.0.2.0/24", "a") + _rule("198.51.100.0/24", "a")
+    )
+    ns.ok("apply", str(old))
+    new = tmp / "new.toml"
+    new.write_text(
+        _target("a", b.port) + _rule("192.0.2.0/24", "a") + _rule("203.0.113.0/24", None)
+    )
+    return ["apply", str(new)]
+
+
+def apply_grows(ns: NS, tmp: Path) -> list[str]:
+    """40 targets (a SOCKMAP of 128 slots: twice the need) move to new sockets and 50 more
+    come: the 40 old and 90 new blocks do not fit together, so the new generation gets a larger
+    SOCKMAP, with every socket in it."""
+    ns.proxy(extra=("--tcp-range", "127.0.0.1:21000-21039"), tag="x")
+    ns.proxy(extra=("--tcp-range", "127.0.0.1:22000-22089"), tag="y")
+    old = "".join(_target(f"t{i}", 21000 + i) for i in range(40))
+    old += "".join(_rule(f"192.0.2.{i}", f"t{i}") for i in range(40))
+    (tmp / "old.toml").write_text(old)
+    ns.ok("apply", str(tmp / "old.toml"))
+    new = "".join(_target(f"t{i}", 22000 + i) for i in range(90))
+    new += "".join(_rule(f"192.0.2.{i}", f"t{i}") for i in range(90))
+    (tmp / "new.toml").write_text(new)
+    return ["apply", str(tmp / "new.toml")]
+
+
+def detach_all(ns: NS, tmp: Path) -> list[str]:
+    a = ns.proxy(tcp="127.0.0.1:0", tag="a")
+    ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--to", f"127.0.0.1:{a.port}", "--name", "a")
+    ns.ok("attach", "tcp", "198.51.100.0/24", "80", "--drop")
+    return ["detach", "--all"]
+
+
+P1, P2, P3 = ("192.0.2.1", 80), ("198.51.100.1", 80), ("203.0.113.1", 80)
+A = ("tcp", "192.0.2.0/24", "a")
+B = ("tcp", "198.51.100.0/24", "b")
+CASES = [
+    Case("first attach", first_attach, {P1: "refused"}, {P1: "a"}, set(), {A}),
+    Case(
+        "attach a new target",
+        attach_new_target,
+        {P1: "a", P2: "refused"},
+        {P1: "a", P2: "b"},
+        {A},
+        {A, B},
+    ),
+    Case("detach", detach_one, {P1: "a", P2: "b"}, {P1: "a", P2: "refused"}, {A, B}, {A}),
+    Case(
+        "apply",
+        apply_moves,
+        {P1: "a", P2: "a", P3: "n"},
+        {P1: "b", P2: "refused", P3: "refused"},
+        {A, ("tcp", "198.51.100.0/24", "a")},
+        {A, ("tcp", "203.0.113.0/24", "drop")},
+    ),
+    Case(
+        "apply that grows the SOCKMAP",
+        apply_grows,
+        {("192.0.2.3", 1): "21003 x", ("192.0.2.85", 1): "refused"},
+        {("192.0.2.3", 1): "22003 y", ("192.0.2.85", 1): "22085 y"},
+        {("tcp", f"192.0.2.{i}/32", f"t{i}") for i in range(40)},
+        {("tcp", f"192.0.2.{i}/32", f"t{i}") for i in range(90)},
+        capacities=(128, 256),
+    ),
+    Case(
+        "detach --all",
+        detach_all,
+        {P1: "a", P2: "refused"},
+        {P1: "refused", P2: "refused"},
+        {A, ("tcp", "198.51.100.0/24", "drop")},
+        set(),
+    ),
+]
+
+
+def landed(ns: NS, probes: dict[Probe, str]) -> dict[Probe, str]:
+    out = {}
+    for host, port in probes:
+        got = ns.dial("tcp", host, port)
+        out[(host, port)] = got if got in ("refused", "timeout") else got.split(" ", 2)[2]
+    return out
+
+
+def rules_of(st: dict[str, object]) -> set[tuple[str, str, str]]:
+    return {
+        (r["protocol"], r["prefix"], r["target"] or r["action"])  # type: ignore[index]
+        for r in st["rules"]  # type: ignore[attr-defined]
+    }
+
+
+def run(ns: NS, argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ns.script_argv(*argv),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_killed_at_every_point(bpffs: str, tmp_path: Path, case: Case) -> None:
+    # the points this command passes, in order
+    trace = tmp_path / "trace"
+    with throwaway(bpffs, PREFIXES) as ns:
+        argv = case.setup(ns, tmp_path)
+        assert landed(ns, case.old) == case.old
+        if case.capacities:
+            assert ns.status()["sockmap"]["capacity"] == case.capacities[0]  # type: ignore[index]
+        res = run(ns, argv, SKLOOKUPCTL_FAULT_TRACE=str(trace))
+        assert res.returncode == 0, res.stderr
+        assert landed(ns, case.new) == case.new
+        if case.capacities:
+            assert ns.status()["sockmap"]["capacity"] == case.capacities[1]  # type: ignore[index]
+    points = trace.read_text().split()
+    assert points, "the command passed no fault point"
+    assert set(points) <= set(faults.POINTS)
+    seen: dict[str, int] = {}
+    for point in points:
+        seen[point] = seen.get(point, 0) + 1
+        kill_at = f"{point}:{seen[point]}"
+        base = kernel_objects()
+        with throwaway(bpffs, PREFIXES) as ns:
+            argv = case.setup(ns, tmp_path)
+            res = run(ns, argv, SKLOOKUPCTL_FAULT=kill_at)
+            assert res.returncode == -signal.SIGKILL, (kill_at, res.returncode, res.stderr)
+            side = check_after_kill(ns, case, kill_at)
+            # the next command recovers and makes the new rule set (a detach that happened is
+            # not repeated: detaching a rule that is not there is an error)
+            if side == "old" or case.name != "detach":
+                again = run(ns, argv)
+                assert again.returncode == 0, (kill_at, again.stderr)
+            assert landed(ns, case.new) == case.new, kill_at
+            assert rules_of(ns.status()) == case.new_rules, kill_at
+            assert_files(ns, case, kill_at)
+            assert_no_leaks(bpffs, base)
+            ns.ok("detach", "--all")
+            assert ns.files() == [], kill_at
+        assert_no_leaks(bpffs, base)
+
+
+def check_after_kill(ns: NS, case: Case, kill_at: str) -> str:
+    """Old or new, never a mix; status agrees with what steers, before and after a gc.
+    Returns which it is."""
+    got = landed(ns, case.old)
+    side = "old" if got == case.old else "new"
+    if side == "new":
+        got = landed(ns, case.new)
+        assert got == case.new, f"killed at {kill_at}: steering is neither old nor new: {got}"
+    for _ in range(2):
+        st = ns.status()
+        want = case.old_rules if side == "old" else case.new_rules
+        assert rules_of(st) == want, (kill_at, side, st)
+        assert st["loaded"] == bool(want), (kill_at, st)
+        if want and case.name != "detach --all":
+            assert st["state"] == "steering", (kill_at, st)
+        all_ = json.loads(ns.ok("status", "--all", "--json").stdout)
+        assert all(e["state"] != "dead" for e in all_), all_
+        ns.ok("gc")
+    assert landed(ns, case.old if side == "old" else case.new) == (
+        case.old if side == "old" else case.new
+    ), kill_at
+    return side
+
+
+def assert_files(ns: NS, case: Case, kill_at: str) -> None:
+    """One namespace directory: its link and one generation, nothing else (nothing at all
+    when the new state is no dispatcher)."""
+    if not case.new_rules:
+        assert ns.files() == [], (kill_at, ns.files())
+        return
+    files = [os.path.relpath(f, os.path.join(ns.bpffs, "sklookupctl")) for f in ns.files()]
+    dirs = {f.split("/")[0] for f in files}
+    inside = {f.split("/")[1] for f in files if "/" in f}
+    assert len(dirs) == 1, (kill_at, files)
+    assert len(inside) == 2 and "link" in inside, (kill_at, files)

@@ -166,6 +166,13 @@ def choose(entries: Iterable[DiagEntry], addr: IPAddress, port: int) -> list[Dia
     return found[0] if found else []
 
 
+def exact_pick(tier: Sequence[DiagEntry], known: Iterable[int]) -> DiagEntry:
+    """The one socket of a tier for an exact target: the one registered before while it is
+    still there (re-running a command does not hop between members), else the first."""
+    known = set(known)
+    return next((e for e in tier if e.cookie in known), tier[0])
+
+
 def group_of(
     tier: Sequence[DiagEntry], reuseport: dict[int, bool], limit: int = MAX_MEMBERS
 ) -> list[DiagEntry]:
@@ -433,10 +440,12 @@ class Discovery:
         tier = choose(self.at_port(proto, port), addr, port)
         if not tier:
             raise self._why_none(proto, addr, port)
-        if exact or len(tier) == 1:
-            return tier[:1]
-        cookies = {e.cookie for e in tier}
-        if cookies <= set(known):
+        known = set(known)
+        if exact:
+            return [exact_pick(tier, known)]
+        if len(tier) == 1:
+            return tier
+        if {e.cookie for e in tier} <= known:
             return tier[:MAX_MEMBERS]
         flags = {e.cookie: self.borrow(e).reuseport for e in tier}
         return group_of(tier, flags)

@@ -16,6 +16,7 @@ from sklookupctl.sockets import (
     DiagEntry,
     _diag_entry,
     choose,
+    exact_pick,
     group_of,
     tiers,
 )
@@ -116,3 +117,10 @@ def test_diag_messages_are_parsed() -> None:
     raw = _message(V4, TCP_CLOSE, ipaddress.ip_address("192.0.2.9").packed, 53, None)
     e = _diag_entry(raw, 0, len(raw), socket.IPPROTO_UDP)
     assert (e.proto, str(e.addr), e.port, e.v6only) == ("udp", "192.0.2.9", 53, False)
+
+
+def test_an_exact_target_keeps_its_socket_while_it_is_there() -> None:
+    tier = [entry("0.0.0.0") for _ in range(3)]
+    assert exact_pick(tier, set()) == tier[0]
+    assert exact_pick(tier, {tier[2].cookie}) == tier[2]
+    assert exact_pick(tier, {12345}) == tier[0]  # gone: the first

@@ -13,7 +13,10 @@ Everything happens in network namespaces and a bpffs mount of its own, removed a
    replace of 1% of the rules); the kernel memory (memlock) of the maps.
 2. The CLI as whole processes: cold attach (a netns with no dispatcher yet; compiled program
    cached, and once with an empty cache) and warm rule add.
-3. TCP connections per second with wrk (a new connection per request: Connection: close),
+3. Many targets: `apply` of 2,000 and 10,000 targets, each with its own listening socket
+   and one rule, as whole CLI processes: the first load, every target moved to another
+   socket in one apply, and the same file again.
+4. TCP connections per second with wrk (a new connection per request: Connection: close),
    client in its own netns over a veth, to one listener: direct to its port, steered by
    sklookupctl (with the 100k-rule set loaded next to the benchmark's rule), by nftables
    redirect (NAT) and by nftables tproxy. Each round runs every mode once, in random order,
@@ -572,6 +575,55 @@ def datapath(
 # -- report ------------------------------------------------------------------------------------
 
 
+# -- many targets, each with its own socket --------------------------------------------------
+
+
+def targets_file(n: int, first_port: int) -> str:
+    out = [f'[targets.t{i}]\nto = "127.0.0.1:{first_port + i}"\n' for i in range(n)]
+    out += [
+        f'[[rules]]\nprotocol = "tcp"\nprefix = "192.0.2.0/24"\nports = "{1000 + i}"\n'
+        f'target = "t{i}"\n'
+        for i in range(n)
+    ]
+    return "".join(out)
+
+
+def many_targets(sb: Sandbox, counts: list[int], runs: int) -> list[dict[str, Any]]:
+    """apply of N targets as whole CLI processes: the first load, every target moved to another
+    socket in one apply, and the same file again (nothing to change)."""
+    out = []
+    for n in counts:
+        name = sb.netns(f"targets-{n}", ("192.0.2.0/24",))
+        for first in (20000, 40000):
+            argv = [sys.executable, "-m", "sklookupctl.echo", "--netns", nsmod.path_of(name)]
+            argv += ["--tcp-range", f"127.0.0.1:{first}-{first + n - 1}", "--lifetime", "3600"]
+            sb.start(argv)
+        files = []
+        for first in (20000, 40000):
+            path = os.path.join(sb.tmp, f"targets-{n}-{first}.toml")
+            with open(path, "w") as f:
+                f.write(targets_file(n, first))
+            files.append(path)
+        times: dict[str, list[float]] = {"first": [], "move_all": [], "unchanged": []}
+        for _ in range(runs):
+            times["first"].append(sb.cli(name, "apply", files[0]))
+            times["move_all"].append(sb.cli(name, "apply", files[1]))
+            times["unchanged"].append(sb.cli(name, "apply", files[1]))
+            sb.cli(name, "detach", "--all")
+        med = {k: statistics.median(v) for k, v in times.items()}
+        log(f"  {n} targets: " + ", ".join(f"{k} {v:.2f} s" for k, v in med.items()))
+        out.append(
+            {
+                "targets": n,
+                "runs": runs,
+                "median_s": med,
+                "max_s": {k: max(v) for k, v in times.items()},
+            }
+        )
+        sb.drop_netns(name)
+    return out
+
+
 def machine() -> dict[str, str]:
     cpu = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -655,6 +707,22 @@ def markdown(res: dict[str, Any]) -> str:
                 f"{lo:.2f}–{hi:.2f} | {t['errors'][mode]} |"
             )
         out.append("")
+    mt = res.get("many_targets")
+    if mt:
+        out += [
+            "apply of N targets, each with its own listening socket and one rule (whole CLI "
+            f"processes, median of {mt[0]['runs']}):",
+            "",
+            "| targets | first apply | every target moved to another socket | unchanged |",
+            "|---:|---:|---:|---:|",
+        ]
+        for r in mt:
+            m = r["median_s"]
+            out.append(
+                f"| {r['targets']} | {m['first']:.2f} s | {m['move_all']:.2f} s | "
+                f"{m['unchanged']:.2f} s |"
+            )
+        out.append("")
     return "\n".join(out)
 
 
@@ -680,7 +748,9 @@ def main() -> None:
     ap.add_argument("--tcp-seconds", type=float, default=3.0)
     ap.add_argument("--tcp-rules", type=int, default=100_000, help="rules loaded beside ours")
     ap.add_argument("--cli-runs", type=int, default=7)
-    ap.add_argument("--skip", default="", help="comma list of: datapath,cli,tcp")
+    ap.add_argument("--targets", default="2000,10000", help="target counts to apply")
+    ap.add_argument("--targets-runs", type=int, default=5)
+    ap.add_argument("--skip", default="", help="comma list of: datapath,cli,targets,tcp")
     ap.add_argument("--out", default="bench-results.json")
     ap.add_argument("--markdown", default="", help="also write the README tables here")
     args = ap.parse_args()
@@ -698,6 +768,10 @@ def main() -> None:
         if "cli" not in skip:
             log("CLI timings")
             res["cli"] = cli_times(sb, args.cli_runs)
+        if "targets" not in skip:
+            log("many targets")
+            counts = [int(c) for c in args.targets.split(",")]
+            res["many_targets"] = many_targets(sb, counts, args.targets_runs)
         if "tcp" not in skip:
             log("TCP connection rates")
             res["tcp"] = connection_rates(sb, args.tcp_rounds, args.tcp_seconds, args.tcp_rules)
@@ -711,7 +785,7 @@ def main() -> None:
         with open(args.markdown, "w") as f:
             f.write(text)
     print(text)
-    print("Targets (issue 3):")
+    print("Targets (issues 3 and 7):")
     for line in res["targets"]:
         print(f"  {line}")
     print(f"JSON: {args.out}")
@@ -754,6 +828,11 @@ def judge(res: dict[str, Any]) -> list[str]:
             c["warm_add_s"]["median"] <= 0.15,
             f"warm add {c['warm_add_s']['median']:.3f} s (≤ 0.15)",
         )
+    for r in res.get("many_targets", []):
+        if r["targets"] == 2000:
+            for k in ("first", "move_all"):
+                v = r["median_s"][k]
+                check(v <= 2, f"2,000 targets, apply ({k}): {v:.2f} s (≤ 2)")
     t = res.get("tcp")
     if t:
         r = t["ratio_to_direct_median"]

@@ -112,6 +112,17 @@ def test_a_new_socket_gets_a_fresh_block_and_the_old_one_is_freed() -> None:
     assert not p.new_map and not p.noop
 
 
+def test_a_target_declared_at_another_address_of_the_same_socket() -> None:
+    """127.0.0.1:8080 and 0.0.0.0:8080 may be the same wildcard socket: the target still moves
+    (its record says where it was declared, and export writes that)."""
+    rs = rules(WEB)
+    live = live_of(rs, [slotted("web", 0)], {0: 11}, 64)
+    wild = Want("web", "tcp", ipaddress.ip_address("0.0.0.0"), 8080, (Member(11, V4),))
+    p = make_plan(live, rs, {"web": wild})
+    assert [c.why for c in p.target_changes] == ["address"]
+    assert str(p.targets["web"].addr) == "0.0.0.0" and p.frees == [0]
+
+
 def test_a_dead_socket_is_kept_as_registered() -> None:
     rs = rules(WEB)
     live = live_of(rs, [slotted("web", 5)], {}, 64)  # slot 5 emptied: the proxy closed it
@@ -233,14 +244,15 @@ def scenarios(draw: st.DrawFn) -> tuple[Live, RuleSet, dict[str, Want], int]:
     wants: dict[str, Want] = {}
     for j, name in enumerate(draw(st.lists(st.sampled_from(NAMES), unique=True))):
         old = live.targets.get(name)
-        kind = draw(st.sampled_from(["same", "new", "gone"] if old else ["new"]))
-        if kind == "same" and old is not None:
+        kind = draw(st.sampled_from(["same", "new", "gone", "moved"] if old else ["new"]))
+        port = NAMES.index(name) + 1
+        if kind in ("same", "moved") and old is not None:
             members = tuple(Member(c, V4) for c in live.alive(old))
+            port += 100 if kind == "moved" else 0  # another address of the same sockets
         elif kind == "gone":
             members = ()
         else:
             members = tuple(Member(next(rng_cookie), V4) for _ in range(draw(st.integers(1, 3))))
-        port = NAMES.index(name) + 1
         wants[name] = Want(name, "tcp", LO, port, members)
         new_rules.add(make_rule("tcp", f"198.51.100.{j}", "all", target=name))
     if draw(st.booleans()):
@@ -284,6 +296,7 @@ def test_plan_properties(case: tuple[Live, RuleSet, dict[str, Want], int]) -> No
     changed = {c.name for c in p.target_changes}
     for name, t in p.targets.items():
         w, old = wants[name], live.targets.get(name)
+        assert (t.proto, t.addr, t.port, t.exact) == (w.proto, w.addr, w.port, w.exact)
         cookies = [p.fills.get(s) for s in t.block()]
         if name in changed:  # registered afresh: its sockets fill its new block
             assert w.members and cookies == [m.cookie for m in w.members]

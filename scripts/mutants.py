@@ -1,0 +1,191 @@
+"""scripts/mutants: break each pure decision on purpose and check that a unit test fails.
+
+Each mutant changes one line of a copy of the package (the plan, the slots, the choice among
+sockets, the cache check) and runs tests/unit against it. A mutant that no unit test kills means
+a decision that is not really tested: the script lists survivors and exits 1. No root needed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (file, what it breaks, the exact text, what replaces it)
+MUTANTS = [
+    (
+        "plan.py",
+        "the diff never reports a changed rule",
+        "elif effect != (rule.action, rule.target, rule.on_missing):",
+        "elif False:",
+    ),
+    (
+        "plan.py",
+        "the diff never reports a removed rule",
+        "plan.removed = [Rule(k, *eff) for k, eff in old.items() if k not in new.rules]",
+        "plan.removed = []",
+    ),
+    (
+        "plan.py",
+        "a target whose socket changed keeps its slots",
+        'return "members" if len(want.members) > 1 or old.slots > 1 else "socket"',
+        "return None",
+    ),
+    (
+        "plan.py",
+        "a target moved to another address keeps its slots",
+        'if (old.addr, old.port) != (want.addr, want.port):\n        return "address"',
+        "if False:\n        return None",
+    ),
+    (
+        "plan.py",
+        "old slots are never emptied",
+        "s for n, t in live.targets.items() if keep.get(n) != t for s in t.block()",
+        "s for n, t in live.targets.items() if False for s in t.block()",
+    ),
+    (
+        "plan.py",
+        "fresh blocks may overlap live ones",
+        "taken = slotsmod.Slots(live.capacity, [(t.slot, t.slots) for t in live.targets.values()])",
+        "taken = slotsmod.Slots(live.capacity, [])",
+    ),
+    (
+        "plan.py",
+        "kept sockets are not copied into a grown SOCKMAP",
+        "fills[at + i] = live.filled[s]",
+        "pass",
+    ),
+    (
+        "plan.py",
+        "an IPv6-only socket takes IPv4 rules",
+        "if version == 4 and family == socket.AF_INET6 and v6only:",
+        "if False:",
+    ),
+    (
+        "plan.py",
+        "a detached link is not made again",
+        "attach=not live.attached",
+        "attach=False",
+    ),
+    (
+        "slots.py",
+        "first fit ignores taken blocks",
+        "while i < len(blocks) and blocks[i][0] - at < count:",
+        "while False:",
+    ),
+    (
+        "slots.py",
+        "no room for growth",
+        "want = max(minimum, 2 * slots_needed, 1)",
+        "want = max(minimum, slots_needed, 1)",
+    ),
+    (
+        "sockets.py",
+        "--to picks the worst candidate",
+        "for t in (exact, mapped, wild, dual) if t]",
+        "for t in (dual, wild, mapped, exact) if t]",
+    ),
+    (
+        "sockets.py",
+        "a connected or non-listening socket is a candidate",
+        "return self.state == TCP_LISTEN",
+        "return True",
+    ),
+    (
+        "sockets.py",
+        "an IPv6-only wildcard serves IPv4",
+        "and not e.v6only  # an IPv6-only socket takes no IPv4 traffic",
+        "and True",
+    ),
+    (
+        "sockets.py",
+        "a socket without SO_REUSEPORT brings a group",
+        "if not reuseport.get(first.cookie):",
+        "if False:",
+    ),
+    (
+        "sockets.py",
+        "group members of another user join",
+        "if reuseport.get(e.cookie) and e.uid == first.uid]",
+        "if reuseport.get(e.cookie)]",
+    ),
+    (
+        "sockets.py",
+        "an exact target hops to the first socket",
+        "return next((e for e in tier if e.cookie in known), tier[0])",
+        "return tier[0]",
+    ),
+    (
+        "program.py",
+        "the cache checksum is not checked",
+        "if hashlib.sha256(insns).digest() != digest or not _valid(insns):",
+        "if not _valid(insns):",
+    ),
+    (
+        "program.py",
+        "the cache accepts unknown map references",
+        "if src != compiler.BPF_PSEUDO_MAP_FD or not 0 <= imm < len(layout.PROGRAM_MAPS):",
+        "if False:",
+    ),
+    (
+        "program.py",
+        "the cache accepts any header",
+        "if not data.startswith(MAGIC):",
+        "if False:",
+    ),
+]
+
+
+def main() -> int:
+    survivors = []
+    with tempfile.TemporaryDirectory(prefix="skl-mutants-") as tmp:
+        for name in ("sklookupctl", "tests", "bpf"):
+            shutil.copytree(os.path.join(ROOT, name), os.path.join(tmp, name))
+        shutil.copy(os.path.join(ROOT, "pyproject.toml"), tmp)
+        os.symlink(os.path.join(tmp, "bpf"), os.path.join(tmp, "sklookupctl", "bpf"))
+        env = {**os.environ, "PYTHONPATH": tmp, "HYPOTHESIS_STORAGE_DIRECTORY": tmp}
+        for i, (file, what, old, new) in enumerate(MUTANTS, 1):
+            path = os.path.join(tmp, "sklookupctl", file)
+            with open(path) as f:
+                text = f.read()
+            if text.count(old) != 1:
+                print(f"{i:2}. {file}: {what}: the text to change is not there once: update it")
+                survivors.append(what)
+                continue
+            with open(path, "w") as f:
+                f.write(text.replace(old, new))
+            r = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-x",
+                    "-p",
+                    "no:cacheprovider",
+                    "tests/unit",
+                ],
+                cwd=tmp,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            with open(path, "w") as f:
+                f.write(text)
+            killed = r.returncode != 0
+            print(f"{i:2}. {'killed  ' if killed else 'SURVIVED'} {file}: {what}")
+            if not killed:
+                survivors.append(what)
+    if survivors:
+        print(f"{len(survivors)} of {len(MUTANTS)} mutants survived: a unit test should fail")
+        return 1
+    print(f"all {len(MUTANTS)} mutants were killed by tests/unit")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

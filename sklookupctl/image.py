@@ -97,7 +97,11 @@ def encode(rules: RuleSet, targets: dict[str, Slotted], meta: MetaInfo) -> Image
 
 
 def _pack_target(t: Slotted) -> bytes:
-    flags = (layout.TARGET_EXACT if t.exact else 0) | (layout.TARGET_V6ONLY if t.v6only else 0)
+    flags = (
+        (layout.TARGET_EXACT if t.exact else 0)
+        | (layout.TARGET_V6ONLY if t.v6only else 0)
+        | (layout.TARGET_ADDR_V6 if t.addr.version == 6 else 0)
+    )
     return TARGET.pack(
         t.name.encode(),
         PROTOCOLS[t.proto],
@@ -121,10 +125,11 @@ def decode_targets(raw: bytes, count: int) -> list[Slotted]:
     for name, proto, family, port, slots, flags, _pad, slot, addr in TARGET.iter_unpack(
         raw[: count * TARGET.size]
     ):
+        # the address as declared: IPv4 even when a dual-stack IPv6 socket serves it
         a: IPAddress = (
-            ipaddress.IPv4Address(addr[:4])
-            if family == socket.AF_INET
-            else ipaddress.IPv6Address(addr)
+            ipaddress.IPv6Address(addr)
+            if flags & layout.TARGET_ADDR_V6
+            else ipaddress.IPv4Address(addr[:4])
         )
         out.append(
             Slotted(

@@ -273,3 +273,32 @@ def test_a_socket_from_another_process_fd_joins_with_its_group(ns: NS) -> None:
         found = sockets.Discovery(n)
         assert len(found.find("tcp", __import__("ipaddress").ip_address("127.0.0.1"), port)) == 2
         found.close()
+
+
+@pytest.mark.parametrize("listen", ["[::]", "[::ffff:127.0.0.1]"])
+def test_an_ipv4_target_served_by_a_dual_stack_socket(ns: NS, tmp_path: Path, listen: str) -> None:
+    """The target keeps the address it was declared with (127.0.0.1), whatever the socket's
+    family: re-running attach, a second rule, an apply of the same file and an export all
+    agree with it, also while the proxy is down."""
+    p = ns.proxy(tcp=f"{listen}:18083", tag="ds")
+    args = ("attach", "tcp", "192.0.2.0/24", "80", "--to", "127.0.0.1:18083", "--name", "t")
+    ns.ok(*args)
+    assert "unchanged" in ns.ok(*args).output
+    ns.ok("attach", "tcp", "192.0.2.0/24", "443", "--to", "127.0.0.1:18083", "--name", "t")
+    assert ns.status()["targets"][0]["address"] == "127.0.0.1:18083"  # type: ignore[index]
+    assert 'to = "127.0.0.1:18083"' in ns.ok("export").stdout
+    f = write(
+        tmp_path,
+        "t.toml",
+        '[targets.t]\nto = "127.0.0.1:18083"\n'
+        + "".join(
+            f'[[rules]]\nprotocol = "tcp"\nprefix = "192.0.2.0/24"\nports = "{port}"\n'
+            'target = "t"\n'
+            for port in (80, 443)
+        ),
+    )
+    assert "nothing to change" in ns.ok("apply", f).output
+    assert ns.dial("tcp", "192.0.2.1", 443) == "192.0.2.1 443 ds"
+    p.stop()
+    res = ns.ok("apply", f.replace("t.toml", "t.toml"))
+    assert "nothing to change" in res.output and "stays registered" in res.output

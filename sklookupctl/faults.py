@@ -19,7 +19,8 @@ POINTS = (
     "commit.built",  # a generation's maps filled and its program loaded, nothing pinned
     "commit.pinned",  # the new generation pinned beside the live one
     "commit.filled",  # new sockets put in their slots
-    "commit.linked",  # first generation: link made, not pinned yet
+    "commit.linked",  # a new link made (first generation, or re-attach), not pinned yet
+    "commit.relinked",  # re-attach: the new link pinned as link-next, not yet renamed
     "commit.switched",  # the new generation is live (link updated, or made and pinned)
     "retire.carried",  # counters carried into the live generation
     "retire.freed",  # slots of the old generation emptied

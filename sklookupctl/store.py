@@ -4,6 +4,7 @@
         ns-<netns cookie>/     the state of one network namespace (a netns cookie is never
                                reused; an inode is)
             link               the bpf_link attaching the live program to the namespace
+            link-next          only while a detached link is replaced by a new one
             gen-<program id>/  a generation: everything one rule set needs, built whole
                 program        the dispatcher, bound to the maps below
                 sockets        SOCKMAP: slot -> socket (the same map in successive
@@ -55,6 +56,7 @@ from .plan import Live, Plan, Slotted
 TOP = "sklookupctl"
 NS_PREFIX = "ns-"
 GEN_PREFIX = "gen-"
+LINK_NEXT = "link-next"  # bpffs names have no dots
 OTHER_VERSION = (
     "another sklookupctl version made it: `sklookupctl detach --all` removes it (steering in "
     "that namespace stops until you attach or apply again)"
@@ -157,6 +159,12 @@ class Generation:
         self.program.close()
         for m in self.maps.values():
             m.close()
+
+    def __enter__(self) -> Generation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @classmethod
     def open(cls, path: str) -> Generation:
@@ -340,12 +348,18 @@ class Dispatcher:
 
     @classmethod
     def open(cls, path: str, cookie: int) -> Dispatcher:
-        """Open the state in `path` as it is (see `state`)."""
+        """Open the state in `path` as it is (see `state`). A `link-next` that runs (a
+        re-attach killed before renaming it into place) is the link."""
         d = cls(path, cookie)
-        try:
-            d.link = Link.from_pin(os.path.join(path, "link"))
-        except FileNotFoundError:
-            d.link = None
+        d.link = _open_link(os.path.join(path, "link"))
+        nxt = _open_link(os.path.join(path, LINK_NEXT))
+        if nxt is not None:
+            if d.link is None or nxt.info().netns_ino:
+                if d.link is not None:
+                    d.link.close()
+                d.link = nxt
+            else:
+                nxt.close()
         try:
             live = f"{GEN_PREFIX}{d.link.info().prog_id}" if d.link is not None else ""
             if live:
@@ -475,13 +489,24 @@ class Dispatcher:
                 else "the kernel needs sk_lookup support (5.9+)"
             )
             raise EnvironmentProblem(f"cannot attach to {ns.label}: {e.strerror}", hint) from None
+        pin = os.path.join(self.path, "link")
+        nxt = os.path.join(self.path, LINK_NEXT)
         try:
             faults.point("commit.linked")
-            pin = os.path.join(self.path, "link")
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(pin)  # a link that no longer runs (detached by something else)
-            link.pin(pin)
+            if self.link is None:
+                link.pin(pin)
+            else:
+                # the old link no longer runs (something else detached it): the new one is
+                # pinned beside it and renamed over it, so a kill in between leaves a link
+                # that `open` finds and `repair` renames
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(nxt)
+                link.pin(nxt)
+                faults.point("commit.relinked")
+                os.rename(nxt, pin)
         except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(nxt)
             link.close()  # unpinned: closing it detaches it
             raise
         if self.link is not None:
@@ -511,6 +536,12 @@ class Dispatcher:
             self.close()
             unpin_dir(self.path)
             return False
+        nxt = os.path.join(self.path, LINK_NEXT)
+        if os.path.exists(nxt):
+            if self.link.info().netns_ino:  # the new link of a killed re-attach: into place
+                os.rename(nxt, os.path.join(self.path, "link"))
+            else:
+                os.unlink(nxt)
         if not self.stale:
             return True
         live = self.gen
@@ -552,8 +583,9 @@ class Dispatcher:
         """Detach our link (never anyone else's) and remove the directory. The link's pin goes
         first: if this command dies after it, nothing keeps the link and it detaches."""
         if self.link is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.path, "link"))
+            for name in ("link", LINK_NEXT):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.path, name))
             faults.point("remove.unlinked")
             with contextlib.suppress(BpfError):
                 self.link.detach()
@@ -693,6 +725,12 @@ class Store:
                 meta = d.gen.meta()
                 e.inode, e.label = int(meta.netns_inode), meta.label.decode(errors="replace")
                 e.generation, e.rules, e.targets = int(meta.generation), meta.rules, meta.targets
+            for p in d.stale if d.gen is None else []:
+                # unfinished: which namespace it was for, from a generation it built
+                with contextlib.suppress(EnvironmentProblem, OSError), Generation.open(p) as g:
+                    meta = g.meta()
+                    e.inode, e.label = int(meta.netns_inode), meta.label.decode(errors="replace")
+                    break
         if e.state == "detached" and find_alive(e.inode, cookie) is None:
             e.state = "dead"
         return e
@@ -715,6 +753,13 @@ class Store:
                         e.problem = "stale generations retired"
                         done.append(e)
         return done
+
+
+def _open_link(pin: str) -> Link | None:
+    try:
+        return Link.from_pin(pin)
+    except FileNotFoundError:
+        return None
 
 
 def _detach_pinned(pin: str, inode: int) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from sklookupctl import faults
+from sklookupctl.bpfsys import Link
 
 from .conftest import NS, PREFIXES, assert_no_leaks, kernel_objects, throwaway
 
@@ -37,6 +38,7 @@ class Case:
     old_rules: set[tuple[str, str, str]]
     new_rules: set[tuple[str, str, str]]
     capacities: tuple[int, int] | None = None  # of the SOCKMAP before and after
+    old_state: str = "steering"  # what status says of the old state
 
 
 def _target(name: str, port: int) -> str:
@@ -101,6 +103,16 @@ def apply_grows(ns: NS, tmp: Path) -> list[str]:
     return ["apply", str(tmp / "new.toml")]
 
 
+def reattach(ns: NS, tmp: Path) -> list[str]:
+    """Something else detached the link; the next change attaches the dispatcher again."""
+    a = ns.proxy(tcp="127.0.0.1:0", tag="a")
+    b = ns.proxy(tcp="127.0.0.1:0", tag="b")
+    ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--to", f"127.0.0.1:{a.port}", "--name", "a")
+    with Link.from_pin(os.path.join(str(ns.status()["path"]), "link")) as link:
+        link.detach()
+    return ["attach", "tcp", "198.51.100.0/24", "all", "--to", f"127.0.0.1:{b.port}", "--name", "b"]
+
+
 def detach_all(ns: NS, tmp: Path) -> list[str]:
     a = ns.proxy(tcp="127.0.0.1:0", tag="a")
     ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--to", f"127.0.0.1:{a.port}", "--name", "a")
@@ -138,6 +150,15 @@ CASES = [
         {("tcp", f"192.0.2.{i}/32", f"t{i}") for i in range(40)},
         {("tcp", f"192.0.2.{i}/32", f"t{i}") for i in range(90)},
         capacities=(128, 256),
+    ),
+    Case(
+        "re-attach a detached link",
+        reattach,
+        {P1: "refused", P2: "refused"},
+        {P1: "a", P2: "b"},
+        {A},
+        {A, B},
+        old_state="detached",
     ),
     Case(
         "detach --all",
@@ -230,7 +251,7 @@ def check_after_kill(ns: NS, case: Case, kill_at: str) -> str:
         assert rules_of(st) == want, (kill_at, side, st)
         assert st["loaded"] == bool(want), (kill_at, st)
         if want and case.name != "detach --all":
-            assert st["state"] == "steering", (kill_at, st)
+            assert st["state"] == (case.old_state if side == "old" else "steering"), (kill_at, st)
         all_ = json.loads(ns.ok("status", "--all", "--json").stdout)
         assert all(e["state"] != "dead" for e in all_), all_
         ns.ok("gc")

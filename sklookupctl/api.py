@@ -115,6 +115,7 @@ class Outcome:
     loaded: bool  # this change made the namespace's first generation
     committed: bool  # a new generation went live
     generation: int  # the live generation afterwards
+    notes: list[str] = field(default_factory=list)
 
 
 Desire = Callable[[Live], tuple[RuleSet, dict[str, Want]]]
@@ -138,20 +139,27 @@ def _change(
             live = d.snapshot() if d is not None else NOTHING
             rules, wants = desire(live)
             plan = make_plan(live, rules, wants)
+            notes = []
+            if plan.attach and live.generation:
+                notes.append(
+                    "the dispatcher's link had been detached by something other than "
+                    + ("sklookupctl: this would attach it again" if dry_run else "sklookupctl")
+                    + ("" if dry_run else ": attached it again")
+                )
             if dry_run or plan.noop:
-                return Outcome(plan, live, False, False, live.generation)
+                return Outcome(plan, live, False, False, live.generation, notes)
             target = d if d is not None else store.create(ns)
             generation = live.generation + 1
             meta = image.MetaInfo(generation, ns.cookie(), ns.inode, ns.label)
             try:
-                target.commit(plan, meta, ns, disc.socket_fd)
+                notes += target.commit(plan, meta, ns, disc.socket_fd)
             except BaseException:
                 if d is None:
                     store.discard(target)
                 raise
             if d is None:
                 target.close()
-            return Outcome(plan, live, d is None, True, generation)
+            return Outcome(plan, live, d is None, True, generation, notes)
         finally:
             if d is not None:
                 d.close()
@@ -195,14 +203,20 @@ def _want_at(
             )
             return Want(name, proto, addr, port, (), exact)
         raise
-    if exact:
-        tier = sockets.choose(disc.at_port(proto, port), addr, port)
-        if len(tier) > 1:
-            notes.append(
-                f"target {name}: {len(tier)} sockets listen at {format_endpoint(addr, port)} "
-                f"(a reuseport group); steering to one of them only "
-                f"({disc.describe(found[0].cookie, proto)}); pass --pid and --fd to choose"
-            )
+    tier = sockets.choose(disc.at_port(proto, port), addr, port)
+    if not exact and len(found) == layout.MAX_MEMBERS and len(tier) > layout.MAX_MEMBERS:
+        notes.append(
+            f"target {name}: {len(tier)} sockets listen at {format_endpoint(addr, port)}; "
+            f"{layout.MAX_MEMBERS} of its reuseport group are registered (the most a target "
+            "holds): the kernel still spreads connections over the whole group, but if those "
+            f"{layout.MAX_MEMBERS} close, its rules act as on_missing says"
+        )
+    if exact and len(tier) > 1:
+        notes.append(
+            f"target {name}: {len(tier)} sockets listen at {format_endpoint(addr, port)} "
+            f"(a reuseport group); steering to one of them only "
+            f"({disc.describe(found[0].cookie, proto)}); pass --pid and --fd to choose"
+        )
     return Want(name, proto, addr, port, _members(found), exact)
 
 
@@ -235,18 +249,20 @@ def _socket_text(disc: sockets.Discovery, want: Want) -> str:
 @dataclass
 class AttachResult:
     rule: Rule
-    changed: bool
+    changed: bool  # anything changed (the rule, its target's sockets, the link)
     loaded: bool  # this call loaded the dispatcher into the netns
     netns: str
     target: str | None = None
     socket: str = ""  # where the target's socket listens, and who holds it
     notes: list[str] = field(default_factory=list)
+    rule_changed: bool = False  # the rule is new, or --replace changed it
 
     def to_json(self) -> dict[str, Any]:
         return {
             "netns": self.netns,
             "rule": _rule_json(self.rule, None),
             "changed": self.changed,
+            "rule_changed": self.rule_changed,
             "loaded_dispatcher": self.loaded,
             "target": self.target,
             "socket": self.socket,
@@ -319,14 +335,14 @@ def attach(
                 wants[tname] = want
                 result.target = tname
                 result.socket = _socket_text(disc, want)
-            rs.check_add(chosen, replace)
-            rs.add(chosen, replace)
+            result.rule_changed = rs.add(chosen, replace)
             return rs, wants
 
         out = _change(ns, bpffs, disc, desire)
         result.rule = chosen
         result.changed = out.committed
         result.loaded = out.loaded
+        result.notes += out.notes
         for change in out.plan.target_changes:
             if change.why in ("socket", "members") and change.name == result.target:
                 result.notes.append(f"target {change.name}: socket registered again")
@@ -361,12 +377,14 @@ class DetachResult:
     netns: str
     removed: str
     dispatcher_removed: bool
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "netns": self.netns,
             "removed": self.removed,
             "dispatcher_removed": self.dispatcher_removed,
+            "notes": self.notes,
         }
 
 
@@ -390,8 +408,8 @@ def detach(
         return rs, {n: _keep(t) for n, t in live.targets.items()}
 
     with open_netns(netns) as ns, sockets.Discovery(ns) as disc:
-        _change(ns, bpffs, disc, desire)
-        return DetachResult(ns.label, f"{key} {removed[0].describe()}", False)
+        out = _change(ns, bpffs, disc, desire)
+        return DetachResult(ns.label, f"{key} {removed[0].describe()}", False, out.notes)
 
 
 def detach_all(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> DetachResult:
@@ -776,6 +794,7 @@ def _apply(
         res.applied = out.committed
         res.loaded = out.loaded
         res.generation = out.generation
+        res.notes += out.notes
         step("loading")(1, 1)
         return res
 

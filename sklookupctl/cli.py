@@ -183,7 +183,7 @@ def attach(
         return
     if res.loaded:
         render.say(f"loaded the dispatcher into {res.netns}")
-    verb = "added" if res.changed else "unchanged:"
+    verb = "added" if res.rule_changed else "unchanged:"
     render.say(
         f"{verb} {res.rule.key} {res.rule.describe()}"
         + (f"  (socket {res.socket})" if res.socket and res.changed else "")
@@ -229,6 +229,8 @@ def detach(
         render.emit_json(res.to_json())
     else:
         render.say(f"removed {res.removed} from {res.netns}")
+        for note in res.notes:
+            render.say(note)
 
 
 @cli.command(context_settings=CONTEXT)

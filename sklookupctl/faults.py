@@ -1,9 +1,11 @@
 """Named fault points in the write path, for crash tests. Inert unless an environment variable
 names them: nothing here runs in normal use but one dictionary lookup.
 
-    SKLOOKUPCTL_FAULT=NAME[:N]      SIGKILL this process the Nth time (default 1st) it reaches
-                                    point NAME
-    SKLOOKUPCTL_FAULT_TRACE=FILE    append the name of every point reached to FILE
+    SKLOOKUPCTL_FAULT=NAME[:N[:HOW]]  the Nth time (default 1st) this process reaches point
+                                      NAME: HOW is KILL (SIGKILL, the default), INT or TERM
+                                      (that signal), or RAISE (an OSError, as a failing
+                                      syscall would)
+    SKLOOKUPCTL_FAULT_TRACE=FILE      append the name of every point reached to FILE
 
 A test first runs a command with the trace to learn the points it passes, then runs it again
 once per point, killed there, and checks that steering follows the old or the new rule set and
@@ -12,6 +14,7 @@ that the next command recovers. The points are listed in POINTS, in the order a 
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -32,9 +35,11 @@ POINTS = (
 
 _FAULT = os.environ.get("SKLOOKUPCTL_FAULT", "")
 _TRACE = os.environ.get("SKLOOKUPCTL_FAULT_TRACE", "")
-_name, _, _nth = _FAULT.partition(":")
+_name, _, _rest = _FAULT.partition(":")
+_nth, _, _how = _rest.partition(":")
 _target = int(_nth) if _nth.isdigit() else 1
 _seen: dict[str, int] = {}
+_SIGNALS = {"KILL": signal.SIGKILL, "INT": signal.SIGINT, "TERM": signal.SIGTERM}
 
 
 def point(name: str) -> None:
@@ -48,4 +53,6 @@ def point(name: str) -> None:
     if name == _name:
         _seen[name] = _seen.get(name, 0) + 1
         if _seen[name] == _target:
-            os.kill(os.getpid(), signal.SIGKILL)
+            if _how == "RAISE":
+                raise OSError(errno.EIO, f"fault injected at {name}")
+            os.kill(os.getpid(), _SIGNALS[_how or "KILL"])

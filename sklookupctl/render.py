@@ -52,10 +52,15 @@ def status(st: dict[str, Any]) -> None:
         if st["other_programs"]:
             c.print(f"other sk_lookup programs attached: {_ids(st['other_programs'])}")
         return
+    position = (
+        f"run position {st['position']} of {len(st['other_programs']) + 1}"
+        if st["position"]
+        else "not attached"
+    )
     c.print(
         f"netns {st['netns']} (inode {st['netns_inode']}): program {st['program_id']}, "
-        f"link {st['link_id']}, run position {st['position']} of "
-        f"{len(st['other_programs']) + 1}"
+        f"link {st['link_id']}, {position}",
+        markup=False,
     )
     if st["other_programs"]:
         c.print(f"other sk_lookup programs attached: {_ids(st['other_programs'])}")
@@ -252,9 +257,16 @@ def apply_result(res: ApplyResult) -> None:
         (res.removed, lambda r: f"  - {_rule_line(r)}"),
     ]
     for note in res.notes:
-        c.print(f"note: {note}")
+        c.print(f"note: {note}", markup=False)
     if not res.differs:
-        c.print(f"{res.file}: {res.rules} rules, nothing to change in {res.netns}")
+        if res.applied:
+            c.print(
+                f"applied {res.file} to {res.netns} (generation {res.generation}): "
+                "no rule or target changed",
+                markup=False,
+            )
+        else:
+            c.print(f"{res.file}: {res.rules} rules, nothing to change in {res.netns}")
         return
     summary = (
         f"{len(res.added)} added, {len(res.changed)} changed, {len(res.removed)} removed rules; "

@@ -152,7 +152,7 @@ def format_ports(lo: int, hi: int) -> str:
 
 
 def check_name(name: str) -> str:
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):  # not match: `$` would let a final newline through
         raise InvalidArgument(
             f"target name {name!r} is not valid",
             "use 1-63 letters, digits and . _ : @ [ ] / -",

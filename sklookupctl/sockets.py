@@ -14,6 +14,7 @@ import errno
 import fcntl
 import ipaddress
 import os
+import resource
 import socket
 import stat
 import struct
@@ -235,14 +236,25 @@ def comm(pid: int) -> str:
         return "?"
 
 
+PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT
+
+
 def borrow(pid: int, fd: int) -> int:
     """Duplicate fd `fd` of process `pid` into this process (pidfd_getfd)."""
+    if not 0 < pid <= PID_MAX:
+        raise NotFound(f"no process with pid {pid}", "pids are 1 to 4194304: check with `ps`")
+    if not 0 <= fd < 1 << 31:
+        raise NotFound(f"process {pid} has no fd {fd}", f"see ls -l /proc/{pid}/fd")
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
         raise NotFound(f"no process with pid {pid}", "check the pid with `ps`") from None
     except PermissionError:
         raise PermissionDenied(f"cannot open process {pid}", "run as root") from None
+    except OSError as e:
+        if e.errno == errno.EMFILE:
+            raise _too_many_files() from None
+        raise NotFound(f"cannot open process {pid}: {e.strerror}") from None
     try:
         ret = _libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
         if ret < 0:
@@ -257,14 +269,20 @@ def borrow(pid: int, fd: int) -> int:
             if err == errno.ESRCH:
                 raise NotFound(f"process {pid} has exited")
             if err == errno.EMFILE:
-                raise SocketRejected(
-                    "too many open files to take another socket",
-                    "raise the limit of open files (ulimit -n)",
-                )
+                raise _too_many_files()
             raise OSError(err, f"pidfd_getfd({pid}, {fd}): {os.strerror(err)}")
         return int(ret)
     finally:
         os.close(pidfd)
+
+
+def _too_many_files() -> SocketRejected:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return SocketRejected(
+        f"too many open files to take another socket (the limit is {soft}, at most {hard})",
+        "raise the hard limit of open files (ulimit -Hn, LimitNOFILE= in a unit): registering "
+        "a target holds one file per socket until the switch",
+    )
 
 
 @dataclass
@@ -318,6 +336,8 @@ def _inspect(fd: int, ns: Netns, where: str) -> SocketInfo:
         try:
             sns = fcntl.ioctl(fd, SIOCGSKNS)
         except OSError as e:
+            if e.errno == errno.EMFILE:
+                raise _too_many_files() from None
             raise SocketRejected(f"cannot tell which netns {where} lives in: {e}") from None
         try:
             sns_ino = os.fstat(sns).st_ino

@@ -31,6 +31,8 @@ import ctypes
 import errno
 import fcntl
 import os
+import signal
+import threading
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,7 +51,7 @@ from .bpfsys import (
     is_bpffs,
     possible_cpus,
 )
-from .errors import EnvironmentProblem, PermissionDenied
+from .errors import EnvironmentProblem, PermissionDenied, SklookupError
 from .netns import Netns, find_alive
 from .plan import Live, Plan, Slotted
 
@@ -320,6 +322,29 @@ def _carry_counters(old: Generation, new: Generation) -> None:
         _write_array(new.maps["base"], bytes(out))
 
 
+class _HeldSignals:
+    """SIGINT and SIGTERM recorded instead of acted on, between start() and stop() (in the main
+    thread; elsewhere Python cannot take signals anyway)."""
+
+    def __init__(self) -> None:
+        self._saved: dict[int, Any] = {}
+        self.caught: list[str] = []
+
+    def _record(self, signum: int, _frame: object) -> None:
+        self.caught.append(signal.Signals(signum).name)
+
+    def start(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.signal(sig, self._record)
+
+    def stop(self) -> list[str]:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        self._saved.clear()
+        return self.caught
+
+
 # -- one namespace ----------------------------------------------------------------------------
 
 
@@ -423,14 +448,14 @@ class Dispatcher:
         meta: image.MetaInfo,
         ns: Netns,
         socket_fd: Callable[[int, str], int],
-    ) -> None:
+    ) -> list[str]:
         """Carry out `plan`: build and pin the new generation, fill its new slots, make it
         live, then retire the old one. `socket_fd(cookie, proto)` gives an fd of a socket the
-        plan fills in.
+        plan fills in. Returns notes for the operator.
 
-        A failure before the switch leaves everything as it was; after it, the change has
-        happened and the old generation's retirement is finished by the next writer if this
-        one cannot."""
+        A failure before the switch leaves everything as it was. From the switch on, the
+        change has happened: SIGINT and SIGTERM wait until the old generation is retired, and
+        a failure to retire it is a note (the next writer finishes it), never an error."""
         old = self.gen
         img = image.encode(plan.rules, plan.targets, meta)
         if plan.new_map or old is None:
@@ -442,24 +467,32 @@ class Dispatcher:
         gen = build(img, sockets)
         faults.point("commit.built")
         path = os.path.join(self.path, f"{GEN_PREFIX}{gen.program.info().id}")
-        proto_of = {t.slot + i: t.proto for t in plan.targets.values() for i in range(t.slots)}
+        owner = {t.slot + i: t for t in plan.targets.values() for i in range(t.slots)}
         filled: list[int] = []
+        held = _HeldSignals()
         try:
             gen.pin(path)
             faults.point("commit.pinned")
             for slot, cookie in plan.fills.items():
-                fd = socket_fd(cookie, proto_of[slot])
+                t = owner[slot]
                 try:
+                    fd = socket_fd(cookie, t.proto)
                     gen.sockets.update(U32(slot), U64(fd))
+                except SklookupError as e:
+                    e.message = f"target {t.name}: {e.message}"  # which socket it was
+                    raise
                 except BpfError as e:
                     raise EnvironmentProblem(
-                        f"the kernel refused a socket in the SOCKMAP: {e.strerror}",
+                        f"target {t.name}: the kernel refused its socket in the SOCKMAP: "
+                        f"{e.strerror}",
                         "it must be a listening TCP or bound unconnected UDP socket",
                     ) from None
                 filled.append(slot)
             faults.point("commit.filled")
+            held.start()  # a switch that happened is never undone, nor reported as failed
             self._switch(gen, old, plan.attach, ns)
         except BaseException:
+            held.stop()
             if not plan.new_map:
                 for slot in filled:
                     with contextlib.suppress(BpfError):
@@ -467,11 +500,25 @@ class Dispatcher:
             gen.close()
             unpin_dir(path)
             raise
-        faults.point("commit.switched")
-        self.gen = gen
-        if old is not None:
-            same_map = not plan.new_map
-            self._retire(old, plan.frees if same_map else [])
+        notes = []
+        try:
+            faults.point("commit.switched")
+            self.gen = gen
+            if old is not None:
+                try:
+                    self._retire(old, [] if plan.new_map else plan.frees)
+                except Exception as e:
+                    notes.append(
+                        f"the change is live, but removing the previous generation failed "
+                        f"({e}); the next sklookupctl command finishes it"
+                    )
+        finally:
+            caught = held.stop()
+        if caught:
+            notes.append(
+                f"{' and '.join(caught)} arrived after the switch: the change was finished first"
+            )
+        return notes
 
     def _switch(self, gen: Generation, old: Generation | None, attach: bool, ns: Netns) -> None:
         """Make `gen` live: one BPF_LINK_UPDATE, or (first generation, or a detached link) a

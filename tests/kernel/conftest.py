@@ -235,10 +235,18 @@ def kernel_objects() -> Objects:
     return Objects(frozenset(progs), frozenset(maps), frozenset(links))
 
 
+def _bpffs_mounts() -> list[str]:
+    with open("/proc/self/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[2] == "bpf"]
+
+
 def pinned_objects(bpffs: str) -> Objects:
-    """The objects pinned under <bpffs>/sklookupctl."""
+    """The objects pinned under <bpffs>/sklookupctl, and under that of every other bpffs
+    mount (another sklookupctl on the machine pins its own objects there)."""
     progs, maps, links = set(), set(), set()
-    for root, _dirs, files in os.walk(os.path.join(bpffs, "sklookupctl")):
+    roots = {bpffs, *_bpffs_mounts()}
+    walked = [w for r in sorted(roots) for w in os.walk(os.path.join(r, "sklookupctl"))]
+    for root, _dirs, files in walked:
         for f in files:
             path = os.path.join(root, f)
             with contextlib.suppress(OSError):

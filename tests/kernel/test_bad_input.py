@@ -205,6 +205,40 @@ BAD = [
         lambda n, p: ["attach", "tcp", "192.0.2.0/24", "all", "--to", to(p), "--name", "a b"],
         "is not valid",
     ),
+    Bad(
+        "target name with a final newline",
+        lambda n, p: ["attach", "tcp", "192.0.2.0/24", "all", "--to", to(p), "--name", "web\n"],
+        "is not valid",
+    ),
+    Bad(
+        "pid 0",
+        lambda n, p: ["attach", "tcp", "192.0.2.0/24", "all", "--pid", "0", "--fd", "3"],
+        "no process with pid 0",
+    ),
+    Bad(
+        "negative pid",
+        lambda n, p: ["attach", "tcp", "192.0.2.0/24", "all", "--pid", "-1", "--fd", "3"],
+        "no process with pid -1",
+    ),
+    Bad(
+        "20-digit pid",
+        lambda n, p: [
+            "attach",
+            "tcp",
+            "192.0.2.0/24",
+            "all",
+            "--pid",
+            "99999999999999999999",
+            "--fd",
+            "3",
+        ],
+        "no process with pid",
+    ),
+    Bad(
+        "negative fd",
+        lambda n, p: ["attach", "tcp", "192.0.2.0/24", "all", "--pid", str(p.pid), "--fd", "-4"],
+        "has no fd -4",
+    ),
 ]
 
 

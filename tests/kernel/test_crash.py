@@ -272,3 +272,49 @@ def assert_files(ns: NS, case: Case, kill_at: str) -> None:
     inside = {f.split("/")[1] for f in files if "/" in f}
     assert len(dirs) == 1, (kill_at, files)
     assert len(inside) == 2 and "link" in inside, (kill_at, files)
+
+
+# -- what is reported: a change that happened is never reported as failed ------------------------
+
+
+def _two_rules(ns: NS) -> tuple[list[str], Probe]:
+    a = ns.proxy(tcp="127.0.0.1:0", tag="a")
+    b = ns.proxy(tcp="127.0.0.1:0", tag="b")
+    ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--to", f"127.0.0.1:{a.port}", "--name", "a")
+    argv = ["attach", "tcp", "198.51.100.0/24", "all", "--to", f"127.0.0.1:{b.port}", "--name", "b"]
+    return argv, P2
+
+
+@pytest.mark.parametrize("how", ["INT", "TERM"])
+@pytest.mark.parametrize("point", ["commit.switched", "retire.carried", "retire.freed"])
+def test_a_signal_after_the_switch_waits_for_the_end(ns: NS, how: str, point: str) -> None:
+    argv, probe = _two_rules(ns)
+    res = run(ns, argv, SKLOOKUPCTL_FAULT=f"{point}:1:{how}")
+    assert res.returncode == 0, res.stderr
+    assert "added tcp 198.51.100.0/24" in res.stdout
+    assert f"SIG{how} arrived after the switch: the change was finished first" in res.stdout
+    assert ns.dial("tcp", *probe).endswith(" b")
+    inside = {os.path.relpath(f, ns.bpffs).split("/")[2] for f in ns.files() if f.count("/") > 4}
+    assert len([g for g in inside if g.startswith("gen-")]) == 1  # retired all the same
+
+
+def test_a_signal_before_the_switch_changes_nothing(ns: NS) -> None:
+    argv, probe = _two_rules(ns)
+    files, st = ns.files(), ns.status()
+    res = run(ns, argv, SKLOOKUPCTL_FAULT="commit.filled:1:INT")
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+    assert ns.files() == files and ns.status() == st
+    assert ns.dial("tcp", *probe) == "refused"
+
+
+def test_a_failure_after_the_switch_is_a_note(ns: NS) -> None:
+    argv, probe = _two_rules(ns)
+    res = run(ns, argv, SKLOOKUPCTL_FAULT="retire.freed:1:RAISE")
+    assert res.returncode == 0, res.stderr
+    assert "the change is live, but removing the previous generation failed" in res.stdout
+    assert ns.dial("tcp", *probe).endswith(" b")
+    ns.ok("gc")  # the next command finishes the clean-up
+    st = ns.status()
+    assert {r["prefix"] for r in st["rules"]} == {"192.0.2.0/24", "198.51.100.0/24"}  # type: ignore[attr-defined]
+    inside = {os.path.relpath(f, ns.bpffs).split("/")[2] for f in ns.files() if f.count("/") > 4}
+    assert len([g for g in inside if g.startswith("gen-")]) == 1

@@ -140,15 +140,39 @@ def test_every_writer_collects_dead_namespaces(bpffs: str, ns: NS) -> None:
     assert states == ["steering"]
 
 
-def test_a_detached_link_is_shown_and_the_next_change_reattaches(ns: NS) -> None:
+def test_a_detached_link_is_shown_and_the_next_change_reattaches(ns: NS, tmp_path: Path) -> None:
     p = ns.proxy(tcp="127.0.0.1:0", tag="p")
-    ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--to", f"127.0.0.1:{p.port}")
-    st = ns.status()
-    with Link.from_pin(os.path.join(str(st["path"]), "link")) as link:
-        link.detach()  # as `bpftool link detach` would
+    args = ("attach", "tcp", "192.0.2.0/24", "all", "--to", f"127.0.0.1:{p.port}")
+    ns.ok(*args)
+    f = write(tmp_path, "export.toml", ns.ok("export").stdout)
+
+    def detach_link() -> None:
+        with Link.from_pin(os.path.join(str(ns.status()["path"]), "link")) as link:
+            link.detach()  # as `bpftool link detach` would
+
+    detach_link()
     assert ns.dial("tcp", "192.0.2.1", 80) == "refused"
     st = ns.status()
-    assert st["state"] == "detached" and "DETACHED" in ns.ok("status").output
+    assert st["state"] == "detached" and st["position"] is None
+    text = ns.ok("status").output
+    assert "DETACHED" in text and "not attached" in text
+    # said as it is: an unchanged file re-attaches, and says so
+    dry = ns.ok("apply", "--dry-run", f).output
+    assert "this would attach it again" in dry
+    res = ns.ok("apply", f)
+    assert "attached it again" in res.output and "no rule or target changed" in res.output
+    assert ns.status()["state"] == "steering"
+    assert ns.dial("tcp", "192.0.2.1", 80) == "192.0.2.1 80 p"
+    # attach of the rule that is there: unchanged, attached again
+    detach_link()
+    res = ns.ok(*args)
+    assert (
+        res.output.startswith("unchanged: tcp 192.0.2.0/24 all")
+        and "attached it again" in res.output
+    )
+    assert ns.dial("tcp", "192.0.2.1", 80) == "192.0.2.1 80 p"
+    # and any other change does it too
+    detach_link()
     ns.ok("attach", "tcp", "198.51.100.0/24", "80", "--drop")
     assert ns.status()["state"] == "steering"
     assert ns.dial("tcp", "192.0.2.1", 80) == "192.0.2.1 80 p"
@@ -260,6 +284,18 @@ def test_an_exact_target_is_that_socket_only(ns: NS, tmp_path: Path) -> None:
     assert res.exit_code == 1 and "--replace" in res.output
     group[chosen].stop()
     assert set(tags(ns, 5)) == {"refused"}  # its socket is gone: dropped, not the group's
+
+
+def test_a_group_larger_than_a_target_holds(ns: NS) -> None:
+    port = 18084
+    for i in range(17):
+        ns.proxy(tcp=f"127.0.0.1:{port}", tag=f"m{i}", extra=("--reuseport",))
+    res = ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--to", f"127.0.0.1:{port}")
+    assert "17 sockets listen at 127.0.0.1:18084; 16 of its reuseport group are registered" in (
+        res.output
+    )
+    (t,) = ns.status()["targets"]  # type: ignore[misc]
+    assert (t["members"], t["alive"]) == (16, 16)
 
 
 def test_a_socket_from_another_process_fd_joins_with_its_group(ns: NS) -> None:

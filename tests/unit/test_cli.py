@@ -45,6 +45,7 @@ def rec(monkeypatch: pytest.MonkeyPatch) -> Recorder:
                 netns="edge",
                 target=rule.target,
                 socket="127.0.0.1:8080, pid 1 (proxy) fd 3",
+                rule_changed=True,
             ),
         ),
     )

@@ -530,12 +530,10 @@ def datapath(
             t_same = sb.cli(name, "apply", path2)
             with (
                 nsmod.open_netns(name) as ns,
-                store.Store.locked(sb.bpffs, exclusive=False) as st,
+                store.session(sb.bpffs, ns, write=False) as held,
             ):
-                d = st.open(ns)
-            assert d is not None
-            with d:
-                assert d.gen is not None
+                d = held.dispatcher
+                assert d is not None and d.gen is not None
                 memlock = d.gen.memlock()
                 prog = d.program
                 ctxs = sample_ctxs(prog, changed, rng, samples)

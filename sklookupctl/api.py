@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import resource
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import image, layout, sockets
+from . import layout, sockets, store
 from .bpfsys import BpfError, query_netns_programs
 from .errors import (
     EnvironmentProblem,
@@ -34,7 +33,7 @@ from .errors import (
     TargetMismatch,
 )
 from .netns import Netns, open_netns
-from .plan import NOTHING, Live, Member, Plan, Slotted, TargetChange, Want, live_rules, make_plan
+from .plan import Live, Member, Plan, Slotted, TargetChange, Want, live_rules, make_plan
 from .rules import (
     ON_MISSING,
     IPAddress,
@@ -50,7 +49,7 @@ from .rules import (
     parse_prefix,
     parse_protocol,
 )
-from .store import Dispatcher, Store
+from .store import Store
 
 if TYPE_CHECKING:
     from . import rulefile
@@ -126,43 +125,21 @@ def _change(
 ) -> Outcome:
     """The one way every change goes: lock, repair, read what is live, ask `desire` what is
     wanted, plan, commit. With `dry_run`, only the plan is made (under a shared lock)."""
-    with Store.locked(bpffs, exclusive=not dry_run) as store:
-        if dry_run:
-            d = store.open(ns)
-            if d is not None and d.state == "unfinished":
-                d.close()
-                d = None
-        else:
-            store.gc()
-            d = store.open_for_write(ns)
-        try:
-            live = d.snapshot() if d is not None else NOTHING
-            rules, wants = desire(live)
-            plan = make_plan(live, rules, wants)
-            notes = []
-            if plan.attach and live.generation:
-                notes.append(
-                    "the dispatcher's link had been detached by something other than "
-                    + ("sklookupctl: this would attach it again" if dry_run else "sklookupctl")
-                    + ("" if dry_run else ": attached it again")
-                )
-            if dry_run or plan.noop:
-                return Outcome(plan, live, False, False, live.generation, notes)
-            target = d if d is not None else store.create(ns)
-            generation = live.generation + 1
-            meta = image.MetaInfo(generation, ns.cookie(), ns.inode, ns.label)
-            try:
-                notes += target.commit(plan, meta, ns, disc.socket_fd)
-            except BaseException:
-                if d is None:
-                    store.discard(target)
-                raise
-            if d is None:
-                target.close()
-            return Outcome(plan, live, d is None, True, generation, notes)
-        finally:
-            if d is not None:
-                d.close()
+    with store.session(bpffs, ns, write=not dry_run) as s:
+        live = s.live
+        rules, wants = desire(live)
+        plan = make_plan(live, rules, wants)
+        notes = []
+        if plan.attach and live.generation:
+            notes.append(
+                "the dispatcher's link had been detached by something other than "
+                + ("sklookupctl: this would attach it again" if dry_run else "sklookupctl")
+                + ("" if dry_run else ": attached it again")
+            )
+        if dry_run or plan.noop:
+            return Outcome(plan, live, False, False, live.generation, notes)
+        notes += s.commit(plan, disc.socket_fd)
+        return Outcome(plan, live, not live.generation, True, live.generation + 1, notes)
 
 
 def _keep(t: Slotted) -> Want:
@@ -415,31 +392,9 @@ def detach(
 def detach_all(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> DetachResult:
     """Detach our dispatcher from the netns and remove its pins. Other tools' links stay."""
     require_privileges()
-    with open_netns(netns) as ns, Store.locked(bpffs, exclusive=True) as store:
-        store.gc()
-        legacy = store.remove_legacy(ns)
-        path = store.path_of(ns)
-        if not os.path.isdir(path):
-            what = "state of another layout" if legacy else "nothing: no dispatcher was attached"
-            return DetachResult(ns.label, what, legacy)
-        try:
-            d = Dispatcher.open(path, ns.cookie())
-        except EnvironmentProblem:
-            # incomplete or foreign state: detach its link now (unpinning alone releases the
-            # link only later, from a kernel work queue), then remove the pins
-            from .store import _detach_pinned, unpin_dir
-
-            _detach_pinned(os.path.join(path, "link"), ns.inode)
-            unpin_dir(path)
-            return DetachResult(ns.label, "damaged state directory", True)
-        with d:
-            what = (
-                "dispatcher and all rules"
-                if d.state != "unfinished"
-                else "what a killed command left"
-            )
-            d.remove()
-        return DetachResult(ns.label, what, True)
+    with open_netns(netns) as ns, store.session(bpffs, ns, write=True, damaged_ok=True) as s:
+        what = s.remove()
+        return DetachResult(ns.label, what or "nothing: no dispatcher was attached", bool(what))
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -450,7 +405,7 @@ def status(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> dict[str, Any]:
     require_privileges()
     with (
         open_netns(netns) as ns,
-        Store.locked(bpffs, exclusive=False) as store,
+        store.session(bpffs, ns, write=False) as s,
         sockets.Discovery(ns) as disc,
     ):
         out: dict[str, Any] = {"netns": ns.label, "netns_inode": ns.inode, "bpffs": bpffs}
@@ -458,41 +413,37 @@ def status(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> dict[str, Any]:
             attached = query_netns_programs(ns.fd)
         except BpfError as e:
             raise EnvironmentProblem(f"cannot query {ns.label}: {e.strerror}") from None
-        d = store.open(ns)
+        d = s.dispatcher
         if d is None or d.gen is None:
             out.update(loaded=False, other_programs=attached, rules=[], targets=[])
             if d is not None:
                 out.update(state="unfinished", path=d.path)
-                d.close()
             return out
-        with d:
-            gen = d.gen
-            prog_id = int(d.program.info().id)
-            link = d.link.info() if d.link else None
-            live = d.snapshot()
-            counts = gen.counters()
-            rules = [Rule(k, *eff) for k, eff in live.rules.items()]
-            out.update(
-                loaded=True,
-                state=d.state,
-                path=d.path,
-                program_id=prog_id,
-                link_id=int(link.id) if link else None,
-                position=attached.index(prog_id) + 1 if prog_id in attached else None,
-                other_programs=[p for p in attached if p != prog_id],
-                generation=live.generation,
-                memlock=gen.memlock(),
-                sockmap={"capacity": live.capacity, "filled": len(live.filled)},
-                rules=[
-                    _rule_json(r, dict(zip(layout.COUNTER_NAMES, c, strict=True)))
-                    for r, c in sorted(
-                        zip(rules, counts, strict=True), key=lambda rc: RuleSet.order(rc[0])
-                    )
-                ],
-                targets=[
-                    _target_json(t, live, disc) for t in sorted(live.targets.values(), key=_name)
-                ],
-            )
+        gen = d.gen
+        prog_id = int(d.program.info().id)
+        link = d.link.info() if d.link else None
+        live = d.snapshot()
+        counts = gen.counters()
+        rules = [Rule(k, *eff) for k, eff in live.rules.items()]
+        out.update(
+            loaded=True,
+            state=d.state,
+            path=d.path,
+            program_id=prog_id,
+            link_id=int(link.id) if link else None,
+            position=attached.index(prog_id) + 1 if prog_id in attached else None,
+            other_programs=[p for p in attached if p != prog_id],
+            generation=live.generation,
+            memlock=gen.memlock(),
+            sockmap={"capacity": live.capacity, "filled": len(live.filled)},
+            rules=[
+                _rule_json(r, dict(zip(layout.COUNTER_NAMES, c, strict=True)))
+                for r, c in sorted(
+                    zip(rules, counts, strict=True), key=lambda rc: RuleSet.order(rc[0])
+                )
+            ],
+            targets=[_target_json(t, live, disc) for t in sorted(live.targets.values(), key=_name)],
+        )
         return out
 
 
@@ -531,8 +482,8 @@ def status_all(*, bpffs: str = DEFAULT_BPFFS) -> list[dict[str, Any]]:
     names: dict[int, list[str]] = {}
     for item in nsmod.list_named():
         names.setdefault(int(str(item["inode"])), []).append(str(item["name"]))
-    with Store.locked(bpffs, exclusive=False) as store:
-        return [_entry_json(e, names) for e in store.entries()]
+    with Store.locked(bpffs, exclusive=False) as held:
+        return [_entry_json(e, names) for e in held.entries()]
 
 
 def _entry_json(e: Any, names: dict[int, list[str]]) -> dict[str, Any]:
@@ -554,8 +505,8 @@ def gc_state(*, bpffs: str = DEFAULT_BPFFS) -> list[dict[str, Any]]:
     """Remove the state of namespaces that are gone and what killed commands left; return
     what was removed or repaired."""
     require_privileges()
-    with Store.locked(bpffs, exclusive=True) as store:
-        return [_entry_json(e, {}) for e in store.gc()]
+    with Store.locked(bpffs, exclusive=True) as held:
+        return [_entry_json(e, {}) for e in held.gc()]
 
 
 # -- namespaces and addresses --------------------------------------------------------------
@@ -804,18 +755,13 @@ def export(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> str:
     from . import rulefile
 
     require_privileges()
-    with open_netns(netns) as ns, Store.locked(bpffs, exclusive=False) as store:
-        d = store.open(ns)
+    with open_netns(netns) as ns, store.session(bpffs, ns, write=False) as s:
+        live = s.live
         header = f"sklookupctl rule set of {ns.label}"
-        if d is None or d.gen is None:
-            if d is not None:
-                d.close()
+        if not live.generation:
             return rulefile.dumps(RuleSet(), {}, header + " (no dispatcher: empty)")
-        with d:
-            live = d.snapshot()
-            rs = live_rules(live)
-            return rulefile.dumps(
-                rs,
-                {n: (t.proto, t.addr, t.port, t.exact) for n, t in live.targets.items()},
-                f"{header}, generation {live.generation}",
-            )
+        return rulefile.dumps(
+            live_rules(live),
+            {n: (t.proto, t.addr, t.port, t.exact) for n, t in live.targets.items()},
+            f"{header}, generation {live.generation}",
+        )

@@ -53,7 +53,7 @@ from .bpfsys import (
 )
 from .errors import EnvironmentProblem, PermissionDenied, SklookupError
 from .netns import Netns, find_alive
-from .plan import Live, Plan, Slotted
+from .plan import NOTHING, Live, Plan, Slotted
 
 TOP = "sklookupctl"
 NS_PREFIX = "ns-"
@@ -800,6 +800,85 @@ class Store:
                         e.problem = "stale generations retired"
                         done.append(e)
         return done
+
+
+class Session:
+    """One command's hold on a namespace's state, under the lock: made by `session`. The
+    namespace's first commit makes its directory (and removes it again if it fails), so callers
+    never choose between opening and creating."""
+
+    def __init__(self, store: Store, ns: Netns, dispatcher: Dispatcher | None) -> None:
+        self.store = store
+        self.ns = ns
+        self.dispatcher = dispatcher
+        self.damaged: EnvironmentProblem | None = None  # state that could not be opened
+
+    @property
+    def live(self) -> Live:
+        """What steers (or steered: a detached link's rules); nothing for no dispatcher or
+        what a killed first commit left."""
+        d = self.dispatcher
+        return d.snapshot() if d is not None and d.gen is not None else NOTHING
+
+    def commit(self, plan: Plan, socket_fd: Callable[[int, str], int]) -> list[str]:
+        """Make `plan` live (see Dispatcher.commit); returns notes for the operator."""
+        assert self.store.exclusive
+        d = self.dispatcher
+        live = d.gen.meta().generation if d is not None and d.gen is not None else 0
+        meta = image.MetaInfo(live + 1, self.ns.cookie(), self.ns.inode, self.ns.label)
+        if d is not None:
+            return d.commit(plan, meta, self.ns, socket_fd)
+        d = self.store.create(self.ns)
+        try:
+            notes = d.commit(plan, meta, self.ns, socket_fd)
+        except BaseException:
+            self.store.discard(d)
+            raise
+        self.dispatcher = d
+        return notes
+
+    def remove(self) -> str:
+        """Detach and remove everything sklookupctl keeps for the namespace (other tools'
+        links stay); says what was there."""
+        assert self.store.exclusive
+        legacy = self.store.remove_legacy(self.ns)
+        if self.damaged is not None:
+            # incomplete or foreign state: detach its link now (unpinning alone releases the
+            # link only later, from a kernel work queue), then remove the pins
+            path = self.store.path_of(self.ns)
+            _detach_pinned(os.path.join(path, "link"), self.ns.inode)
+            unpin_dir(path)
+            return "damaged state directory"
+        if self.dispatcher is None:
+            return "state of another layout" if legacy else ""
+        self.dispatcher.remove()
+        self.dispatcher = None
+        return "dispatcher and all rules"
+
+
+@contextlib.contextmanager
+def session(bpffs: str, ns: Netns, write: bool, damaged_ok: bool = False) -> Iterator[Session]:
+    """Hold the namespace's state for one command: the lock (exclusive for writers, shared for
+    readers), and its dispatcher if it has one. Writers first remove dead namespaces' state and
+    repair what killed commands left; readers see the state as it is. State that cannot be
+    opened (another layout, incomplete) is refused, unless `damaged_ok` (to remove it)."""
+    with Store.locked(bpffs, exclusive=write) as store:
+        if write:
+            store.gc()
+        try:
+            d = store.open_for_write(ns) if write else store.open(ns)
+        except EnvironmentProblem as e:
+            if not damaged_ok:
+                raise
+            s = Session(store, ns, None)
+            s.damaged = e
+        else:
+            s = Session(store, ns, d)
+        try:
+            yield s
+        finally:
+            if s.dispatcher is not None:
+                s.dispatcher.close()
 
 
 def _open_link(pin: str) -> Link | None:

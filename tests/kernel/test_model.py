@@ -49,7 +49,10 @@ from .conftest import NS, Objects, Proxy, assert_no_leaks, kernel_objects
 EXAMPLES = int(os.environ.get("SKLOOKUPCTL_MODEL_EXAMPLES", "30"))
 STEPS = int(os.environ.get("SKLOOKUPCTL_MODEL_STEPS", "15"))
 
-PORTS = (7001, 7002, 7003)  # where proxies listen, on 127.0.0.1 (always SO_REUSEPORT)
+PORTS = (7001, 7002, 7003)  # where targets are declared, on 127.0.0.1
+# where proxies listen (always SO_REUSEPORT): an IPv4 address, or a dual-stack IPv6 wildcard
+# that serves it
+LISTEN = {7001: "127.0.0.1", 7002: "127.0.0.1", 7003: "[::]"}
 NAMES = ("a", "b", "c")
 PREFIXES = ("192.0.2.0/24", "192.0.2.0/25", "192.0.2.128/25", "192.0.2.7/32", "198.51.100.0/24")
 RANGES = ("all", "80", "1000-2000", "1500")
@@ -164,7 +167,7 @@ class Steering(RuleBasedStateMachine):
         self.tags += 1
         STATS["proxy started"] += 1
         tag = f"m{self.tags}"
-        p = self.ns.proxy(tcp=f"127.0.0.1:{port}", tag=tag, extra=("--reuseport",))
+        p = self.ns.proxy(tcp=f"{LISTEN[port]}:{port}", tag=tag, extra=("--reuseport",))
         cookie = self._cookie_of(p)
         self.members[port].append(Member(p, cookie, tag))
         self.check()

@@ -492,7 +492,7 @@ def _entry_json(e: Any, names: dict[int, list[str]]) -> dict[str, Any]:
         "netns_cookie": e.cookie,
         "netns_inode": e.inode,
         "label": e.label,
-        "names": names.get(e.inode, []) if e.state not in ("dead", "other-layout-dead") else [],
+        "names": names.get(e.inode, []) if "dead" not in e.state else [],
         "state": e.state,
         "generation": e.generation,
         "rules": e.rules,

@@ -5,12 +5,12 @@ Noun commands read; verb commands change state. Library errors become one-line m
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 import click
 
-from . import __version__, api, render
-from .bpfsys import BpfError
+from . import __version__, api, interrupts, render
 from .errors import CompileError, SklookupError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -45,8 +45,13 @@ class Group(click.Group):
             raise UserError(e.message, e.log) from None
         except SklookupError as e:
             raise UserError(e.message + (f" ({e.hint})" if e.hint else "")) from None
-        except (BpfError, PermissionError) as e:
-            hint = " (run as root)" if e.errno == 1 else ""
+        except OSError as e:  # BpfError too: a system call failed where no hint was written
+            hint = {
+                errno.EPERM: " (run as root)",
+                errno.EACCES: " (run as root)",
+                errno.EMFILE: " (raise the limit of open files: ulimit -n)",
+                errno.EROFS: " (the file system is read-only)",
+            }.get(e.errno or 0, "")
             raise UserError(f"{e}{hint}") from None
 
 
@@ -286,7 +291,7 @@ def export(obj: Obj) -> None:
     Applying the output to the same netns changes nothing; it is also the way to keep a
     copy of the rules before a change, and to move them to another namespace or host.
     """
-    click.echo(api.export(obj.netns, bpffs=obj.bpffs), nl=False)
+    render.write(api.export(obj.netns, bpffs=obj.bpffs))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -445,4 +450,15 @@ def demo(obj: Obj, keep: bool, samples: int, as_json: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.main(args=argv, prog_name="sklookupctl")
+    # once a change has happened, Ctrl-C and SIGTERM wait until its report is written too
+    interrupts.until_exit()
+    try:
+        cli.main(args=argv, prog_name="sklookupctl")
+    finally:
+        caught = interrupts.release()
+        if caught:
+            click.echo(
+                f"note: {' and '.join(caught)} arrived after the change was made; it was "
+                "finished and reported first",
+                err=True,
+            )

@@ -31,15 +31,31 @@ POINTS = (
     "remove.unlinked",  # detach --all: the link's pin removed, link still attached
     "remove.detached",  # detach --all: link detached, pins not yet removed
     "unpin.partial",  # a directory half removed
+    "report.write",  # the command's output is being written
 )
 
-_FAULT = os.environ.get("SKLOOKUPCTL_FAULT", "")
-_TRACE = os.environ.get("SKLOOKUPCTL_FAULT_TRACE", "")
-_name, _, _rest = _FAULT.partition(":")
-_nth, _, _how = _rest.partition(":")
-_target = int(_nth) if _nth.isdigit() else 1
-_seen: dict[str, int] = {}
 _SIGNALS = {"KILL": signal.SIGKILL, "INT": signal.SIGINT, "TERM": signal.SIGTERM}
+_TRACE = os.environ.get("SKLOOKUPCTL_FAULT_TRACE", "")
+_FAULT = ""
+_name, _target, _how = "", 1, ""
+_seen: dict[str, int] = {}
+
+
+def arm(spec: str) -> None:
+    """Set the fault as SKLOOKUPCTL_FAULT does (NAME[:N[:HOW]]; "" disarms): for tests that
+    call the library in-process."""
+    global _FAULT, _name, _target, _how
+    name, _, rest = spec.partition(":")
+    nth, _, how = rest.partition(":")
+    if name and name not in POINTS:
+        raise ValueError(f"no fault point {name!r}")
+    if how and how not in (*_SIGNALS, "RAISE"):
+        raise ValueError(f"{how!r} is not KILL, INT, TERM or RAISE")
+    _FAULT, _name, _target, _how = spec, name, int(nth) if nth.isdigit() else 1, how
+    _seen.clear()
+
+
+arm(os.environ.get("SKLOOKUPCTL_FAULT", ""))
 
 
 def point(name: str) -> None:

@@ -271,6 +271,23 @@ def _ns_links() -> Iterator[tuple[str, str]]:
                         yield path, link
 
 
+def find_cookie(cookie: int) -> str | None:
+    """A path to the live network namespace with this cookie, None when there is none (for
+    state whose inode is not known any more)."""
+    seen: set[str] = set()
+    for path, link in _ns_links():
+        if link in seen:
+            continue
+        seen.add(link)
+        try:
+            with open_netns(path) as ns:
+                if ns.cookie() == cookie:
+                    return path
+        except (SklookupError, OSError):
+            seen.discard(link)  # gone while we looked: another path may still hold it
+    return None
+
+
 def find_alive(inode: int, cookie: int) -> str | None:
     """A path to the network namespace with this inode and cookie, None when it is gone (the
     inode alone may have been reused by a newer namespace: the cookie never is)."""

@@ -11,10 +11,48 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from . import faults
+
 if TYPE_CHECKING:
     from rich.console import Console
 
     from .api import ApplyResult
+
+
+class _Stdout:
+    """sys.stdout (the current one: click's CliRunner swaps it), where a reader that went away
+    (`| head -1`) ends the output, not the command: what the command did stands."""
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stdout.write(text)
+        except BrokenPipeError:
+            _stop_output()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _stop_output()
+
+    def isatty(self) -> bool:
+        return sys.stdout.isatty()
+
+    @property
+    def encoding(self) -> str:
+        return sys.stdout.encoding or "utf-8"
+
+
+def _stop_output() -> None:
+    """Send what is left of the output (and the interpreter's last flush) to /dev/null."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+STDOUT = _Stdout()
 
 
 def console(stderr: bool = False) -> Console:
@@ -22,18 +60,24 @@ def console(stderr: bool = False) -> Console:
 
     # made per call, on the current sys.stdout, so click's CliRunner captures it; piped output
     # (grep, less, logs) gets wide lines rather than tables wrapped at 80 columns
-    out = sys.stderr if stderr else sys.stdout
+    out: Any = sys.stderr if stderr else STDOUT
     width = None if out.isatty() else 200
     return Console(file=out, highlight=False, soft_wrap=True, width=width)
 
 
+def write(text: str) -> None:
+    faults.point("report.write")
+    STDOUT.write(text)
+    STDOUT.flush()
+
+
 def emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def say(text: str) -> None:
     """One plain line (no markup: addresses such as [::1] stay as they are)."""
-    sys.stdout.write(text + "\n")
+    write(text + "\n")
 
 
 RULES_SHOWN = 100  # rules in status's table; a table of 100,000 rows helps nobody
@@ -143,6 +187,7 @@ STATES = {
     "dead": "DEAD (the namespace is gone; `sklookupctl gc` removes this)",
     "unfinished": "unfinished (left by a killed command; never steered; `gc` removes it)",
     "damaged": "DAMAGED (`detach --all` in that namespace removes it)",
+    "damaged-dead": "damaged, namespace gone (`gc` removes it)",
     "other-layout": "made by another sklookupctl version (`detach --all` there removes it)",
     "other-layout-dead": "made by another version, namespace gone (`gc` removes it)",
 }
@@ -177,6 +222,7 @@ def gc_line(e: dict[str, Any]) -> str:
         "dead": "removed the state of a namespace that is gone",
         "unfinished": "removed what a killed command left",
         "other-layout-dead": "removed another version's state of a namespace that is gone",
+        "damaged-dead": "removed damaged state of a namespace that is gone",
     }.get(e["state"], "retired stale generations of")
     who = e["label"] or f"inode {e['netns_inode']}"
     return f"{what}: {who} ({e['path']})"

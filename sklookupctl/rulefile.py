@@ -387,7 +387,8 @@ def parse(text: str, name: str, progress: Progress | None = None) -> RuleFile:
     targets: dict[str, TargetSpec] = {}
     unused: list[str] = []
     for tname, t in raw_targets.items():
-        where = f"{name}: targets.{tname}"
+        # a name that is not printable is shown quoted, so the message stays one line
+        where = f"{name}: targets.{tname if tname.isprintable() else repr(tname)}"
         with _at(where):
             check_name(tname)
         for field in t:

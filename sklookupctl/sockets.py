@@ -278,8 +278,9 @@ def borrow(pid: int, fd: int) -> int:
 
 def _too_many_files() -> SocketRejected:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = f"{soft}" if hard == soft else f"{soft} (up to {hard} allowed)"
     return SocketRejected(
-        f"too many open files to take another socket (the limit is {soft}, at most {hard})",
+        f"too many open files to take another socket: the limit of open files is {limit}",
         "raise the hard limit of open files (ulimit -Hn, LimitNOFILE= in a unit): registering "
         "a target holds one file per socket until the switch",
     )

@@ -31,14 +31,12 @@ import ctypes
 import errno
 import fcntl
 import os
-import signal
-import threading
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import faults, image, layout
+from . import faults, image, interrupts, layout
 from .bpfsys import (
     BPF_F_MMAPABLE,
     BPF_MAP_TYPE_ARRAY,
@@ -52,7 +50,7 @@ from .bpfsys import (
     possible_cpus,
 )
 from .errors import EnvironmentProblem, PermissionDenied, SklookupError
-from .netns import Netns, find_alive
+from .netns import Netns, find_alive, find_cookie
 from .plan import NOTHING, Live, Plan, Slotted
 
 TOP = "sklookupctl"
@@ -96,9 +94,10 @@ def base_dir(bpffs: str) -> str:
 
 
 def unpin_dir(path: str) -> None:
-    """Remove a state directory and every pin under it (nothing if it is not there)."""
+    """Remove a state directory and every pin under it (nothing if it is not there). Links go
+    first: a removal cut short leaves a directory without a link, which any writer removes."""
     try:
-        names = os.listdir(path)
+        names = sorted(os.listdir(path), key=lambda n: n not in ("link", LINK_NEXT))
     except FileNotFoundError:
         return
     for i, name in enumerate(names):
@@ -322,29 +321,6 @@ def _carry_counters(old: Generation, new: Generation) -> None:
         _write_array(new.maps["base"], bytes(out))
 
 
-class _HeldSignals:
-    """SIGINT and SIGTERM recorded instead of acted on, between start() and stop() (in the main
-    thread; elsewhere Python cannot take signals anyway)."""
-
-    def __init__(self) -> None:
-        self._saved: dict[int, Any] = {}
-        self.caught: list[str] = []
-
-    def _record(self, signum: int, _frame: object) -> None:
-        self.caught.append(signal.Signals(signum).name)
-
-    def start(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._saved[sig] = signal.signal(sig, self._record)
-
-    def stop(self) -> list[str]:
-        for sig, handler in self._saved.items():
-            signal.signal(sig, handler)
-        self._saved.clear()
-        return self.caught
-
-
 # -- one namespace ----------------------------------------------------------------------------
 
 
@@ -469,7 +445,6 @@ class Dispatcher:
         path = os.path.join(self.path, f"{GEN_PREFIX}{gen.program.info().id}")
         owner = {t.slot + i: t for t in plan.targets.values() for i in range(t.slots)}
         filled: list[int] = []
-        held = _HeldSignals()
         try:
             gen.pin(path)
             faults.point("commit.pinned")
@@ -489,10 +464,10 @@ class Dispatcher:
                     ) from None
                 filled.append(slot)
             faults.point("commit.filled")
-            held.start()  # a switch that happened is never undone, nor reported as failed
+            interrupts.hold()  # a switch that happened is never undone, nor reported as failed
             self._switch(gen, old, plan.attach, ns)
         except BaseException:
-            held.stop()
+            interrupts.release()
             if not plan.new_map:
                 for slot in filled:
                     with contextlib.suppress(BpfError):
@@ -500,20 +475,18 @@ class Dispatcher:
             gen.close()
             unpin_dir(path)
             raise
+        self.gen = gen
         notes = []
         try:
             faults.point("commit.switched")
-            self.gen = gen
             if old is not None:
-                try:
-                    self._retire(old, [] if plan.new_map else plan.frees)
-                except Exception as e:
-                    notes.append(
-                        f"the change is live, but removing the previous generation failed "
-                        f"({e}); the next sklookupctl command finishes it"
-                    )
-        finally:
-            caught = held.stop()
+                self._retire(old, [] if plan.new_map else plan.frees)
+        except Exception as e:
+            notes.append(
+                f"the change is live, but removing the previous generation failed ({e}); the "
+                "next sklookupctl command finishes it"
+            )
+        caught = interrupts.done()
         if caught:
             notes.append(
                 f"{' and '.join(caught)} arrived after the switch: the change was finished first"
@@ -525,7 +498,16 @@ class Dispatcher:
         new link, pinned."""
         if not attach:
             assert self.link is not None and old is not None
-            self.link.update(gen.program, old.program)
+            try:
+                self.link.update(gen.program, old.program)
+            except BpfError as e:
+                if e.errno == errno.ENOLINK:
+                    raise EnvironmentProblem(
+                        "the dispatcher's link was detached by something else while this "
+                        "command ran; nothing changed",
+                        "run the command again: it attaches the dispatcher again",
+                    ) from None
+                raise
             return
         try:
             link = Link.create_netns(gen.program, ns.fd)
@@ -679,6 +661,11 @@ class Store:
                 os.makedirs(base, mode=0o700, exist_ok=True)
             except PermissionError:
                 raise PermissionDenied(f"cannot create {base}", "run as root") from None
+            except OSError as e:
+                raise EnvironmentProblem(
+                    f"cannot create {base}: {e.strerror}",
+                    f"{bpffs} must be a bpffs mounted read-write",
+                ) from None
         elif not os.path.isdir(base):
             yield store
             return
@@ -765,6 +752,8 @@ class Store:
             d = Dispatcher.open(path, cookie)
         except EnvironmentProblem as err:
             e.state, e.problem = "damaged", err.message
+            if not _runs(os.path.join(path, "link")) and find_cookie(cookie) is None:
+                e.state = "damaged-dead"  # and its namespace is gone: nothing to keep
             return e
         with d:
             e.state = d.state
@@ -788,7 +777,7 @@ class Store:
         assert self.exclusive
         done = []
         for e in self.entries():
-            if e.state in ("dead", "unfinished", "other-layout-dead"):
+            if e.state in ("dead", "unfinished", "other-layout-dead", "damaged-dead"):
                 # nothing of it steers: a namespace that is gone, or a first commit or a
                 # `detach --all` that was killed
                 unpin_dir(e.path)
@@ -886,6 +875,15 @@ def _open_link(pin: str) -> Link | None:
         return Link.from_pin(pin)
     except FileNotFoundError:
         return None
+
+
+def _runs(pin: str) -> bool:
+    """Whether the link pinned there runs in a namespace."""
+    try:
+        with Link.from_pin(pin) as link:
+            return bool(link.info().netns_ino)
+    except OSError:
+        return False
 
 
 def _detach_pinned(pin: str, inode: int) -> None:

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from sklookupctl import compiler
+from sklookupctl.cli import cli
 
 from .conftest import NS, Proxy
 
@@ -402,3 +404,28 @@ def test_verifier_rejection_shows_the_log(ns: NS, monkeypatch: pytest.MonkeyPatc
 def test_quiet_when_all_is_well(ns: NS) -> None:
     out = ns.script("attach", "tcp", "192.0.2.0/24", "all", "--drop")
     assert out.returncode == 0 and out.stderr == ""
+
+
+def test_a_read_only_bpffs(ns: NS, tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "-o", "ro", "bpf", str(ro)], check=True)
+    try:
+        for args in (["attach", "tcp", "192.0.2.0/24", "all", "--drop"], ["gc"]):
+            res = CliRunner().invoke(cli, ["--netns", ns.name, "--bpffs", str(ro), *args])
+            assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+            assert res.output.startswith("error: cannot create") and "read-write" in res.output
+            assert res.output.count("\n") == 1
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)
+
+
+def test_a_target_name_with_a_newline_in_a_file(ns: NS, tmp_path: Path) -> None:
+    f = tmp_path / "nl.toml"
+    f.write_text(
+        '[targets."a\\n"]\nto = "127.0.0.1:1"\n[[rules]]\nprotocol = "tcp"\n'
+        'prefix = "192.0.2.0/24"\nports = "all"\ntarget = "a\\n"\n'
+    )
+    res = ns.cli("apply", str(f))
+    assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
+    assert "targets.'a\\n'" in res.output

@@ -254,13 +254,16 @@ def apply(obj: Obj, file: str, dry_run: bool, as_json: bool) -> None:
     All or nothing: the file is checked completely and every target's socket is found
     before anything changes; a problem is reported as FILE: rules[N].FIELD (N counts from
     0) or FILE: targets.NAME.FIELD. The switch is atomic: each connection sees the old rule
-    set or the new one, never a mix. Applying the same file again changes nothing.
+    set or the new one, never a mix. Applying the same file again changes nothing. A target
+    already loaded whose proxy is down stays registered (a note says so), so the output of
+    `export` always applies.
 
     \b
     A rule file (`sklookupctl export` writes one):
       [targets.web]
       to = "127.0.0.1:8080"      # or: pid = 1234 and fd = 5; IPv6 as "[::1]:8080"
       # protocol = "tcp"         # optional; inferred from the rules that use it
+      # reuseport = "exact"      # optional: this socket only, not its SO_REUSEPORT group
       \b
       [[rules]]
       protocol = "tcp"           # tcp | udp

@@ -110,7 +110,6 @@ class Outcome:
     """What `_change` did."""
 
     plan: Plan
-    live: Live
     loaded: bool  # this change made the namespace's first generation
     committed: bool  # a new generation went live
     generation: int  # the live generation afterwards
@@ -137,9 +136,9 @@ def _change(
                 + ("" if dry_run else ": attached it again")
             )
         if dry_run or plan.noop:
-            return Outcome(plan, live, False, False, live.generation, notes)
+            return Outcome(plan, False, False, live.generation, notes)
         notes += s.commit(plan, disc.socket_fd)
-        return Outcome(plan, live, not live.generation, True, live.generation + 1, notes)
+        return Outcome(plan, not live.generation, True, live.generation + 1, notes)
 
 
 def _keep(t: Slotted) -> Want:

@@ -638,6 +638,7 @@ class Entry:
     generation: int = 0
     rules: int = 0
     targets: int = 0
+    stale: int = 0  # generation directories beside the live one
     problem: str = ""
 
 
@@ -756,7 +757,7 @@ class Store:
                 e.state = "damaged-dead"  # and its namespace is gone: nothing to keep
             return e
         with d:
-            e.state = d.state
+            e.state, e.stale = d.state, len(d.stale)
             if d.gen is not None:
                 meta = d.gen.meta()
                 e.inode, e.label = int(meta.netns_inode), meta.label.decode(errors="replace")
@@ -782,12 +783,11 @@ class Store:
                 # `detach --all` that was killed
                 unpin_dir(e.path)
                 done.append(e)
-            elif e.state in ("steering", "detached"):
+            elif e.state in ("steering", "detached") and e.stale:
                 with Dispatcher.open(e.path, e.cookie) as d:
-                    if d.stale:
-                        d.repair()
-                        e.problem = "stale generations retired"
-                        done.append(e)
+                    d.repair()
+                e.problem = "stale generations retired"
+                done.append(e)
         return done
 
 

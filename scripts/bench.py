@@ -206,10 +206,10 @@ _BCC_MODULES: list[Any] = []
 def bcc_program(source: str, sock_fd: int | None) -> Program:
     import bcc
 
-    ksrc = compiler.kernel_source()
-    if ksrc:
-        os.environ["BCC_KERNEL_SOURCE"] = ksrc
-    mod = bcc.BPF(text=source.encode(), cflags=["-w"])
+    with compiler.kernel_source() as ksrc:
+        if ksrc:
+            os.environ["BCC_KERNEL_SOURCE"] = ksrc
+        mod = bcc.BPF(text=source.encode(), cflags=["-w"])
     fn = mod.load_func(b"bench", 30, attach_type=36)
     if sock_fd is not None:
         fd = bcc.libbcc.lib.bpf_table_fd(mod.module, b"sock")
@@ -459,7 +459,7 @@ def cli_times(sb: Sandbox, runs: int) -> dict[str, Any]:
         "all",
         "--to",
         to,
-        env={"XDG_CACHE_HOME": empty_cache},
+        env={"SKLOOKUPCTL_CACHE_DIR": empty_cache},
     )
     sb.cli(name, "detach", "--all")
     for _ in range(runs):

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import layout, sockets, store
+from . import layout, sockets, store, validate
 from .bpfsys import BpfError, query_netns_programs
 from .errors import (
     EnvironmentProblem,
@@ -120,11 +120,16 @@ Desire = Callable[[Live], tuple[RuleSet, dict[str, Want]]]
 
 
 def _change(
-    ns: Netns, bpffs: str, disc: sockets.Discovery, desire: Desire, dry_run: bool = False
+    ns: Netns,
+    bpffs: str,
+    disc: sockets.Discovery,
+    desire: Desire,
+    dry_run: bool = False,
+    wait: float = store.DEFAULT_WAIT,
 ) -> Outcome:
     """The one way every change goes: lock, repair, read what is live, ask `desire` what is
     wanted, plan, commit. With `dry_run`, only the plan is made (under a shared lock)."""
-    with store.session(bpffs, ns, write=not dry_run) as s:
+    with store.session(bpffs, ns, write=not dry_run, wait=wait) as s:
         live = s.live
         rules, wants = desire(live)
         plan = make_plan(live, rules, wants)
@@ -261,6 +266,7 @@ def attach(
     replace: bool = False,
     exact: bool = False,
     bpffs: str = DEFAULT_BPFFS,
+    wait: float = store.DEFAULT_WAIT,
 ) -> AttachResult:
     """Add (or with `replace`, change) one rule; load the dispatcher on first use. `exact`:
     steer to the one socket found, not to its SO_REUSEPORT group."""
@@ -279,6 +285,10 @@ def attach(
         raise InvalidArgument("--no-reuseport applies to rules with a target, not to --drop")
     if name is not None:
         check_name(name)
+    if pid is not None:
+        validate.pid(pid, "--pid")
+    if fd is not None:
+        validate.fd(fd, "--fd")
     rule_proto = parse_protocol(proto)
     rule = make_rule(rule_proto, prefix, ports, target="?", drop=drop, on_missing=on_missing)
     endpoint = parse_endpoint(to) if to is not None else None
@@ -314,7 +324,7 @@ def attach(
             result.rule_changed = rs.add(chosen, replace)
             return rs, wants
 
-        out = _change(ns, bpffs, disc, desire)
+        out = _change(ns, bpffs, disc, desire, wait=wait)
         result.rule = chosen
         result.changed = out.committed
         result.loaded = out.loaded
@@ -365,7 +375,13 @@ class DetachResult:
 
 
 def detach(
-    netns: str | None, proto: str, prefix: str, ports: str, *, bpffs: str = DEFAULT_BPFFS
+    netns: str | None,
+    proto: str,
+    prefix: str,
+    ports: str,
+    *,
+    bpffs: str = DEFAULT_BPFFS,
+    wait: float = store.DEFAULT_WAIT,
 ) -> DetachResult:
     """Remove one rule (and its target when no other rule uses it)."""
     lo, hi = parse_ports(ports)
@@ -384,14 +400,19 @@ def detach(
         return rs, {n: _keep(t) for n, t in live.targets.items()}
 
     with open_netns(netns) as ns, sockets.Discovery(ns) as disc:
-        out = _change(ns, bpffs, disc, desire)
+        out = _change(ns, bpffs, disc, desire, wait=wait)
         return DetachResult(ns.label, f"{key} {removed[0].describe()}", False, out.notes)
 
 
-def detach_all(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> DetachResult:
+def detach_all(
+    netns: str | None, *, bpffs: str = DEFAULT_BPFFS, wait: float = store.DEFAULT_WAIT
+) -> DetachResult:
     """Detach our dispatcher from the netns and remove its pins. Other tools' links stay."""
     require_privileges()
-    with open_netns(netns) as ns, store.session(bpffs, ns, write=True, damaged_ok=True) as s:
+    with (
+        open_netns(netns) as ns,
+        store.session(bpffs, ns, write=True, damaged_ok=True, wait=wait) as s,
+    ):
         what = s.remove()
         return DetachResult(ns.label, what or "nothing: no dispatcher was attached", bool(what))
 
@@ -399,51 +420,60 @@ def detach_all(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> DetachResult
 # -- reading ---------------------------------------------------------------------------------
 
 
-def status(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> dict[str, Any]:
+def status(
+    netns: str | None, *, bpffs: str = DEFAULT_BPFFS, wait: float = store.DEFAULT_WAIT
+) -> dict[str, Any]:
     """What is loaded in the netns: program, link, rules, targets and their sockets."""
     require_privileges()
-    with (
-        open_netns(netns) as ns,
-        store.session(bpffs, ns, write=False) as s,
-        sockets.Discovery(ns) as disc,
-    ):
-        out: dict[str, Any] = {"netns": ns.label, "netns_inode": ns.inode, "bpffs": bpffs}
-        try:
-            attached = query_netns_programs(ns.fd)
-        except BpfError as e:
-            raise EnvironmentProblem(f"cannot query {ns.label}: {e.strerror}") from None
-        d = s.dispatcher
-        if d is None or d.gen is None:
-            out.update(loaded=False, other_programs=attached, rules=[], targets=[])
-            if d is not None:
-                out.update(state="unfinished", path=d.path)
-            return out
-        gen = d.gen
-        prog_id = int(d.program.info().id)
-        link = d.link.info() if d.link else None
-        live = d.snapshot()
-        counts = gen.counters()
-        rules = [Rule(k, *eff) for k, eff in live.rules.items()]
-        out.update(
-            loaded=True,
-            state=d.state,
-            path=d.path,
-            program_id=prog_id,
-            link_id=int(link.id) if link else None,
-            position=attached.index(prog_id) + 1 if prog_id in attached else None,
-            other_programs=[p for p in attached if p != prog_id],
-            generation=live.generation,
-            memlock=gen.memlock(),
-            sockmap={"capacity": live.capacity, "filled": len(live.filled)},
-            rules=[
-                _rule_json(r, dict(zip(layout.COUNTER_NAMES, c, strict=True)))
-                for r, c in sorted(
-                    zip(rules, counts, strict=True), key=lambda rc: RuleSet.order(rc[0])
-                )
-            ],
-            targets=[_target_json(t, live, disc) for t in sorted(live.targets.values(), key=_name)],
-        )
+    with open_netns(netns) as ns:
+        # the lock is held while the pins are read, not while sockets are looked for
+        with store.session(bpffs, ns, write=False, wait=wait) as s:
+            out, live = _status_of(ns, s, bpffs)
+        if live is not None:
+            with sockets.Discovery(ns) as disc:
+                out["targets"] = [
+                    _target_json(t, live, disc) for t in sorted(live.targets.values(), key=_name)
+                ]
         return out
+
+
+def _status_of(ns: Netns, s: store.Session, bpffs: str) -> tuple[dict[str, Any], Live | None]:
+    """The status of the namespace's pins (no sockets yet) and its live state."""
+    out: dict[str, Any] = {"netns": ns.label, "netns_inode": ns.inode, "bpffs": bpffs}
+    try:
+        attached = query_netns_programs(ns.fd)
+    except BpfError as e:
+        raise EnvironmentProblem(f"cannot query {ns.label}: {e.strerror}") from None
+    d = s.dispatcher
+    if d is None or d.gen is None:
+        out.update(loaded=False, other_programs=attached, rules=[], targets=[])
+        if d is not None:
+            out.update(state="unfinished", path=d.path)
+        return out, None
+    gen = d.gen
+    prog_id = int(d.program.info().id)
+    link = d.link.info() if d.link else None
+    live = d.snapshot()
+    counts = gen.counters()
+    rules = [Rule(k, *eff) for k, eff in live.rules.items()]
+    out.update(
+        loaded=True,
+        state=d.state,
+        path=d.path,
+        program_id=prog_id,
+        link_id=int(link.id) if link else None,
+        position=attached.index(prog_id) + 1 if prog_id in attached else None,
+        other_programs=[p for p in attached if p != prog_id],
+        generation=live.generation,
+        memlock=gen.memlock(),
+        sockmap={"capacity": live.capacity, "filled": len(live.filled)},
+        rules=[
+            _rule_json(r, dict(zip(layout.COUNTER_NAMES, c, strict=True)))
+            for r, c in sorted(zip(rules, counts, strict=True), key=lambda rc: RuleSet.order(rc[0]))
+        ],
+        targets=[],
+    )
+    return out, live
 
 
 def _name(t: Slotted) -> str:
@@ -472,7 +502,9 @@ def _target_json(t: Slotted, live: Live, disc: sockets.Discovery) -> dict[str, A
     }
 
 
-def status_all(*, bpffs: str = DEFAULT_BPFFS) -> list[dict[str, Any]]:
+def status_all(
+    *, bpffs: str = DEFAULT_BPFFS, wait: float = store.DEFAULT_WAIT
+) -> list[dict[str, Any]]:
     """Every namespace sklookupctl steers, or steered and left state for: dead namespaces,
     what killed commands left, state of another layout."""
     require_privileges()
@@ -481,7 +513,7 @@ def status_all(*, bpffs: str = DEFAULT_BPFFS) -> list[dict[str, Any]]:
     names: dict[int, list[str]] = {}
     for item in nsmod.list_named():
         names.setdefault(int(str(item["inode"])), []).append(str(item["name"]))
-    with Store.locked(bpffs, exclusive=False) as held:
+    with Store.locked(bpffs, exclusive=False, wait=wait) as held:
         return [_entry_json(e, names) for e in held.entries()]
 
 
@@ -500,11 +532,13 @@ def _entry_json(e: Any, names: dict[int, list[str]]) -> dict[str, Any]:
     }
 
 
-def gc_state(*, bpffs: str = DEFAULT_BPFFS) -> list[dict[str, Any]]:
+def gc_state(
+    *, bpffs: str = DEFAULT_BPFFS, wait: float = store.DEFAULT_WAIT
+) -> list[dict[str, Any]]:
     """Remove the state of namespaces that are gone and what killed commands left; return
     what was removed or repaired."""
     require_privileges()
-    with Store.locked(bpffs, exclusive=True) as held:
+    with Store.locked(bpffs, exclusive=True, wait=wait) as held:
         return [_entry_json(e, {}) for e in held.gc()]
 
 
@@ -519,7 +553,7 @@ def netns_add(name: str) -> bool:
     return nsmod.create(name)
 
 
-def netns_del(name: str, *, bpffs: str = DEFAULT_BPFFS) -> bool:
+def netns_del(name: str, *, bpffs: str = DEFAULT_BPFFS, wait: float = store.DEFAULT_WAIT) -> bool:
     """Delete a named netns, first detaching our dispatcher from it. True if one was there."""
     from . import netns as nsmod
 
@@ -527,7 +561,7 @@ def netns_del(name: str, *, bpffs: str = DEFAULT_BPFFS) -> bool:
     nsmod._check_name(name)
     had = False
     with contextlib.suppress(EnvironmentProblem):
-        had = detach_all(name, bpffs=bpffs).dispatcher_removed
+        had = detach_all(name, bpffs=bpffs, wait=wait).dispatcher_removed
     nsmod.delete(name)
     return had
 
@@ -620,19 +654,7 @@ Progress = Callable[[str, int, int], None]
 
 
 def _read_file(path: str) -> str:
-    try:
-        if path == "-":
-            return sys.stdin.read()
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise NotFound(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InvalidArgument(f"{path} is a directory", "give a TOML rule file") from None
-    except UnicodeDecodeError as e:
-        raise InvalidArgument(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except PermissionError:
-        raise PermissionDenied(f"cannot read {path}", "check its permissions") from None
+    return validate.read_text(path, sys.stdin)
 
 
 def _file_wants(
@@ -680,6 +702,7 @@ def apply(
     dry_run: bool = False,
     bpffs: str = DEFAULT_BPFFS,
     progress: Progress | None = None,
+    wait: float = store.DEFAULT_WAIT,
 ) -> ApplyResult:
     """Replace the netns's whole rule set with the one in the file at `path` ("-": stdin).
 
@@ -694,7 +717,7 @@ def apply(
 
     text = _read_file(path)
     with _no_gc():
-        return _apply(netns, path, text, dry_run, bpffs, step)
+        return _apply(netns, path, text, dry_run, bpffs, step, wait)
 
 
 @contextlib.contextmanager
@@ -717,6 +740,7 @@ def _apply(
     dry_run: bool,
     bpffs: str,
     step: Callable[[str], Callable[[int, int], None]],
+    wait: float,
 ) -> ApplyResult:
     from . import rulefile
 
@@ -734,7 +758,7 @@ def _apply(
             return rf.rules, _file_wants(disc, live, rf, path, res.notes)
 
         try:
-            out = _change(ns, bpffs, disc, desire, dry_run)
+            out = _change(ns, bpffs, disc, desire, dry_run, wait)
         except TargetMismatch as e:
             where = f"{path}: rules[{rf.index(e.rule)}].target"  # type: ignore[arg-type]
             raise rulefile.FileError(where, e.message, e.hint) from None
@@ -749,12 +773,14 @@ def _apply(
         return res
 
 
-def export(netns: str | None, *, bpffs: str = DEFAULT_BPFFS) -> str:
+def export(
+    netns: str | None, *, bpffs: str = DEFAULT_BPFFS, wait: float = store.DEFAULT_WAIT
+) -> str:
     """The netns's rule set as a rule file; `apply` of it changes nothing."""
     from . import rulefile
 
     require_privileges()
-    with open_netns(netns) as ns, store.session(bpffs, ns, write=False) as s:
+    with open_netns(netns) as ns, store.session(bpffs, ns, write=False, wait=wait) as s:
         live = s.live
         header = f"sklookupctl rule set of {ns.label}"
         if not live.generation:

@@ -51,6 +51,9 @@ BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_SOCKMAP = 15
 
 BPF_F_MMAPABLE = 1 << 10
+BPF_F_RDONLY = 1 << 3  # BPF_OBJ_GET: a read-only fd (maps and programs; the kernel has no
+# read-only link fds)
+BPF_LINK_TYPE_NETNS = 5
 BPF_F_REPLACE = 1 << 2
 
 BPF_ANY = 0
@@ -297,10 +300,13 @@ class Fd:
 _SelfT = TypeVar("_SelfT", bound=Fd)
 
 
-def obj_get(path: str) -> int:
+def obj_get(path: str, readonly: bool = False) -> int:
     """Open a pinned object; returns a new fd. FileNotFoundError when nothing is pinned there."""
     name = ctypes.c_char_p(os.fsencode(path))
-    attr = _ObjAttr(pathname=ctypes.cast(name, ctypes.c_void_p).value or 0)
+    attr = _ObjAttr(
+        pathname=ctypes.cast(name, ctypes.c_void_p).value or 0,
+        file_flags=BPF_F_RDONLY if readonly else 0,
+    )
     try:
         return _bpf(BPF_OBJ_GET, attr, f"open pinned {path}")
     except BpfError as e:
@@ -316,14 +322,19 @@ V = TypeVar("V", bound=Any)
 class Map(Fd, Generic[K, V]):
     """A BPF map with ctypes key and value types."""
 
-    def __init__(self, fd: int, key_type: type[K], value_type: type[V]) -> None:
+    def __init__(
+        self, fd: int, key_type: type[K], value_type: type[V], readonly: bool = False
+    ) -> None:
         super().__init__(fd)
         self.key_type = key_type
         self.value_type = value_type
+        self.readonly = readonly
 
     @classmethod
-    def from_pin(cls, path: str, key_type: type[K], value_type: type[V]) -> Map[K, V]:
-        return cls(obj_get(path), key_type, value_type)
+    def from_pin(
+        cls, path: str, key_type: type[K], value_type: type[V], readonly: bool = False
+    ) -> Map[K, V]:
+        return cls(obj_get(path, readonly), key_type, value_type, readonly)
 
     @classmethod
     def create(
@@ -349,7 +360,8 @@ class Map(Fd, Generic[K, V]):
         return _get_info(self.fd, MapInfo())
 
     def mmap(self) -> mmap.mmap:
-        """Map an ARRAY made with BPF_F_MMAPABLE into memory, read-write."""
+        """Map an ARRAY made with BPF_F_MMAPABLE into memory, read-write (the kernel maps no
+        fd opened read-only: read those with lookup_batch_raw)."""
         info = self.info()
         size = info.value_size * info.max_entries
         pages = max(1, -(-size // mmap.PAGESIZE))
@@ -454,8 +466,8 @@ class Map(Fd, Generic[K, V]):
 
 class Program(Fd):
     @classmethod
-    def from_pin(cls, path: str) -> Program:
-        return cls(obj_get(path))
+    def from_pin(cls, path: str, readonly: bool = False) -> Program:
+        return cls(obj_get(path, readonly))
 
     @classmethod
     def load_sk_lookup(cls, insns: bytes, name: str) -> Program:
@@ -519,6 +531,27 @@ class Link(Fd):
     @classmethod
     def from_id(cls, link_id: int) -> Link:
         return cls(_bpf(BPF_LINK_GET_FD_BY_ID, _IdAttr(id=link_id), f"open link {link_id}"))
+
+    @classmethod
+    def running(cls, prog_ids: set[int]) -> Link | None:
+        """The netns link that runs one of `prog_ids`, found by id rather than by its pin (the
+        kernel hands out link fds from pins read-write only): a reader's way to the link. One
+        that runs in a namespace is preferred to a detached one."""
+        found: Link | None = None
+        for link_id in link_ids():
+            try:
+                link = cls.from_id(link_id)
+            except BpfError:
+                continue  # gone meanwhile
+            info = link.info()
+            ours = info.type == BPF_LINK_TYPE_NETNS and info.prog_id in prog_ids
+            if ours and (found is None or (info.netns_ino and not found.info().netns_ino)):
+                if found is not None:
+                    found.close()
+                found = link
+                continue
+            link.close()
+        return found
 
     def info(self) -> LinkInfo:
         return _get_info(self.fd, LinkInfo())

@@ -6,59 +6,151 @@ Noun commands read; verb commands change state. Library errors become one-line m
 from __future__ import annotations
 
 import errno
+import json
+import os
+import sys
+import traceback
 from typing import Any
 
 import click
 
-from . import __version__, api, interrupts, render
+from . import __version__, api, compiler, errors, interrupts, notices, render, store, validate
 from .errors import CompileError, SklookupError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+MESSAGE_MAX = 2000  # characters of an error line: a message quoting a huge input is cut
+
+EXIT_CODES = """\b
+Exit codes:
+  0  success
+  1  bad input, or a request refused (conflicting rule, socket not found, nothing loaded)
+  2  usage: unknown option or command, missing argument
+  3  needs privileges: run as root
+  4  state or machine problem: lock busy, untrusted or foreign state, bpffs, BCC, kernel
+ 70  a bug in sklookupctl (the traceback is printed: please report it)
+130  interrupted before anything changed
+"""
 
 
 class Obj:
-    def __init__(self, netns: str | None, bpffs: str) -> None:
+    def __init__(self, netns: str | None, bpffs: str, wait: float) -> None:
         self.netns = netns
         self.bpffs = bpffs
+        self.wait = wait
 
 
-class UserError(click.ClickException):
-    """A library error as one line (plus the compiler/verifier log when there is one)."""
+def _errno_code(e: OSError) -> tuple[int, str]:
+    """Exit code and hint for a system call that failed where no hint was written."""
+    return {
+        errno.EPERM: (errors.EXIT_PRIVILEGES, "run as root"),
+        errno.EACCES: (errors.EXIT_PRIVILEGES, "run as root"),
+        errno.EMFILE: (errors.EXIT_STATE, "raise the limit of open files: ulimit -n"),
+        errno.EROFS: (errors.EXIT_STATE, "the file system is read-only"),
+    }.get(e.errno or 0, (errors.EXIT_STATE, ""))
 
-    def __init__(self, message: str, log: str = "") -> None:
-        super().__init__(message)
-        self.log = log
 
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.message}", err=True)
-        if self.log:
-            click.echo(self.log, err=True)
+def fail(code: int, message: str, hint: str = "", log: str = "", as_json: bool = False) -> None:
+    """Report an error as one line on stderr (JSON with --json) and exit with `code`. The
+    message is cleaned (render.clean) and cut, whatever it quotes."""
+    message, hint = render.clean(message), render.clean(hint)
+    if as_json:
+        doc = {"error": message[:MESSAGE_MAX], "hint": hint[:MESSAGE_MAX], "exit_code": code}
+        if log:
+            doc["log"] = log
+        click.echo(json.dumps(doc, sort_keys=True), err=True)
+    else:
+        text = message + (f" ({hint})" if hint else "")
+        if len(text) > MESSAGE_MAX:
+            text = text[: MESSAGE_MAX - 3] + "..."
+        click.echo(f"error: {text}", err=True)
+        if log:
+            click.echo(log, err=True)
+    sys.exit(code)
 
 
 class Group(click.Group):
-    """Turns library errors into one-line messages for every subcommand."""
+    """The root command: every error becomes one line and an exit code (errors.py)."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def main(  # type: ignore[override]
+        self,
+        args: list[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        as_json = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
+        saved_cache = os.environ.get(compiler.CACHE_ENV)
+        notices.set_sink(lambda text: click.echo(f"note: {render.clean(text)}", err=True))
         try:
-            return super().invoke(ctx)
+            rv = super().main(argv, prog_name, complete_var, False, **extra)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "sklookupctl"
+            fail(e.exit_code, e.format_message(), f"see {where} --help", as_json=as_json)
+        except click.ClickException as e:  # click's own (a file it could not open, say)
+            fail(errors.EXIT_REFUSED, e.format_message(), as_json=as_json)
+        except click.Abort:
+            fail(errors.EXIT_INTERRUPTED, "interrupted: nothing was changed", as_json=as_json)
         except CompileError as e:
-            raise UserError(e.message, e.log) from None
+            fail(e.exit_code, e.message, e.hint, log=e.log, as_json=as_json)
         except SklookupError as e:
-            raise UserError(e.message + (f" ({e.hint})" if e.hint else "")) from None
-        except OSError as e:  # BpfError too: a system call failed where no hint was written
-            hint = {
-                errno.EPERM: " (run as root)",
-                errno.EACCES: " (run as root)",
-                errno.EMFILE: " (raise the limit of open files: ulimit -n)",
-                errno.EROFS: " (the file system is read-only)",
-            }.get(e.errno or 0, "")
-            raise UserError(f"{e}{hint}") from None
+            fail(e.exit_code, e.message, e.hint, as_json=as_json)
+        except OSError as e:  # BpfError too
+            code, hint = _errno_code(e)
+            fail(code, str(e), hint, as_json=as_json)
+        except Exception:
+            traceback.print_exc()
+            fail(
+                errors.EXIT_INTERNAL,
+                "sklookupctl failed unexpectedly (a bug: the traceback is above)",
+                as_json=as_json,
+            )
+        finally:
+            notices.set_sink(None)
+            if saved_cache is None:
+                os.environ.pop(compiler.CACHE_ENV, None)
+            else:
+                os.environ[compiler.CACHE_ENV] = saved_cache
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class Number(click.ParamType[int]):
+    """An integer in ASCII digits (click's int() would take ² and ٨٠), maybe negative, of at
+    most 30 digits; the library checks its range (and says what it is)."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        t = str(value).strip()
+        body = t[1:] if t.startswith("-") else t
+        if not body or not body.isascii() or not body.isdigit() or len(body) > 30:
+            self.fail(f"{validate.show(str(value), 40)} is not a number", param, ctx)
+        return int(t)
+
+
+class Seconds(click.ParamType[float]):
+    name = "seconds"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            return validate.seconds(str(value))
+        except SklookupError as e:
+            self.fail(f"{e.message} ({e.hint})", param, ctx)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 
 
-@click.group(cls=Group, context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT, epilog=EXIT_CODES)
 @click.option(
     "--netns",
     "-n",
@@ -73,9 +165,27 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
     metavar="DIR",
     help="bpffs mount where the dispatcher's pins live (one directory per netns).",
 )
+@click.option(
+    "--wait",
+    type=Seconds(),
+    default=store.DEFAULT_WAIT,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for another sklookupctl command to finish (its lock) before giving "
+    "up with exit code 4 and the other command's pid.",
+)
+@click.option(
+    "--cache-dir",
+    metavar="DIR",
+    help=f"Cache of compiled programs (default: {compiler.ROOT_CACHE} for root, else "
+    f"~/.cache/sklookupctl; also ${compiler.CACHE_ENV}). Used only when it and the "
+    "directories above it are yours (or root's) and nobody else can write them.",
+)
 @click.version_option(__version__, prog_name="sklookupctl")
 @click.pass_context
-def cli(ctx: click.Context, netns: str | None, bpffs: str) -> None:
+def cli(
+    ctx: click.Context, netns: str | None, bpffs: str, wait: float, cache_dir: str | None
+) -> None:
     """Steer connections for whole prefixes and port ranges to one socket (BPF sk_lookup).
 
     \b
@@ -87,7 +197,9 @@ def cli(ctx: click.Context, netns: str | None, bpffs: str) -> None:
 
     Steering lives in bpffs and outlives this command. Run as root.
     """
-    ctx.obj = Obj(netns, bpffs)
+    if cache_dir is not None:
+        os.environ[compiler.CACHE_ENV] = cache_dir
+    ctx.obj = Obj(netns, bpffs, wait)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -101,8 +213,12 @@ def cli(ctx: click.Context, netns: str | None, bpffs: str) -> None:
     help="Steer to the socket listening (TCP) or bound (UDP) at this address in the "
     "target netns; a wildcard listener on the port also matches. IPv6: [::1]:80.",
 )
-@click.option("--pid", type=int, metavar="PID", help="With --fd: steer to fd FD of process PID.")
-@click.option("--fd", type=int, metavar="FD", help="With --pid: the socket's fd in that process.")
+@click.option(
+    "--pid", type=Number(), metavar="PID", help="With --fd: steer to fd FD of process PID."
+)
+@click.option(
+    "--fd", type=Number(), metavar="FD", help="With --pid: the socket's fd in that process."
+)
 @click.option("--drop", is_flag=True, help="Refuse matching connections and datagrams.")
 @click.option(
     "--name",
@@ -182,6 +298,7 @@ def attach(
         replace=replace,
         exact=exact,
         bpffs=obj.bpffs,
+        wait=obj.wait,
     )
     if as_json:
         render.emit_json(res.to_json())
@@ -226,10 +343,10 @@ def detach(
     if not all_ and len(given) != 3:
         raise click.UsageError("give PROTO PREFIX PORTS of the rule to remove, or --all")
     if all_:
-        res = api.detach_all(obj.netns, bpffs=obj.bpffs)
+        res = api.detach_all(obj.netns, bpffs=obj.bpffs, wait=obj.wait)
     else:
         assert proto and prefix and ports
-        res = api.detach(obj.netns, proto, prefix, ports, bpffs=obj.bpffs)
+        res = api.detach(obj.netns, proto, prefix, ports, bpffs=obj.bpffs, wait=obj.wait)
     if as_json:
         render.emit_json(res.to_json())
     else:
@@ -279,7 +396,9 @@ def apply(obj: Obj, file: str, dry_run: bool, as_json: bool) -> None:
       sklookupctl -n edge export > before.toml   # keep a copy to roll back to
     """
     with render.progress_for(file, quiet=as_json) as progress:
-        res = api.apply(obj.netns, file, dry_run=dry_run, bpffs=obj.bpffs, progress=progress)
+        res = api.apply(
+            obj.netns, file, dry_run=dry_run, bpffs=obj.bpffs, progress=progress, wait=obj.wait
+        )
     if as_json:
         render.emit_json(res.to_json())
     else:
@@ -294,7 +413,7 @@ def export(obj: Obj) -> None:
     Applying the output to the same netns changes nothing; it is also the way to keep a
     copy of the rules before a change, and to move them to another namespace or host.
     """
-    render.write(api.export(obj.netns, bpffs=obj.bpffs))
+    render.write(api.export(obj.netns, bpffs=obj.bpffs, wait=obj.wait))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -316,13 +435,13 @@ def status(obj: Obj, all_: bool, as_json: bool) -> None:
     shows how many of its group's members are alive.
     """
     if all_:
-        entries = api.status_all(bpffs=obj.bpffs)
+        entries = api.status_all(bpffs=obj.bpffs, wait=obj.wait)
         if as_json:
             render.emit_json(entries)
         else:
             render.status_all(entries)
         return
-    st = api.status(obj.netns, bpffs=obj.bpffs)
+    st = api.status(obj.netns, bpffs=obj.bpffs, wait=obj.wait)
     if as_json:
         render.emit_json(st)
     else:
@@ -340,7 +459,7 @@ def gc(obj: Obj, as_json: bool) -> None:
     generation. Every writing command cleans these up too; gc does it on its own, for
     example from a timer. Steering that works is never touched.
     """
-    done = api.gc_state(bpffs=obj.bpffs)
+    done = api.gc_state(bpffs=obj.bpffs, wait=obj.wait)
     if as_json:
         render.emit_json(done)
         return
@@ -350,7 +469,7 @@ def gc(obj: Obj, as_json: bool) -> None:
         render.say("nothing to remove")
 
 
-@cli.group(cls=Group, context_settings=CONTEXT)
+@cli.group(context_settings=CONTEXT)
 def netns() -> None:
     """Named network namespaces (under /run/netns)."""
 
@@ -370,7 +489,7 @@ def netns_add(name: str) -> None:
 @click.pass_obj
 def netns_del(obj: Obj, name: str) -> None:
     """Delete namespace NAME (detaching sklookupctl's dispatcher from it first)."""
-    had = api.netns_del(name, bpffs=obj.bpffs)
+    had = api.netns_del(name, bpffs=obj.bpffs, wait=obj.wait)
     render.say(f"deleted network namespace {name}" + (" and its dispatcher" if had else ""))
 
 
@@ -391,7 +510,7 @@ def netns_list(as_json: bool) -> None:
         render.say("no named network namespaces")
 
 
-@cli.group(cls=Group, context_settings=CONTEXT)
+@cli.group(context_settings=CONTEXT)
 def addr() -> None:
     """AnyIP prefixes of the target netns: local routes on lo, so every address is local."""
 

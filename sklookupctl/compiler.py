@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import importlib.resources
 import os
 import shutil
+import stat
 import struct
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
-from . import layout
+from . import layout, notices, trust
 from .errors import CompileError, EnvironmentProblem
 
 STANDIN_VERSION = 1
@@ -51,26 +54,81 @@ def read_source() -> str:
     return importlib.resources.files("sklookupctl.bpf").joinpath("dispatcher.c").read_text()
 
 
-def cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "sklookupctl")
+CACHE_ENV = "SKLOOKUPCTL_CACHE_DIR"
+ROOT_CACHE = "/var/cache/sklookupctl"
 
 
-def kernel_source() -> str | None:
-    """A directory for BCC_KERNEL_SOURCE, or None when the kernel's own headers are present."""
-    if os.path.isdir(f"/lib/modules/{os.uname().release}/build"):
+def cache_dir() -> str | None:
+    """The directory of compiled programs, made (0700) if missing: $SKLOOKUPCTL_CACHE_DIR
+    (`--cache-dir`), else /var/cache/sklookupctl for root (never a user's HOME, which `sudo
+    -E` keeps), else $XDG_CACHE_HOME/sklookupctl or ~/.cache/sklookupctl. None, with a notice,
+    when that directory could have been written by someone else (trust.cache_problem) or
+    cannot be made: the program is then compiled afresh and nothing is cached."""
+    explicit = os.environ.get(CACHE_ENV) or ""
+    home = os.environ.get("HOME", "")
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return _cache_dir(explicit, os.geteuid(), home, xdg)
+
+
+@functools.lru_cache(maxsize=8)
+def _cache_dir(explicit: str, euid: int, home: str, xdg: str) -> str | None:
+    if explicit:
+        path = os.path.abspath(explicit)
+    elif euid == 0:
+        path = ROOT_CACHE
+    elif os.path.isabs(xdg):
+        path = os.path.join(xdg, "sklookupctl")
+    elif os.path.isabs(home) and os.path.isdir(home):
+        path = os.path.join(home, ".cache", "sklookupctl")
+    else:
+        notices.emit(f"no program cache: HOME ({home or 'unset'}) is not a directory")
         return None
+    problem = trust.cache_problem(path)
+    if problem is None:
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            st = os.lstat(path)
+            if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != 0o700:
+                os.chmod(path, 0o700)
+        except OSError as e:
+            problem = f"{e.filename or path}: {e.strerror}"
+        else:
+            problem = trust.cache_problem(path)
+    if problem is not None:
+        notices.emit(
+            f"not using the program cache {path} ({problem}): compiling afresh; give a "
+            f"directory of your own with --cache-dir or {CACHE_ENV}"
+        )
+        return None
+    return os.path.realpath(path)
+
+
+@contextlib.contextmanager
+def kernel_source() -> Iterator[str | None]:
+    """A directory for BCC_KERNEL_SOURCE, or None when the kernel's own headers are present.
+    Kept in the cache; made in a private temporary directory (removed after) without one."""
+    if os.path.isdir(f"/lib/modules/{os.uname().release}/build"):
+        yield None
+        return
     cache = cache_dir()
+    if cache is None:
+        with tempfile.TemporaryDirectory(prefix="sklookupctl-standin-") as tmp:
+            yield _make_standin(tmp, os.path.join(tmp, "standin"))
+        return
     target = os.path.join(cache, f"kernel-standin-{STANDIN_VERSION}")
     if os.path.isfile(os.path.join(target, "include/linux/kconfig.h")):
-        return target
+        yield target
+        return
+    yield _make_standin(cache, target)
+
+
+def _make_standin(parent: str, target: str) -> str:
     if not os.path.isfile("/usr/include/linux/bpf.h"):
         raise EnvironmentProblem(
             "no kernel headers for this kernel and no uapi headers to stand in for them",
             "apt-get install linux-libc-dev (scripts/setup does)",
         )
-    os.makedirs(cache, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".standin-", dir=cache)
+    tmp = tempfile.mkdtemp(prefix=".standin-", dir=parent)
     try:
         for rel, src in UAPI_DIRS.items():
             dst = os.path.join(tmp, rel)
@@ -128,7 +186,11 @@ def compile_image(source: str | None = None) -> bytes:
             "made with --system-site-packages (scripts/setup does both)",
         ) from None
     src = source if source is not None else read_source()
-    ksrc = kernel_source()
+    with kernel_source() as ksrc:
+        return _compile(bcc, src, ksrc)
+
+
+def _compile(bcc: Any, src: str, ksrc: str | None) -> bytes:
     old_env = os.environ.get("BCC_KERNEL_SOURCE")
     if ksrc:
         os.environ["BCC_KERNEL_SOURCE"] = ksrc

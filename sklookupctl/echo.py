@@ -235,6 +235,10 @@ def main() -> None:
     ap.add_argument(
         "--lifetime", type=float, default=600.0, help="exit after this many seconds (0: never)"
     )
+    ap.add_argument(
+        "--comm", help="process name to take once serving (as any process may: PR_SET_NAME)"
+    )
+    ap.add_argument("--uid", type=int, help="drop to this uid (and gid) once the sockets are made")
     args = ap.parse_args()
     global TAG
     TAG = f" {args.tag}" if args.tag else ""
@@ -282,6 +286,15 @@ def main() -> None:
         c.connect((c.getsockname()[0], 9))
         socks.append(c)
         ready.update(udp_connected_fd=c.fileno(), udp_connected_port=c.getsockname()[1])
+    if args.uid is not None:
+        os.setgroups([])
+        os.setresgid(args.uid, args.uid, args.uid)
+        os.setresuid(args.uid, args.uid, args.uid)
+    if args.comm is not None:
+        import ctypes
+
+        name = ctypes.create_string_buffer(args.comm.encode("utf-8", "surrogateescape")[:15])
+        ctypes.CDLL(None, use_errno=True).prctl(15, name, 0, 0, 0)  # PR_SET_NAME
     print(json.dumps(ready), flush=True)
     if args.lifetime > 0:
         time.sleep(args.lifetime)

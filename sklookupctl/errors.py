@@ -1,13 +1,30 @@
 """Typed errors. Each carries a message saying what is wrong and a hint saying how to fix it.
 
-The CLI turns them into one-line messages; library users catch SklookupError.
+The CLI turns them into one-line messages and exit codes; library users catch SklookupError.
+Every class carries its exit code (`exit_code`):
+
+    0  success
+    1  bad input, or a request refused (conflicting rule, socket not found, nothing loaded)
+    2  usage: unknown option, missing argument (click's own)
+    3  needs privileges (run as root)
+    4  state or machine problem: busy lock, untrusted or foreign state, bpffs, BCC, kernel
 """
 
 from __future__ import annotations
 
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_PRIVILEGES = 3
+EXIT_STATE = 4
+EXIT_INTERRUPTED = 130  # Ctrl-C before anything changed
+EXIT_INTERNAL = 70  # a bug: the traceback is printed (EX_SOFTWARE)
+
 
 class SklookupError(Exception):
     """Base class: `message` says what is wrong, `hint` how to fix it (may be empty)."""
+
+    exit_code = EXIT_REFUSED
 
     def __init__(self, message: str, hint: str = "") -> None:
         super().__init__(message)
@@ -46,6 +63,8 @@ class TargetMismatch(SocketRejected):
 class PermissionDenied(SklookupError):
     """The caller lacks the privileges the operation needs."""
 
+    exit_code = EXIT_PRIVILEGES
+
 
 class NotLoaded(SklookupError):
     """No dispatcher is loaded in the target network namespace."""
@@ -54,9 +73,21 @@ class NotLoaded(SklookupError):
 class EnvironmentProblem(SklookupError):
     """Something about the machine: bpffs, BCC, the kernel, stale or foreign state."""
 
+    exit_code = EXIT_STATE
+
+
+class Busy(EnvironmentProblem):
+    """Another command holds the lock longer than the caller would wait."""
+
+
+class Untrusted(EnvironmentProblem):
+    """State or a directory that someone other than root could have made or changed."""
+
 
 class CompileError(SklookupError):
     """The BPF program did not compile or did not pass the verifier; `log` holds the output."""
+
+    exit_code = EXIT_STATE
 
     def __init__(self, message: str, log: str, hint: str = "") -> None:
         super().__init__(message, hint)

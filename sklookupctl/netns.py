@@ -15,6 +15,7 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from . import validate
 from .errors import InvalidArgument, NotFound, PermissionDenied, SklookupError
 from .rules import IPNetwork
 
@@ -58,29 +59,24 @@ class Netns:
 
 
 def path_of(spec: str | None) -> str:
-    if not spec:
+    if spec is None:
         return "/proc/thread-self/ns/net"
+    if not spec:
+        # "" would otherwise mean the caller's own namespace: a script's empty variable must
+        # not steer the host
+        raise InvalidArgument("the netns is empty", validate.NETNS_HINT)
     if "/" in spec:
         return spec
-    if spec in (".", ".."):
-        raise InvalidArgument(f"netns name {spec!r} is not valid")
+    if spec in (".", "..") or len(spec) > 255 or not spec.isprintable():
+        raise InvalidArgument(f"netns name {validate.show(spec)} is not valid", validate.NETNS_HINT)
     return os.path.join(NETNS_RUN_DIR, spec)
 
 
 def open_netns(spec: str | None) -> Netns:
-    """Open the namespace named or located by `spec` (None: the caller's)."""
+    """Open the namespace named or located by `spec` (None: the caller's). A path that is not
+    a namespace file (a FIFO, a directory) is refused without blocking on it."""
     path = path_of(spec)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise NotFound(
-            f"network namespace {spec!r} does not exist",
-            f"see `sklookupctl netns list`, or create it with `sklookupctl netns add {spec}`"
-            if spec and "/" not in spec
-            else "give a name under /run/netns or a path such as /proc/PID/ns/net",
-        ) from None
-    except PermissionError:
-        raise PermissionDenied(f"cannot open network namespace {path}", "run as root") from None
+    fd = validate.netns_file(path, spec or path)
     st = os.fstat(fd)
     try:
         nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
@@ -89,8 +85,7 @@ def open_netns(spec: str | None) -> Netns:
     if nstype != CLONE_NEWNET:
         os.close(fd)
         raise InvalidArgument(
-            f"{path} is not a network namespace",
-            "give a name under /run/netns or a path such as /proc/PID/ns/net",
+            f"{validate.show(path)} is not a network namespace", validate.NETNS_HINT
         )
     return Netns(spec or "", path, fd, st.st_ino)
 
@@ -141,8 +136,7 @@ def list_named() -> list[dict[str, object]]:
 
 
 def _check_name(name: str) -> None:
-    if not name or "/" in name or name in (".", "..") or len(name) > 255:
-        raise InvalidArgument(f"netns name {name!r} is not valid", "use a plain name like edge")
+    validate.netns_name(name)
 
 
 def create(name: str) -> bool:

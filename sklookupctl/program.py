@@ -1,9 +1,11 @@
 """Load the dispatcher program against a given set of maps, without BCC when possible.
 
 Every rule-set change loads a fresh copy of the program bound to fresh maps (sized to the rule
-set). Compiling takes BCC about 0.3 s, so the compiled instructions are cached in
-`~/.cache/sklookupctl/`, with each map reference replaced by the map's index in
-layout.PROGRAM_MAPS; loading patches in the real map fds and calls BPF_PROG_LOAD.
+set). Compiling takes BCC about 0.3 s, so the compiled instructions are cached (in
+/var/cache/sklookupctl for root: see compiler.cache_dir), with each map reference replaced by
+the map's index in layout.PROGRAM_MAPS; loading patches in the real map fds and calls
+BPF_PROG_LOAD. A cache file is read only if it is the effective user's and nobody else can
+write it (trust.open_cache_file).
 
 The cache is keyed by everything the instructions depend on: the C source, the layout version,
 the BCC version and the kernel release. A file is used only if its checksum holds and every map
@@ -19,11 +21,12 @@ import os
 import struct
 import tempfile
 
-from . import compiler, layout
+from . import compiler, layout, trust
 from .bpfsys import BpfError, Program
 from .errors import CompileError
 
 MAGIC = b"sklookupctl-image-1\n"
+MAX_IMAGE = 1 << 20  # bytes: the dispatcher is a few KiB
 _INSN = struct.Struct("<BBhi")
 
 
@@ -45,8 +48,9 @@ def cache_key(source: str) -> str:
     return h.hexdigest()[:32]
 
 
-def _cache_path(source: str) -> str:
-    return os.path.join(compiler.cache_dir(), f"dispatcher-{cache_key(source)}.img")
+def _cache_path(source: str) -> str | None:
+    d = compiler.cache_dir()
+    return None if d is None else os.path.join(d, f"dispatcher-{cache_key(source)}.img")
 
 
 def _valid(insns: bytes) -> bool:
@@ -63,9 +67,12 @@ def _valid(insns: bytes) -> bool:
 
 
 def _read_cache(path: str) -> bytes | None:
+    fd = trust.open_cache_file(path)  # ours, and writable by nobody else; else not used
+    if fd is None:
+        return None
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(MAX_IMAGE)
     except OSError:
         return None
     if not data.startswith(MAGIC):
@@ -76,10 +83,11 @@ def _read_cache(path: str) -> bytes | None:
     return insns
 
 
-def _write_cache(path: str, insns: bytes) -> None:
+def _write_cache(path: str | None, insns: bytes) -> None:
     """Best effort: a cache that cannot be written only costs the next run a compile."""
+    if path is None:
+        return
     with contextlib.suppress(OSError):
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".img-", dir=os.path.dirname(path))
         try:
             with os.fdopen(fd, "wb") as f:
@@ -94,7 +102,7 @@ def image(fresh: bool = False) -> tuple[bytes, bool]:
     """The program's instructions with map placeholders; True when they came from the cache."""
     source = compiler.read_source()
     path = _cache_path(source)
-    if not fresh:
+    if not fresh and path is not None:
         insns = _read_cache(path)
         if insns is not None:
             return insns, True

@@ -55,14 +55,52 @@ def _stop_output() -> None:
 STDOUT = _Stdout()
 
 
+def clean(text: object) -> str:
+    """Text from outside (names, process names, paths, file contents) made safe to show: every
+    character that is not printable (escape sequences, newlines, bidi controls, bytes that were
+    not UTF-8) shown escaped, as `\\x1b`. Nothing is printed without passing here: say(),
+    line(), cell(), and the CLI's error lines. Rich never interprets markup in it (the console
+    is made with markup off, and tables get Text, not markup)."""
+    s = str(text)
+    if s.isprintable():
+        return s
+    out = []
+    for ch in s:
+        if ch.isprintable():
+            out.append(ch)
+        else:
+            o = ord(ch)
+            out.append(
+                f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+            )
+    return "".join(out)
+
+
 def console(stderr: bool = False) -> Console:
     from rich.console import Console
 
     # made per call, on the current sys.stdout, so click's CliRunner captures it; piped output
-    # (grep, less, logs) gets wide lines rather than tables wrapped at 80 columns
+    # (grep, less, logs) gets wide lines rather than tables wrapped at 80 columns. No markup,
+    # no emoji codes, no highlighting: what is printed is what the text says (see clean)
     out: Any = sys.stderr if stderr else STDOUT
     width = None if out.isatty() else 200
-    return Console(file=out, highlight=False, soft_wrap=True, width=width)
+    return Console(
+        file=out, highlight=False, markup=False, emoji=False, soft_wrap=True, width=width
+    )
+
+
+def cell(text: object, style: str = "") -> Any:
+    """A table cell or a line for rich: the text cleaned, never read as markup."""
+    from rich.text import Text
+
+    return Text(clean(text), style=style)
+
+
+def line(c: Console, *parts: object) -> None:
+    """Print one line made of parts: strings (cleaned) and cells (already Text)."""
+    from rich.text import Text
+
+    c.print(Text.assemble(*(p if isinstance(p, Text) else clean(p) for p in parts)))
 
 
 def write(text: str) -> None:
@@ -76,8 +114,8 @@ def emit_json(data: Any) -> None:
 
 
 def say(text: str) -> None:
-    """One plain line (no markup: addresses such as [::1] stay as they are)."""
-    write(text + "\n")
+    """One plain line (no markup: addresses such as [::1] stay as they are; cleaned)."""
+    write(clean(text) + "\n")
 
 
 RULES_SHOWN = 100  # rules in status's table; a table of 100,000 rows helps nobody
@@ -86,40 +124,42 @@ RULES_SHOWN = 100  # rules in status's table; a table of 100,000 rows helps nobo
 def status(st: dict[str, Any]) -> None:
     c = console()
     if not st["loaded"]:
-        c.print(f"netns {st['netns']} (inode {st['netns_inode']}): no sklookupctl dispatcher")
+        line(c, f"netns {st['netns']} (inode {st['netns_inode']}): no sklookupctl dispatcher")
         if st.get("state") == "unfinished":
-            c.print(
+            line(
+                c,
                 f"{st['path']} was left by a command that was killed before it went live: "
                 "it steers nothing; the next change or `sklookupctl gc` removes it",
-                markup=False,
             )
         if st["other_programs"]:
-            c.print(f"other sk_lookup programs attached: {_ids(st['other_programs'])}")
+            line(c, f"other sk_lookup programs attached: {_ids(st['other_programs'])}")
         return
     position = (
         f"run position {st['position']} of {len(st['other_programs']) + 1}"
         if st["position"]
         else "not attached"
     )
-    c.print(
+    line(
+        c,
         f"netns {st['netns']} (inode {st['netns_inode']}): program {st['program_id']}, "
         f"link {st['link_id']}, {position}",
-        markup=False,
     )
     if st["other_programs"]:
-        c.print(f"other sk_lookup programs attached: {_ids(st['other_programs'])}")
+        line(c, f"other sk_lookup programs attached: {_ids(st['other_programs'])}")
     if st.get("state") == "detached":
-        c.print(
-            "[bold red]DETACHED[/]: the link no longer runs in this namespace (something other "
+        line(
+            c,
+            cell("DETACHED", "bold red"),
+            ": the link no longer runs in this namespace (something other "
             "than sklookupctl detached it), so nothing below steers; the next change attaches "
-            "it again, `detach --all` removes it"
+            "it again, `detach --all` removes it",
         )
     sockmap = st.get("sockmap", {})
-    c.print(
+    line(
+        c,
         f"state: {st['path']} (generation {st['generation']}, "
         f"{st['memlock'] / 2**20:.1f} MiB of kernel memory, "
         f"{sockmap.get('filled', 0)} of {sockmap.get('capacity', 0)} socket slots filled)",
-        markup=False,
     )
     from rich.table import Table
 
@@ -133,31 +173,26 @@ def status(st: dict[str, Any]) -> None:
         missing = "" if r["action"] == "drop" else r["on_missing"]
         n = r["counters"]
         rules.add_row(
-            r["protocol"],
-            r["prefix"],
-            r["ports"],
-            action,
-            missing,
-            *(str(n[k]) for k in ("lookups", "steered", "dropped", "missing", "errors")),
+            *map(cell, (r["protocol"], r["prefix"], r["ports"], action, missing)),
+            *(cell(n[k]) for k in ("lookups", "steered", "dropped", "missing", "errors")),
         )
     if st["rules"]:
         c.print(rules)
         if len(st["rules"]) > RULES_SHOWN:
-            c.print(
+            line(
+                c,
                 f"... and {len(st['rules']) - RULES_SHOWN} more rules, {len(st['rules'])} in all "
-                "(`status --json` lists them with their counters, `export` as a rule file)"
+                "(`status --json` lists them with their counters, `export` as a rule file)",
             )
     else:
-        c.print("no rules: every lookup goes on as if sklookupctl were not there")
+        line(c, "no rules: every lookup goes on as if sklookupctl were not there")
     if st["targets"]:
-        from rich.markup import escape
-
         targets = Table(title="Targets", title_justify="left")
         for col in ("name", "proto", "address", "socket", "members", "cookie", "held by"):
             targets.add_column(col)
         for t in st["targets"]:
             held = ", ".join(f"{h['pid']} ({h['comm']}) fd {h['fd']}" for h in t["holders"])
-            sock = "live" if t["socket"] == "live" else "[bold red]MISSING[/]"
+            sock = cell("live") if t["socket"] == "live" else cell("MISSING", "bold red")
             if t["reuseport"] == "exact":
                 members = "exact"
             elif t["members"] > 1:
@@ -165,19 +200,20 @@ def status(st: dict[str, Any]) -> None:
             else:
                 members = "1"
             targets.add_row(
-                escape(t["name"]),
-                t["protocol"],
-                escape(t["address"]),
+                cell(t["name"]),
+                cell(t["protocol"]),
+                cell(t["address"]),
                 sock,
-                members,
-                str(t["cookie"] or "-"),
-                escape(held) or "-",
+                cell(members),
+                cell(t["cookie"] or "-"),
+                cell(held or "-"),
             )
         c.print(targets)
         if any(t["socket"] == "missing" for t in st["targets"]):
-            c.print(
+            line(
+                c,
                 "A missing socket was closed by its owner: its rules drop (or pass where "
-                "on-missing is pass) until `attach` or `apply` registers a new one."
+                "on-missing is pass) until `attach` or `apply` registers a new one.",
             )
 
 
@@ -197,7 +233,6 @@ def status_all(entries: list[dict[str, Any]]) -> None:
     if not entries:
         say("sklookupctl has no state in this bpffs")
         return
-    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title="Namespaces with sklookupctl state", title_justify="left")
@@ -206,13 +241,18 @@ def status_all(entries: list[dict[str, Any]]) -> None:
     for e in entries:
         name = ", ".join(e["names"]) or e["label"] or "?"
         t.add_row(
-            escape(name),
-            str(e["netns_inode"] or "?"),
-            str(e["netns_cookie"] or "?"),
-            STATES.get(e["state"], e["state"]),
-            str(e["generation"]),
-            str(e["rules"]),
-            str(e["targets"]),
+            *map(
+                cell,
+                (
+                    name,
+                    e["netns_inode"] or "?",
+                    e["netns_cookie"] or "?",
+                    STATES.get(e["state"], e["state"]),
+                    e["generation"],
+                    e["rules"],
+                    e["targets"],
+                ),
+            )
         )
     console().print(t)
 
@@ -239,7 +279,7 @@ def simple_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     for col in columns:
         t.add_column(col)
     for row in rows:
-        t.add_row(*row)
+        t.add_row(*map(cell, row))
     console().print(t)
 
 
@@ -303,16 +343,16 @@ def apply_result(res: ApplyResult) -> None:
         (res.removed, lambda r: f"  - {_rule_line(r)}"),
     ]
     for note in res.notes:
-        c.print(f"note: {note}", markup=False)
+        line(c, f"note: {note}")
     if not res.differs:
         if res.applied:
-            c.print(
+            line(
+                c,
                 f"applied {res.file} to {res.netns} (generation {res.generation}): "
                 "no rule or target changed",
-                markup=False,
             )
         else:
-            c.print(f"{res.file}: {res.rules} rules, nothing to change in {res.netns}")
+            line(c, f"{res.file}: {res.rules} rules, nothing to change in {res.netns}")
         return
     summary = (
         f"{len(res.added)} added, {len(res.changed)} changed, {len(res.removed)} removed rules; "
@@ -322,15 +362,15 @@ def apply_result(res: ApplyResult) -> None:
     left = SHOWN
     for items, fmt in groups:
         for item in items[:left]:
-            c.print(fmt(item), markup=False)
+            line(c, fmt(item))
         left -= min(left, len(items))
     total = sum(len(items) for items, _ in groups)
     if total > SHOWN:
-        c.print(f"  ... and {total - SHOWN} more (--json lists them all)")
+        line(c, f"  ... and {total - SHOWN} more (--json lists them all)")
     if res.dry_run:
-        c.print(f"dry run: would apply {res.file} to {res.netns}: {summary}")
+        line(c, f"dry run: would apply {res.file} to {res.netns}: {summary}")
     else:
         loaded = ", loaded the dispatcher" if res.loaded else ""
-        c.print(
-            f"applied {res.file} to {res.netns} (generation {res.generation}{loaded}): {summary}"
+        line(
+            c, f"applied {res.file} to {res.netns} (generation {res.generation}{loaded}): {summary}"
         )

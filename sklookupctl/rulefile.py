@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from . import validate
 from .errors import InvalidArgument, SklookupError
 from .rules import (
     DROP,
@@ -222,9 +223,16 @@ def loads_toml(text: str, where: str) -> dict[str, Any]:
     import tomllib
 
     try:
-        return tomllib.loads(text)
+        doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise FileError(where, f"not valid TOML: {e}") from None
+    except RecursionError:
+        doc = None  # arrays or inline tables nested thousands deep
+    if doc is None or validate.toml_depth(doc) > validate.TOML_DEPTH_MAX:
+        raise FileError(
+            where, "nested too deeply to be a rule file", "a file has [targets.NAME] and [[rules]]"
+        )
+    return doc
 
 
 # -- validating --------------------------------------------------------------------------------
@@ -299,10 +307,14 @@ def _parse_rule(d: dict[str, Any], targets: dict[str, Any], cache: Cache) -> Rul
     if not d.keys() <= _RULE_FIELD_SET:
         field = next(f for f in d if f not in _RULE_FIELD_SET)
         raise _Bad(field, "unknown field", f"a rule has {', '.join(RULE_FIELDS)}")
-    # cache hits first (a file repeats protocols and ports); _parsed explains any problem
-    proto = cache["protocol"].get(d.get("protocol")) or _parsed(d, "protocol", cache)
-    version, net, plen = cache["prefix"].get(d.get("prefix")) or _parsed(d, "prefix", cache)
-    lo, hi = cache["ports"].get(d.get("ports")) or _parsed(d, "ports", cache)
+    # cache hits first (a file repeats protocols and ports); _parsed checks the type and
+    # explains any problem (the caches hold strings only: a list or a table is never looked up)
+    p, x, o = d.get("protocol"), d.get("prefix"), d.get("ports")
+    proto = (p.__class__ is str and cache["protocol"].get(p)) or _parsed(d, "protocol", cache)
+    version, net, plen = (x.__class__ is str and cache["prefix"].get(x)) or _parsed(
+        d, "prefix", cache
+    )
+    lo, hi = (o.__class__ is str and cache["ports"].get(o)) or _parsed(d, "ports", cache)
     target = d.get("target")
     action = d.get("action")
     on_missing = d.get("on_missing")
@@ -313,7 +325,9 @@ def _parse_rule(d: dict[str, Any], targets: dict[str, Any], cache: Cache) -> Rul
         return rule
     target, action, on_missing = (_optional(d, f) for f in ("target", "action", "on_missing"))
     if action is not None and action not in (STEER, DROP):
-        raise _Bad("action", f"{action!r} is not an action", "use drop, or give a target")
+        raise _Bad(
+            "action", f"{validate.show(action)} is not an action", "use drop, or give a target"
+        )
     if action == DROP:
         if target is not None:
             raise _Bad("target", "a drop rule has no target", "remove one of action and target")
@@ -323,10 +337,12 @@ def _parse_rule(d: dict[str, Any], targets: dict[str, Any], cache: Cache) -> Rul
     if target is None:
         raise _Bad("target", "missing", 'give a target, or action = "drop"')
     if on_missing is not None and on_missing not in ON_MISSING:
-        raise _Bad("on_missing", f"{on_missing!r} is not valid", "use drop or pass")
+        raise _Bad("on_missing", f"{validate.show(on_missing)} is not valid", "use drop or pass")
     if target not in targets:
         raise _Bad(
-            "target", f"no target {target!r} in the file", f"declare it as [targets.{target}]"
+            "target",
+            f"no target {validate.show(target)} in the file",
+            f"declare it as [targets.{validate.show(target)[1:-1]}]",
         )
     return Rule(RuleKey.of(proto, version, net, plen, lo, hi), STEER, target, on_missing or "drop")
 
@@ -346,7 +362,9 @@ def parse(text: str, name: str, progress: Progress | None = None) -> RuleFile:
     for table in doc:
         if table not in ("rules", "targets"):
             raise FileError(
-                f"{name}: {table}", "unknown table", "a file has [targets.NAME] and [[rules]]"
+                f"{name}: {validate.label(table)}",
+                "unknown table",
+                "a file has [targets.NAME] and [[rules]]",
             )
     raw_rules = doc.get("rules", [])
     if not isinstance(raw_rules, list) or not all(isinstance(r, dict) for r in raw_rules):
@@ -388,7 +406,7 @@ def parse(text: str, name: str, progress: Progress | None = None) -> RuleFile:
     unused: list[str] = []
     for tname, t in raw_targets.items():
         # a name that is not printable is shown quoted, so the message stays one line
-        where = f"{name}: targets.{tname if tname.isprintable() else repr(tname)}"
+        where = f"{name}: targets.{validate.label(tname)}"
         with _at(where):
             check_name(tname)
         for field in t:
@@ -422,7 +440,7 @@ def parse(text: str, name: str, progress: Progress | None = None) -> RuleFile:
         if reuseport not in REUSEPORT:
             raise FileError(
                 f"{where}.reuseport",
-                f"{reuseport!r} is not valid",
+                f"{validate.show(reuseport)} is not valid",
                 "use group (the kernel picks within the socket's SO_REUSEPORT group) or exact",
             )
         exact = reuseport == "exact"
@@ -440,8 +458,9 @@ def parse(text: str, name: str, progress: Progress | None = None) -> RuleFile:
         for field, v in (("pid", pid), ("fd", fd)):
             if v is None:
                 raise FileError(f"{where}.{field}", "missing", "pid and fd go together")
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise FileError(f"{where}.{field}", f"must be a non-negative integer, not {v!r}")
+            check = validate.pid if field == "pid" else validate.fd
+            with _at(f"{where}.{field}"):
+                check(v)
         targets[tname] = TargetSpec(tname, proto, pid=pid, fd=fd, exact=exact)
     if progress is not None:
         progress(total, total)

@@ -16,7 +16,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from . import validate
 from .errors import InvalidArgument, NotFound, RuleConflict
+from .validate import target_name as check_name
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -28,13 +30,13 @@ STEER = "steer"
 DROP = "drop"
 ON_MISSING = ("drop", "pass")
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9._:@\[\]/-]{1,63}$")
+__all__ = ["check_name"]  # re-exported: the rule model's names are validate.target_name
 
 
 def parse_protocol(text: str) -> str:
     proto = text.strip().lower()
     if proto not in PROTOCOLS:
-        raise InvalidArgument(f"unknown protocol {text!r}", "use tcp or udp")
+        raise InvalidArgument(f"unknown protocol {validate.show(text, 40)}", "use tcp or udp")
     return proto
 
 
@@ -73,29 +75,39 @@ def network(version: int, net: int, plen: int) -> IPNetwork:
     )
 
 
+PREFIX_HINT = "write an address such as 192.0.2.1 or 2001:db8::1, or a CIDR such as 192.0.2.0/24"
+
+
 def parse_prefix(text: str) -> IPNetwork:
     """An IPv4/IPv6 CIDR or a single address (a /32 or /128)."""
     quick = quick_prefix(text.strip())
     if quick is not None:
-        return network(*quick)
+        net = network(*quick)
+        validate.not_mapped(net, text.strip())
+        return net
+    t = validate.address_text(text, "address or prefix", PREFIX_HINT)
     try:
-        return ipaddress.ip_network(text.strip(), strict=True)
+        net = ipaddress.ip_network(t, strict=True)
     except ValueError:
         pass
+    else:
+        validate.not_mapped(net, t)
+        return net
     try:
-        loose = ipaddress.ip_network(text.strip(), strict=False)
+        loose = ipaddress.ip_network(t, strict=False)
     except ValueError:
         raise InvalidArgument(
-            f"{text!r} is not an IP address or prefix",
-            "write an address such as 192.0.2.1 or 2001:db8::1, or a CIDR such as 192.0.2.0/24",
+            f"{validate.show(text)} is not an IP address or prefix", PREFIX_HINT
         ) from None
-    raise InvalidArgument(f"prefix {text} has host bits set", f"did you mean {loose}?")
+    raise InvalidArgument(f"prefix {t} has host bits set", f"did you mean {loose}?")
 
 
 def parse_port(text: str, what: str = "port") -> int:
     t = text.strip()
-    if not t.isdigit():
-        raise InvalidArgument(f"{what} {text!r} is not a number", "ports are 1-65535")
+    if not t.isascii() or not t.isdigit() or len(t) > 5:
+        raise InvalidArgument(
+            f"{what} {validate.show(text, 40)} is not a number", "ports are 1-65535"
+        )
     port = int(t)
     if port == 0:
         raise InvalidArgument(f"{what} 0 is not a port", "ports are 1-65535")
@@ -121,23 +133,24 @@ def parse_ports(text: str) -> tuple[int, int]:
 
 def parse_endpoint(text: str) -> tuple[IPAddress, int]:
     """`ADDR:PORT`, IPv6 as `[ADDR]:PORT`."""
-    t = text.strip()
     hint = "write ADDR:PORT, such as 127.0.0.1:8080 or [::1]:8080"
+    t = validate.address_text(text, "address and port", hint)
+    shown = validate.show(text)
     if t.startswith("["):
         host, sep, rest = t[1:].partition("]")
         if not sep or not rest.startswith(":"):
-            raise InvalidArgument(f"{text!r} has no port", hint)
+            raise InvalidArgument(f"{shown} has no port", hint)
         port_text = rest[1:]
     else:
         if t.count(":") > 1:
-            raise InvalidArgument(f"{text!r}: put an IPv6 address in brackets", hint)
+            raise InvalidArgument(f"{shown}: put an IPv6 address in brackets", hint)
         host, sep, port_text = t.rpartition(":")
         if not sep:
-            raise InvalidArgument(f"{text!r} has no port", hint)
+            raise InvalidArgument(f"{shown} has no port", hint)
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:
-        raise InvalidArgument(f"{host!r} is not an IP address", hint) from None
+        raise InvalidArgument(f"{validate.show(host)} is not an IP address", hint) from None
     return addr, parse_port(port_text)
 
 
@@ -149,15 +162,6 @@ def format_ports(lo: int, hi: int) -> str:
     if (lo, hi) == (1, 65535):
         return "all"
     return str(lo) if lo == hi else f"{lo}-{hi}"
-
-
-def check_name(name: str) -> str:
-    if not _NAME_RE.fullmatch(name):  # not match: `$` would let a final newline through
-        raise InvalidArgument(
-            f"target name {name!r} is not valid",
-            "use 1-63 letters, digits and . _ : @ [ ] / -",
-        )
-    return name
 
 
 class _KeyFields(NamedTuple):

@@ -29,14 +29,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import os
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import faults, image, interrupts, layout
+from . import faults, image, interrupts, layout, trust
 from .bpfsys import (
     BPF_F_MMAPABLE,
     BPF_MAP_TYPE_ARRAY,
@@ -49,7 +48,7 @@ from .bpfsys import (
     is_bpffs,
     possible_cpus,
 )
-from .errors import EnvironmentProblem, PermissionDenied, SklookupError
+from .errors import EnvironmentProblem, SklookupError, Untrusted
 from .netns import Netns, find_alive, find_cookie
 from .plan import NOTHING, Live, Plan, Slotted
 
@@ -63,6 +62,7 @@ OTHER_VERSION = (
 )
 U32 = ctypes.c_uint32
 U64 = ctypes.c_uint64
+DEFAULT_WAIT = 10.0  # seconds a command waits for the lock before it gives up (--wait)
 
 # (type, value type, flags) of every map of a generation but the SOCKMAP; sizes follow the
 # rule set (image.encode)
@@ -121,6 +121,8 @@ def _incomplete(path: str, e: FileNotFoundError) -> EnvironmentProblem:
 
 
 def _read_array(m: Map[Any, Any], count: int, size: int) -> bytes:
+    if m.readonly:  # the kernel maps only fds opened read-write: batch lookups instead
+        return m.lookup_batch_raw(count, size)[: count * size]
     with m.mmap() as mm:
         return bytes(mm[: count * size])
 
@@ -168,11 +170,13 @@ class Generation:
         self.close()
 
     @classmethod
-    def open(cls, path: str) -> Generation:
-        """Open a pinned generation, checking every map is what this version expects."""
+    def open(cls, path: str, readonly: bool = False) -> Generation:
+        """Open a pinned generation, checking every map is what this version expects (fds
+        read-only for readers)."""
         maps: dict[str, Map[Any, Any]] = {}
+        ro = readonly
         try:
-            meta: Map[Any, Any] = Map.from_pin(os.path.join(path, "meta"), U32, layout.Meta)
+            meta: Map[Any, Any] = Map.from_pin(os.path.join(path, "meta"), U32, layout.Meta, ro)
             maps["meta"] = meta
             found = image.decode_meta(_read_array(meta, 1, ctypes.sizeof(layout.Meta))).layout
             if found != layout.LAYOUT_VERSION:
@@ -184,7 +188,7 @@ class Generation:
             for name, (mtype, value, _flags) in GEN_MAPS.items():
                 if name == "meta":
                     continue
-                m: Map[Any, Any] = Map.from_pin(os.path.join(path, name), U32, value)
+                m: Map[Any, Any] = Map.from_pin(os.path.join(path, name), U32, value, ro)
                 maps[name] = m
                 info = m.info()
                 if (info.type, info.value_size) != (mtype, ctypes.sizeof(value)):
@@ -192,12 +196,12 @@ class Generation:
                         f"pinned map {path}/{name} is not what this version expects",
                         OTHER_VERSION,
                     )
-            s: Map[Any, Any] = Map.from_pin(os.path.join(path, "sockets"), U32, U64)
+            s: Map[Any, Any] = Map.from_pin(os.path.join(path, "sockets"), U32, U64, ro)
             maps["sockets"] = s
             info = s.info()
             if (info.type, info.key_size, info.value_size) != (BPF_MAP_TYPE_SOCKMAP, 4, 8):
                 raise EnvironmentProblem(f"pinned map {path}/sockets is not a SOCKMAP")
-            prog = Program.from_pin(os.path.join(path, "program"))
+            prog = Program.from_pin(os.path.join(path, "program"), ro)
         except BaseException as e:
             for m in maps.values():
                 m.close()
@@ -348,10 +352,14 @@ class Dispatcher:
         self.close()
 
     @classmethod
-    def open(cls, path: str, cookie: int) -> Dispatcher:
+    def open(cls, path: str, cookie: int, readonly: bool = False) -> Dispatcher:
         """Open the state in `path` as it is (see `state`). A `link-next` that runs (a
-        re-attach killed before renaming it into place) is the link."""
+        re-attach killed before renaming it into place) is the link. `readonly` (readers):
+        maps and program read-only, and the link found by the programs it may run rather than
+        by its pin (see Link.running)."""
         d = cls(path, cookie)
+        if readonly:
+            return d._open_readonly()
         d.link = _open_link(os.path.join(path, "link"))
         nxt = _open_link(os.path.join(path, LINK_NEXT))
         if nxt is not None:
@@ -374,6 +382,26 @@ class Dispatcher:
             d.close()
             raise
         return d
+
+    def _open_readonly(self) -> Dispatcher:
+        try:
+            gens = {
+                int(n[len(GEN_PREFIX) :]): os.path.join(self.path, n)
+                for n in os.listdir(self.path)
+                if n.startswith(GEN_PREFIX) and n[len(GEN_PREFIX) :].isdigit()
+            }
+            pinned = os.path.exists(os.path.join(self.path, "link")) or os.path.exists(
+                os.path.join(self.path, LINK_NEXT)
+            )
+            self.link = Link.running(set(gens)) if pinned and gens else None
+            live = int(self.link.info().prog_id) if self.link is not None else 0
+            if live:
+                self.gen = Generation.open(gens[live], readonly=True)
+            self.stale = sorted(p for i, p in gens.items() if i != live)
+        except BaseException:
+            self.close()
+            raise
+        return self
 
     @property
     def state(self) -> str:
@@ -652,28 +680,20 @@ class Store:
 
     @classmethod
     @contextlib.contextmanager
-    def locked(cls, bpffs: str, exclusive: bool) -> Iterator[Store]:
-        """Hold the lock for the block. Readers of a bpffs where nothing was ever made get a
+    def locked(cls, bpffs: str, exclusive: bool, wait: float = DEFAULT_WAIT) -> Iterator[Store]:
+        """Hold the lock for the block, waiting at most `wait` seconds for it (then Busy).
+        The state directory is made (0700, root's) by writers, and refused when someone else
+        could have made or changed it. Readers of a bpffs where nothing was ever made get a
         store with nothing in it (and make nothing)."""
         base = base_dir(bpffs)
         store = cls(bpffs, base, exclusive)
-        if exclusive:
-            try:
-                os.makedirs(base, mode=0o700, exist_ok=True)
-            except PermissionError:
-                raise PermissionDenied(f"cannot create {base}", "run as root") from None
-            except OSError as e:
-                raise EnvironmentProblem(
-                    f"cannot create {base}: {e.strerror}",
-                    f"{bpffs} must be a bpffs mounted read-write",
-                ) from None
-        elif not os.path.isdir(base):
+        fd = trust.open_state_dir(bpffs, base, create=exclusive)
+        if fd is None:
             yield store
             return
-        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            yield store
+            with trust.locked(fd, base, exclusive, wait):
+                yield store
         finally:
             os.close(fd)
 
@@ -685,9 +705,14 @@ class Store:
         is refused."""
         self._refuse_legacy(ns)
         path = self.path_of(ns)
-        if not os.path.isdir(path):
+        if not os.path.lexists(path):
             return None
-        return Dispatcher.open(path, ns.cookie())
+        if not trust.check_entry(path):
+            raise Untrusted(
+                f"{path} is not a directory made by root",
+                "check who made it; `sklookupctl detach --all` removes it",
+            )
+        return Dispatcher.open(path, ns.cookie(), readonly=not self.exclusive)
 
     def open_for_write(self, ns: Netns) -> Dispatcher | None:
         """The namespace's dispatcher, repaired; None when there is none (what a killed first
@@ -750,7 +775,9 @@ class Store:
     def _entry(self, path: str, cookie: int) -> Entry:
         e = Entry(path, cookie, 0, "", "unfinished")
         try:
-            d = Dispatcher.open(path, cookie)
+            if not trust.check_entry(path):
+                raise Untrusted(f"{path} is not a directory made by root")
+            d = Dispatcher.open(path, cookie, readonly=not self.exclusive)
         except EnvironmentProblem as err:
             e.state, e.problem = "damaged", err.message
             if not _runs(os.path.join(path, "link")) and find_cookie(cookie) is None:
@@ -764,7 +791,10 @@ class Store:
                 e.generation, e.rules, e.targets = int(meta.generation), meta.rules, meta.targets
             for p in d.stale if d.gen is None else []:
                 # unfinished: which namespace it was for, from a generation it built
-                with contextlib.suppress(EnvironmentProblem, OSError), Generation.open(p) as g:
+                with (
+                    contextlib.suppress(EnvironmentProblem, OSError),
+                    Generation.open(p, readonly=True) as g,
+                ):
                     meta = g.meta()
                     e.inode, e.label = int(meta.netns_inode), meta.label.decode(errors="replace")
                     break
@@ -846,12 +876,14 @@ class Session:
 
 
 @contextlib.contextmanager
-def session(bpffs: str, ns: Netns, write: bool, damaged_ok: bool = False) -> Iterator[Session]:
+def session(
+    bpffs: str, ns: Netns, write: bool, damaged_ok: bool = False, wait: float = DEFAULT_WAIT
+) -> Iterator[Session]:
     """Hold the namespace's state for one command: the lock (exclusive for writers, shared for
     readers), and its dispatcher if it has one. Writers first remove dead namespaces' state and
     repair what killed commands left; readers see the state as it is. State that cannot be
     opened (another layout, incomplete) is refused, unless `damaged_ok` (to remove it)."""
-    with Store.locked(bpffs, exclusive=write) as store:
+    with Store.locked(bpffs, exclusive=write, wait=wait) as store:
         if write:
             store.gc()
         try:

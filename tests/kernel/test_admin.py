@@ -68,7 +68,7 @@ def test_state_of_another_version_is_refused_then_cleared(ns: NS) -> None:
     _overwrite_meta_layout(_live_gen(ns), 99)
     for args in (["status"], ["attach", "tcp", "198.51.100.0/24", "80", "--drop"], ["export"]):
         res = ns.cli(*args)
-        assert res.exit_code == 1, res.output
+        assert res.exit_code == 4, res.output
         assert res.output.startswith("error: state in ") and "has layout 99" in res.output
         assert "`sklookupctl detach --all` removes it" in res.output
         assert "Traceback" not in res.output and res.output.count("\n") == 1
@@ -84,7 +84,7 @@ def test_incomplete_state_is_refused_then_cleared(ns: NS) -> None:
     ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--drop")
     os.unlink(os.path.join(_live_gen(ns), "segments"))
     res = ns.cli("status")
-    assert res.exit_code == 1
+    assert res.exit_code == 4
     assert "incomplete sklookupctl state" in res.output and "segments is missing" in res.output
     assert "damaged state directory" in ns.ok("detach", "--all").output
     assert ns.files() == [] and ns.dial("tcp", "192.0.2.1", 80) == "refused"

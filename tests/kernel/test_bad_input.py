@@ -215,12 +215,12 @@ BAD = [
     Bad(
         "pid 0",
         lambda n, p: ["attach", "tcp", "192.0.2.0/24", "all", "--pid", "0", "--fd", "3"],
-        "no process with pid 0",
+        "--pid '0' is not a process id (pids are 1-4194304)",
     ),
     Bad(
         "negative pid",
         lambda n, p: ["attach", "tcp", "192.0.2.0/24", "all", "--pid", "-1", "--fd", "3"],
-        "no process with pid -1",
+        "--pid '-1' is not a process id",
     ),
     Bad(
         "20-digit pid",
@@ -234,12 +234,12 @@ BAD = [
             "--fd",
             "3",
         ],
-        "no process with pid",
+        "--pid '99999999999999999999' is not a process id",
     ),
     Bad(
         "negative fd",
         lambda n, p: ["attach", "tcp", "192.0.2.0/24", "all", "--pid", str(p.pid), "--fd", "-4"],
-        "has no fd -4",
+        "--fd '-4' is not a file descriptor",
     ),
 ]
 
@@ -250,10 +250,10 @@ def _bad_proxy(ns: NS) -> Proxy:
     )
 
 
-def _assert_refused(ns: NS, args: list[str], message: str) -> None:
+def _assert_refused(ns: NS, args: list[str], message: str, code: int = 1) -> None:
     files, st = ns.files(), ns.status()
     res = ns.cli(*args)
-    assert res.exit_code == 1, res.output
+    assert res.exit_code == code, res.output
     assert "Traceback" not in res.output
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), res.output
@@ -330,7 +330,7 @@ def test_netns_that_does_not_exist_is_not_created(ns: NS) -> None:
 
 def test_bpffs_that_is_not_bpffs(ns: NS) -> None:
     res = ns.cli("--bpffs", "/tmp", "attach", "tcp", "192.0.2.0/24", "all", "--drop")
-    assert res.exit_code == 1 and "/tmp is not a bpffs mount" in res.output
+    assert res.exit_code == 4 and "/tmp is not a bpffs mount" in res.output
     assert not os.path.exists("/tmp/sklookupctl")
 
 
@@ -351,7 +351,7 @@ def test_unprivileged_caller(ns: NS) -> None:
             text=True,
             timeout=60,
         )
-        assert out.returncode == 1, out
+        assert out.returncode == 3, out
         assert out.stderr.startswith("error: sklookupctl needs root"), out.stderr
         assert "Traceback" not in out.stderr
     assert ns.files() == []
@@ -359,12 +359,13 @@ def test_unprivileged_caller(ns: NS) -> None:
 
 def test_bcc_missing(ns: NS, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # an empty cache: the program must be compiled, and BCC is not there to do it
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("SKLOOKUPCTL_CACHE_DIR", str(tmp_path))
     monkeypatch.setitem(sys.modules, "bcc", None)
     _assert_refused(
         ns,
         ["attach", "tcp", "192.0.2.0/24", "all", "--drop"],
         "BCC's Python module (import bcc) is missing",
+        code=4,
     )
     assert ns.files() == []
 
@@ -376,7 +377,7 @@ def test_compile_error_shows_the_log(ns: NS, monkeypatch: pytest.MonkeyPatch) ->
         lambda: "int dispatch(struct bpf_sk_lookup *c){ return undefined_thing; }",
     )
     res = ns.cli("attach", "tcp", "192.0.2.0/24", "all", "--drop")
-    assert res.exit_code == 1
+    assert res.exit_code == 4
     assert "error: the dispatcher failed to compile" in res.output
     assert "undefined_thing" in res.output  # the compiler's own words
     assert "Traceback" not in res.output
@@ -394,7 +395,7 @@ def test_verifier_rejection_shows_the_log(ns: NS, monkeypatch: pytest.MonkeyPatc
     )
     monkeypatch.setattr(compiler, "read_source", lambda: bad)
     res = ns.cli("attach", "tcp", "192.0.2.0/24", "all", "--drop")
-    assert res.exit_code == 1
+    assert res.exit_code == 4
     assert "error: the kernel's verifier rejected the dispatcher" in res.output
     assert "invalid mem access 'map_value_or_null'" in res.output  # the verifier's log
     assert "Traceback" not in res.output
@@ -413,7 +414,7 @@ def test_a_read_only_bpffs(ns: NS, tmp_path: Path) -> None:
     try:
         for args in (["attach", "tcp", "192.0.2.0/24", "all", "--drop"], ["gc"]):
             res = CliRunner().invoke(cli, ["--netns", ns.name, "--bpffs", str(ro), *args])
-            assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+            assert res.exit_code == 4 and "Traceback" not in res.output, res.output
             assert res.output.startswith("error: cannot create") and "read-write" in res.output
             assert res.output.count("\n") == 1
     finally:

@@ -46,10 +46,10 @@ def foreign_program(n: NS, sock_fd: int) -> Iterator[int]:
     """Attach another tool's program (unpinned link held here); yields its program id."""
     import bcc
 
-    ksrc = compiler.kernel_source()
-    if ksrc:
-        os.environ["BCC_KERNEL_SOURCE"] = ksrc
-    b = bcc.BPF(text=FOREIGN.encode(), cflags=["-w"])
+    with compiler.kernel_source() as ksrc:
+        if ksrc:
+            os.environ["BCC_KERNEL_SOURCE"] = ksrc
+        b = bcc.BPF(text=FOREIGN.encode(), cflags=["-w"])
     fn = b.load_func(b"foreign", 30, attach_type=36)
     sockmap_fd = bcc.libbcc.lib.bpf_table_fd(b.module, b"fsock")
     from sklookupctl.bpfsys import Map

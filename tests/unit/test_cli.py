@@ -147,6 +147,7 @@ def test_attach_passes_everything(rec: Recorder) -> None:
                 "replace": True,
                 "exact": False,
                 "bpffs": "/b",
+                "wait": 10.0,
             },
         )
     ]
@@ -249,7 +250,7 @@ def test_compile_errors_show_the_log(rec: Recorder, monkeypatch: pytest.MonkeyPa
         ),
     )
     res = run("attach", "tcp", "192.0.2.0/24", "all", "--drop")
-    assert res.exit_code == 1
+    assert res.exit_code == 4
     assert res.output == "error: the dispatcher failed to compile\nmain.c:3: error: boom\n"
 
 
@@ -316,7 +317,11 @@ def test_apply_passes_everything_and_prints_the_difference(
     res = run("-n", "edge", "--bpffs", "/b", "apply", "--dry-run", "r.toml")
     assert res.exit_code == 0, res.output
     assert rec.calls == [
-        ("apply", ("edge", "r.toml"), {"dry_run": True, "bpffs": "/b", "progress": None})
+        (
+            "apply",
+            ("edge", "r.toml"),
+            {"dry_run": True, "bpffs": "/b", "progress": None, "wait": 10.0},
+        )
     ]
     lines = res.output.splitlines()
     assert lines[0] == "note: target spare is not used by any rule: not registered"
@@ -360,7 +365,7 @@ def test_export_prints_the_file(rec: Recorder, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(api, "export", rec.fake("export", "# x\n[[rules]]\n"))
     res = run("-n", "edge", "export")
     assert res.output == "# x\n[[rules]]\n"
-    assert rec.calls == [("export", ("edge",), {"bpffs": api.DEFAULT_BPFFS})]
+    assert rec.calls == [("export", ("edge",), {"bpffs": api.DEFAULT_BPFFS, "wait": 10.0})]
 
 
 def test_progress_bar_only_for_big_files_on_a_terminal(

@@ -194,15 +194,23 @@ OK_RULE = rule(ports="443")
         ),
         (
             '[targets."bad name!"]\nto = "127.0.0.1:1"\n' + rule(target="bad name!"),
-            "f.toml: targets.bad name!",
+            "f.toml: targets.'bad name!'",
             "not valid",
         ),
         ('[targets.web]\nto = "127.0.0.1"\n' + OK_RULE, "f.toml: targets.web.to", "has no port"),
         ('[targets.web]\nto = "::1:80"\n' + OK_RULE, "f.toml: targets.web.to", "brackets"),
         ("[targets.web]\n" + OK_RULE, "f.toml: targets.web.to", "missing"),
         ("[targets.web]\npid = 1\n" + OK_RULE, "f.toml: targets.web.fd", "missing"),
-        ('[targets.web]\npid = 1\nfd = "x"\n' + OK_RULE, "f.toml: targets.web.fd", "integer"),
-        ("[targets.web]\npid = -1\nfd = 3\n" + OK_RULE, "f.toml: targets.web.pid", "integer"),
+        (
+            '[targets.web]\npid = 1\nfd = "x"\n' + OK_RULE,
+            "f.toml: targets.web.fd",
+            "is not a file descriptor",
+        ),
+        (
+            "[targets.web]\npid = -1\nfd = 3\n" + OK_RULE,
+            "f.toml: targets.web.pid",
+            "is not a process id",
+        ),
         (
             '[targets.web]\nto = "127.0.0.1:1"\npid = 1\nfd = 3\n' + OK_RULE,
             "f.toml: targets.web",

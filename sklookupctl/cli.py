@@ -345,7 +345,7 @@ def detach(
     if all_:
         res = api.detach_all(obj.netns, bpffs=obj.bpffs, wait=obj.wait)
     else:
-        assert proto and prefix and ports
+        assert proto is not None and prefix is not None and ports is not None
         res = api.detach(obj.netns, proto, prefix, ports, bpffs=obj.bpffs, wait=obj.wait)
     if as_json:
         render.emit_json(res.to_json())

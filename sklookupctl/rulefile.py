@@ -358,6 +358,10 @@ def _at(where: str) -> Iterator[None]:
 
 def parse(text: str, name: str, progress: Progress | None = None) -> RuleFile:
     """Validate a rule file completely; raise FileError at the first problem."""
+    try:
+        text.encode("utf-8")  # a str from a library caller may hold lone surrogates
+    except UnicodeEncodeError as e:
+        raise FileError(name, f"not UTF-8 text ({e.reason} at character {e.start})") from None
     doc = loads_toml(text, name)
     for table in doc:
         if table not in ("rules", "targets"):

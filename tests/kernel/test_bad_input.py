@@ -3,9 +3,11 @@ state exactly as it was (same pins, same status)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,7 +243,88 @@ BAD = [
         lambda n, p: ["attach", "tcp", "192.0.2.0/24", "all", "--pid", str(p.pid), "--fd", "-4"],
         "--fd '-4' is not a file descriptor",
     ),
+    Bad(
+        "a superscript digit as port",
+        lambda n, p: ["attach", "tcp", "192.0.2.0/24", "\u00b2", "--to", to(p)],
+        "port '\u00b2' is not a number",
+    ),
+    Bad(
+        "Arabic-Indic digits as port",
+        lambda n, p: ["attach", "tcp", "192.0.2.0/24", "\u0668\u0660", "--drop"],
+        "is not a number",
+    ),
+    Bad(
+        "a 5,000-digit port",
+        lambda n, p: ["attach", "tcp", "192.0.2.0/24", "9" * 5000, "--drop"],
+        "port '99999",
+    ),
+    Bad(
+        "a prefix with a scope id",
+        lambda n, p: ["attach", "tcp", "fe80::1%lo", "80", "--drop"],
+        "'fe80::1%lo' has a scope id",
+    ),
+    Bad(
+        "an IPv4-mapped prefix",
+        lambda n, p: ["attach", "tcp", "::ffff:192.0.2.1", "80", "--drop"],
+        "is an IPv4-mapped IPv6 prefix, which no packet ever has (write the IPv4 prefix: "
+        "192.0.2.1)",
+    ),
+    Bad(
+        "a target name with a final newline",
+        lambda n, p: ["attach", "tcp", "192.0.2.0/24", "80", "--to", to(p), "--name", "web\n"],
+        "target name 'web\\n' is not valid",
+    ),
+    Bad(
+        "an escape sequence in a target name",
+        lambda n, p: ["attach", "tcp", "192.0.2.0/24", "80", "--to", to(p), "--name", "\x1b[2J"],
+        "target name '\\x1b[2J' is not valid",
+    ),
+    Bad(
+        "a deeply nested rule file",
+        lambda n, p: ["apply", _file(n, "x = " + "[" * 5000 + "]" * 5000 + "\n")],
+        "nested too deeply to be a rule file",
+    ),
+    Bad(
+        "a list as protocol",
+        lambda n, p: [
+            "apply",
+            _file(
+                n,
+                '[[rules]]\nprotocol = ["tcp"]\nprefix = "192.0.2.0/24"\nports = "all"\n'
+                'action = "drop"\n',
+            ),
+        ],
+        "rules[0].protocol: must be a string, not list",
+    ),
+    Bad(
+        "a huge pid in a rule file",
+        lambda n, p: [
+            "apply",
+            _file(
+                n,
+                "[targets.t]\npid = " + "9" * 18 + "\nfd = 3\n[[rules]]\nprotocol = "
+                '"tcp"\nprefix = "192.0.2.0/24"\nports = "all"\ntarget = "t"\n',
+            ),
+        ],
+        "targets.t.pid: pid '999999999999999999' is not a process id",
+    ),
+    Bad(
+        "a device as rule file",
+        lambda n, p: ["apply", "/dev/zero"],
+        "'/dev/zero' is not a file or a pipe",
+    ),
 ]
+
+
+_FILES = tempfile.TemporaryDirectory(prefix="sklt-files-")  # removed when the tests end
+
+
+def _file(ns: NS, text: str) -> str:
+    """A rule file holding `text`."""
+    path = os.path.join(_FILES.name, f"{ns.name}-{hashlib.sha256(text.encode()).hexdigest()}")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
 
 
 def _bad_proxy(ns: NS) -> Proxy:

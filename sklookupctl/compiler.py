@@ -72,6 +72,9 @@ def cache_dir() -> str | None:
 
 @functools.lru_cache(maxsize=8)
 def _cache_dir(explicit: str, euid: int, home: str, xdg: str) -> str | None:
+    if "\0" in explicit + home + xdg:
+        notices.emit("no program cache: its path holds a NUL")
+        return None
     if explicit:
         path = os.path.abspath(explicit)
     elif euid == 0:

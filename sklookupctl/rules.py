@@ -53,7 +53,7 @@ def quick_prefix(text: str) -> tuple[int, int, int] | None:
         return None
     try:
         n = int.from_bytes(socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, addr), "big")
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the text
         return None
     width = 128 if v6 else 32
     if slash:

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import faults, image, interrupts, layout, trust
+from . import faults, image, interrupts, layout, trust, validate
 from .bpfsys import (
     BPF_F_MMAPABLE,
     BPF_MAP_TYPE_ARRAY,
@@ -79,6 +79,7 @@ GEN_MAPS: dict[str, tuple[int, type[Any], int]] = {
 
 
 def base_dir(bpffs: str) -> str:
+    validate.path_text(bpffs, "--bpffs")
     try:
         ok = is_bpffs(bpffs)
     except FileNotFoundError:

@@ -143,10 +143,18 @@ def toml_depth(value: Any, limit: int = TOML_DEPTH_MAX) -> int:
 NETNS_HINT = "give a name under /run/netns or a path such as /proc/PID/ns/net"
 
 
+def path_text(path: str, what: str) -> str:
+    """A path from outside: no NUL (the system would cut it there, or Python refuse it)."""
+    if not path or "\0" in path:
+        raise InvalidArgument(f"{what} {show(path)} is not a path")
+    return path
+
+
 def netns_file(path: str, spec: str) -> int:
     """Open a path that should be a network namespace file without ever blocking on it (a FIFO,
     a device): it must be a regular file (nsfs files are) and is opened non-blocking. Returns
     the fd; the caller checks the namespace type."""
+    path_text(path, "netns")
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -184,6 +192,7 @@ def read_text(path: str, stdin: Any = None, limit: int = RULE_FILE_MAX) -> str:
     """A rule file's text: a regular file or a pipe (`-` is stdin, `<(...)` a pipe), at most
     `limit` bytes, UTF-8. Devices and directories are refused without reading them."""
     hint = "give a TOML rule file (- for stdin)"
+    path_text(path, "rule file")
     if path == "-":
         f = stdin.buffer if hasattr(stdin, "buffer") else stdin
         data = f.read(limit + 1)

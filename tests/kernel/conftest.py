@@ -155,10 +155,14 @@ class NS:
         return sorted(out)
 
 
+MADE: set[str] = set()  # namespaces this session made (another test run may have its own)
+
+
 @contextlib.contextmanager
 def throwaway(bpffs: str, prefixes: tuple[str, ...]) -> Iterator[NS]:
     """A new netns with lo up and `prefixes` as AnyIP; removed with its processes and pins."""
     name = f"sklt-{uuid.uuid4().hex[:10]}"
+    MADE.add(name)
     api.netns_add(name)
     n = NS(name, bpffs)
     try:
@@ -188,7 +192,7 @@ def ns2(bpffs: str) -> Iterator[NS]:
 def _no_leftovers(bpffs: str) -> Iterator[None]:
     yield
     left = (
-        [n for n in os.listdir(nsmod.NETNS_RUN_DIR) if n.startswith("sklt-")]
+        [n for n in os.listdir(nsmod.NETNS_RUN_DIR) if n in MADE]
         if os.path.isdir(nsmod.NETNS_RUN_DIR)
         else []
     )

@@ -4,6 +4,7 @@ state exactly as it was (same pins, same status)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -513,3 +514,39 @@ def test_a_target_name_with_a_newline_in_a_file(ns: NS, tmp_path: Path) -> None:
     res = ns.cli("apply", str(f))
     assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
     assert "targets.'a\\n'" in res.output
+
+
+def test_netns_arguments_that_are_not_namespaces(ns: NS, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    cases = {
+        str(fifo): "is not a network namespace",  # opened, it would block forever
+        f"{ns.path}/": "is not a network namespace",  # trailing slash
+        str(tmp_path): "is not a network namespace",
+        "/dev/null": "is not a network namespace",
+        "": "the netns is empty",  # an empty variable must not mean the caller's own
+        "..": "netns name '..' is not valid",
+    }
+    for spec, message in cases.items():
+        out = subprocess.run(
+            [*ns.script_argv("status")[:1], "--netns", spec, "--bpffs", ns.bpffs, "status"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 1, (spec, out)
+        assert out.stderr.count("\n") == 1 and message in out.stderr, (spec, out.stderr)
+
+
+def test_json_errors_are_one_json_object(ns: NS) -> None:
+    out = ns.script("status", "--json", "--bogus")
+    assert out.returncode == 2 and out.stdout == ""
+    doc = json.loads(out.stderr)
+    assert doc["exit_code"] == 2 and "--bogus" in doc["error"] and doc["hint"]
+    out = ns.script("attach", "tcp", "192.0.2.0/24", "\u00b2", "--drop", "--json")
+    assert out.returncode == 1 and out.stdout == ""
+    assert json.loads(out.stderr) == {
+        "error": "port '\u00b2' is not a number",
+        "hint": "ports are 1-65535",
+        "exit_code": 1,
+    }

@@ -86,24 +86,28 @@ def _cache_dir(explicit: str, euid: int, home: str, xdg: str) -> str | None:
     else:
         notices.emit(f"no program cache: HOME ({home or 'unset'}) is not a directory")
         return None
-    problem = trust.cache_problem(path)
+    # resolved once: what is checked is what is used (a symlink on the way, flipped after the
+    # check, must not lead elsewhere); every directory of `real` is then checked without
+    # following links, so nobody else can change any of them afterwards
+    real = os.path.realpath(path)
+    problem = trust.cache_problem(real)
     if problem is None:
         try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
-            st = os.lstat(path)
-            if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != 0o700:
-                os.chmod(path, 0o700)
+            os.makedirs(real, mode=0o700, exist_ok=True)
+            st = os.lstat(real)
+            if st.st_uid == euid and stat.S_IMODE(st.st_mode) != 0o700:
+                os.chmod(real, 0o700)
         except OSError as e:
             problem = f"{e.filename or path}: {e.strerror}"
         else:
-            problem = trust.cache_problem(path)
+            problem = trust.cache_problem(real)
     if problem is not None:
         notices.emit(
             f"not using the program cache {path} ({problem}): compiling afresh; give a "
             f"directory of your own with --cache-dir or {CACHE_ENV}"
         )
         return None
-    return os.path.realpath(path)
+    return real
 
 
 @contextlib.contextmanager
@@ -115,14 +119,40 @@ def kernel_source() -> Iterator[str | None]:
         return
     cache = cache_dir()
     if cache is None:
-        with tempfile.TemporaryDirectory(prefix="sklookupctl-standin-") as tmp:
+        tmp = _private_tmp()
+        try:
             yield _make_standin(tmp, os.path.join(tmp, "standin"))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return
     target = os.path.join(cache, f"kernel-standin-{STANDIN_VERSION}")
-    if os.path.isfile(os.path.join(target, "include/linux/kconfig.h")):
+    if _ours(os.path.join(target, "include/linux/kconfig.h")):
         yield target
         return
     yield _make_standin(cache, target)
+
+
+def _ours(path: str) -> bool:
+    """Whether `path` and the directories from the cache down to it were made by the effective
+    user or root (inside a trusted cache nobody else could have, but a check costs little)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return st.st_uid in (os.geteuid(), 0) and not stat.S_IMODE(st.st_mode) & 0o022
+
+
+def _private_tmp() -> str:
+    """A new 0700 directory in a parent nobody else can rename things in (never $TMPDIR, which
+    `sudo -E` keeps from the user): /run for root, else /tmp (sticky)."""
+    for parent in ("/run", "/tmp", "/var/tmp"):
+        if trust.cache_problem(os.path.join(parent, "sklookupctl-probe")) is None:
+            with contextlib.suppress(OSError):
+                return tempfile.mkdtemp(prefix="sklookupctl-standin-", dir=parent)
+    raise EnvironmentProblem(
+        "no private place to build the kernel-header stand-in in",
+        f"give a program cache of your own with --cache-dir or {CACHE_ENV}",
+    )
 
 
 def _make_standin(parent: str, target: str) -> str:
@@ -149,7 +179,9 @@ def _make_standin(parent: str, target: str) -> str:
         try:
             os.rename(tmp, target)
         except OSError:
-            if not os.path.isdir(target):  # another process won the race otherwise
+            # another sklookupctl made it meanwhile (in a cache only we and root can write):
+            # used if it is a directory of ours, else this is an error
+            if not (os.path.isdir(target) and not os.path.islink(target) and _ours(target)):
                 raise
     finally:
         if os.path.isdir(tmp):
@@ -193,46 +225,60 @@ def compile_image(source: str | None = None) -> bytes:
         return _compile(bcc, src, ksrc)
 
 
-def _compile(bcc: Any, src: str, ksrc: str | None) -> bytes:
-    old_env = os.environ.get("BCC_KERNEL_SOURCE")
+# the whole environment BCC and clang see while compiling: nothing of the caller's (ARCH,
+# BCC_KERNEL_SOURCE, CPATH, C_INCLUDE_PATH, TMPDIR... would each choose what gets compiled, and
+# `sudo -E` keeps them from the user)
+COMPILE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+
+
+@contextlib.contextmanager
+def _fixed_env(ksrc: str | None) -> Iterator[None]:
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(COMPILE_ENV)
     if ksrc:
         os.environ["BCC_KERNEL_SOURCE"] = ksrc
     try:
-        with _capture_stderr() as log:
-            try:
-                mod = bcc.BPF(text=src.encode(), cflags=["-w"])
-            except Exception:
-                mod = None
-        if mod is None:
-            raise CompileError("the dispatcher failed to compile", log[0].strip())
-        try:
-            lib = bcc.libbcc.lib
-            start = lib.bpf_function_start(mod.module, b"dispatch")
-            size = lib.bpf_function_size(mod.module, b"dispatch")
-            if not start or not size:
-                raise CompileError("the compiled dispatcher has no function `dispatch`", "")
-            insns = bytearray(ctypes.string_at(start, size))
-            index = {
-                lib.bpf_table_fd(mod.module, n.encode()): i
-                for i, n in enumerate(layout.PROGRAM_MAPS)
-            }
-            for off in range(0, len(insns), 8):
-                code, regs, _off, imm = _INSN.unpack_from(insns, off)
-                if code != BPF_LD_IMM64 or regs >> 4 == 0:
-                    continue
-                if regs >> 4 != BPF_PSEUDO_MAP_FD or imm not in index:
-                    raise CompileError(
-                        "the compiled dispatcher refers to a map sklookupctl does not know",
-                        f"instruction {off // 8}: src {regs >> 4}, imm {imm}; every map must "
-                        "be one of layout.PROGRAM_MAPS",
-                    )
-                _INSN.pack_into(insns, off, code, regs, _off, index[imm])
-            return bytes(insns)
-        finally:
-            mod.cleanup()
+        yield
     finally:
-        if ksrc:
-            if old_env is None:
-                os.environ.pop("BCC_KERNEL_SOURCE", None)
-            else:
-                os.environ["BCC_KERNEL_SOURCE"] = old_env
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _compile(bcc: Any, src: str, ksrc: str | None) -> bytes:
+    with _fixed_env(ksrc):
+        return _compile_here(bcc, src)
+
+
+def _compile_here(bcc: Any, src: str) -> bytes:
+    with _capture_stderr() as log:
+        try:
+            mod = bcc.BPF(text=src.encode(), cflags=["-w"])
+        except Exception:
+            mod = None
+    if mod is None:
+        raise CompileError("the dispatcher failed to compile", log[0].strip())
+    try:
+        lib = bcc.libbcc.lib
+        start = lib.bpf_function_start(mod.module, b"dispatch")
+        size = lib.bpf_function_size(mod.module, b"dispatch")
+        if not start or not size:
+            raise CompileError("the compiled dispatcher has no function `dispatch`", "")
+        insns = bytearray(ctypes.string_at(start, size))
+        index = {
+            lib.bpf_table_fd(mod.module, n.encode()): i for i, n in enumerate(layout.PROGRAM_MAPS)
+        }
+        for off in range(0, len(insns), 8):
+            code, regs, _off, imm = _INSN.unpack_from(insns, off)
+            if code != BPF_LD_IMM64 or regs >> 4 == 0:
+                continue
+            if regs >> 4 != BPF_PSEUDO_MAP_FD or imm not in index:
+                raise CompileError(
+                    "the compiled dispatcher refers to a map sklookupctl does not know",
+                    f"instruction {off // 8}: src {regs >> 4}, imm {imm}; every map must "
+                    "be one of layout.PROGRAM_MAPS",
+                )
+            _INSN.pack_into(insns, off, code, regs, _off, index[imm])
+        return bytes(insns)
+    finally:
+        mod.cleanup()

@@ -361,9 +361,49 @@ def test_process_names_are_shown_escaped_never_as_markup(ns: NS) -> None:
         assert f"{p.pid} ([/]\\x1b[31mred) fd" in out, out
 
 
-def test_an_ipv6_default_name_is_shown_as_it_is(ns: NS) -> None:
+def test_names_are_shown_as_they_are(ns: NS) -> None:
+    # brackets are allowed in names (the default name of an IPv6 target has them): rich must
+    # never read them as markup, in any table
     ns.proxy(tcp="[::]:8082")
     res = ns.ok("attach", "tcp", "2001:db8::/64", "all", "--to", "[::]:8082")
     assert "all -> tcp-[::]:8082" in res.output, res.output
+    ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--to", "[::]:8082", "--name", "[bold]w[/]")
     out = ns.ok("status").stdout
-    assert "tcp-[::]:8082" in out and "[::]:8082" in out, out
+    for name in ("tcp-[::]:8082", "[bold]w[/]"):
+        assert f"steer -> {name}" in out, out  # the rules table
+        assert out.count(name) == 2, out  # and the targets table
+
+
+def test_the_callers_environment_never_chooses_what_is_compiled(
+    ns: NS, user_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # `sudo -E` keeps the user's environment: headers of theirs, reached through ARCH (BCC
+    # adds arch/$ARCH/include of the kernel tree), CPATH or C_INCLUDE_PATH, must never be read
+    evil = user_home / "evil"
+    for rel in ("include/linux/log2.h", "include/asm/page.h", "linux/types.h"):
+        (evil / rel).parent.mkdir(parents=True, exist_ok=True)
+        (evil / rel).write_text("#error planted by another user\n")
+    subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(evil)], check=True)
+    monkeypatch.setenv(compiler.CACHE_ENV, str(tmp_path / "fresh"))  # a miss: it compiles
+    monkeypatch.setenv("ARCH", "../" * 30 + str(evil).lstrip("/"))
+    monkeypatch.setenv("CPATH", str(evil))
+    monkeypatch.setenv("C_INCLUDE_PATH", str(evil))
+    monkeypatch.setenv("BCC_KERNEL_SOURCE", str(evil))
+    ns.proxy(tcp="127.0.0.1:9000", tag="web")
+    ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--to", "127.0.0.1:9000")
+    ns.ok("attach", "tcp", "192.0.2.7", "22", "--drop")
+    assert ns.dial("tcp", "192.0.2.1", 80) == "192.0.2.1 80 web"
+    assert ns.dial("tcp", "192.0.2.7", 22) == "refused"
+    assert os.environ["ARCH"].endswith("evil")  # the caller's environment is as it was
+
+
+def test_tmpdir_is_never_where_the_stand_in_is_built(
+    ns: NS, user_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an untrusted cache: the header stand-in is built in a private directory, never under
+    # $TMPDIR (a directory of the user's, where they could swap it)
+    monkeypatch.setenv(compiler.CACHE_ENV, str(user_home))  # nobody's: not used
+    monkeypatch.setenv("TMPDIR", "/proc")  # nothing can be made there
+    res = ns.ok("attach", "tcp", "192.0.2.0/24", "80", "--drop")
+    assert "note: not using the program cache" in res.output
+    assert ns.dial("tcp", "192.0.2.1", 80) == "refused"

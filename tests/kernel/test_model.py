@@ -24,6 +24,7 @@ import os
 import random
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -64,6 +65,9 @@ KEYS = [make_rule("tcp", p, r, drop=True).key for p in PREFIXES for r in RANGES]
 
 # what the run did, so that a run that exercised nothing fails instead of passing
 STATS: Counter[str] = Counter()
+
+# rule files the machine writes: removed when the tests end
+FILES = tempfile.TemporaryDirectory(prefix="sklt-model-")
 
 
 @dataclass(frozen=True)
@@ -232,7 +236,7 @@ class Steering(RuleBasedStateMachine):
     @rule()
     def export_apply(self) -> None:
         text = self.ns.ok("export").stdout
-        path = f"/tmp/{self.name}-export.toml"
+        path = os.path.join(FILES.name, f"{self.name}-export.toml")
         with open(path, "w") as f:
             f.write(text)
         res = self.ns.cli("apply", path)
@@ -389,7 +393,7 @@ class Steering(RuleBasedStateMachine):
             lines += [f"[targets.{name}]", f'to = "127.0.0.1:{e.port}"']
             lines += ['reuseport = "exact"'] if e.exact else []
         text = "\n".join(lines) + "\n" + rulefile.dumps(rs, {})
-        path = f"/tmp/{self.name}-apply-{uuid.uuid4().hex[:6]}.toml"
+        path = os.path.join(FILES.name, f"{self.name}-apply-{uuid.uuid4().hex[:6]}.toml")
         with open(path, "w") as f:
             f.write(text)
         m = self.model

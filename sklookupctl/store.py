@@ -693,8 +693,13 @@ class Store:
             yield store
             return
         try:
-            with trust.locked(fd, base, exclusive, wait):
-                yield store
+            lock = trust.open_lock(fd, base)
+            try:
+                with trust.locked(lock, base, exclusive, wait):
+                    yield store
+            finally:
+                if lock != fd:
+                    os.close(lock)
         finally:
             os.close(fd)
 

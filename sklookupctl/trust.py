@@ -127,7 +127,13 @@ def lock_holders(st: os.stat_result) -> list[int]:
 
 
 def describe_pid(pid: int) -> str:
-    """`pid (command line)` for a message; the text is the process's own, escaped at output."""
+    """`pid N (command line)` for a message, and its uid when not root; the text is the
+    process's own, escaped at output."""
+    try:
+        uid = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        uid = 0
+    owner = f", uid {uid}" if uid else ""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             raw = f.read(4096)
@@ -139,7 +145,36 @@ def describe_pid(pid: int) -> str:
         return f"pid {pid}"
     if len(cmd) > 120:
         cmd = cmd[:117] + "..."
-    return f"pid {pid} ({cmd})"
+    return f"pid {pid} ({cmd}{owner})"
+
+
+LOCK = "lock"  # <state dir>/lock: the directory that is flocked
+
+
+def open_lock(base_fd: int, base: str) -> int:
+    """The directory to flock: `lock` inside the state directory, made 0700 if missing. A
+    process that opened the state directory while an older version left it 0755 may hold a
+    flock on it for ever; it cannot reach this one. On a read-only bpffs where it was never
+    made (then nobody can write either), the state directory itself."""
+    try:
+        os.mkdir(LOCK, 0o700, dir_fd=base_fd)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            raise
+    try:
+        fd = os.open(LOCK, O_DIR, dir_fd=base_fd)
+    except FileNotFoundError:
+        return base_fd
+    st = os.fstat(fd)
+    if st.st_uid != 0 or stat.S_IMODE(st.st_mode) & 0o077:
+        os.close(fd)
+        raise Untrusted(
+            f"{base}/{LOCK} is owned by uid {st.st_uid} with mode {_mode(st)}",
+            f"check who made it; rmdir {base}/{LOCK} and run again",
+        )
+    return fd
 
 
 POLL = 0.02  # s between tries at first; doubles up to MAX_POLL

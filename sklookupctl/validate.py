@@ -188,6 +188,20 @@ def netns_file(path: str, spec: str) -> int:
         ) from None
 
 
+PIPE_WAIT = 60.0  # seconds `apply` waits for a FIFO's writer to come and write
+
+
+def _writer_came(fd: int, wait: float) -> bool:
+    """Whether a FIFO opened non-blocking gets data or a writer that closed, within `wait`
+    seconds. (Read at once, a FIFO without a writer yet looks empty: `apply` would remove
+    every rule; opened blocking, it would hang forever.)"""
+    import select
+
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(int(wait * 1000)))
+
+
 def read_text(path: str, stdin: Any = None, limit: int = RULE_FILE_MAX) -> str:
     """A rule file's text: a regular file or a pipe (`-` is stdin, `<(...)` a pipe), at most
     `limit` bytes, UTF-8. Devices and directories are refused without reading them."""
@@ -213,6 +227,11 @@ def read_text(path: str, stdin: Any = None, limit: int = RULE_FILE_MAX) -> str:
             what = "a directory" if stat.S_ISDIR(mode) else "not a file or a pipe"
             raise InvalidArgument(f"{show(path)} is {what}", hint)
         with os.fdopen(fd_, "rb") as f:
+            if stat.S_ISFIFO(mode) and not _writer_came(fd_, PIPE_WAIT):
+                raise InvalidArgument(
+                    f"nothing was written to {show(path)} within {PIPE_WAIT:.0f} s",
+                    "start the program that writes the rule file first",
+                )
             os.set_blocking(fd_, True)  # a pipe's writer may be slow: wait for it
             try:
                 data = f.read(limit + 1)
@@ -221,6 +240,13 @@ def read_text(path: str, stdin: Any = None, limit: int = RULE_FILE_MAX) -> str:
     if len(data) > limit:
         raise InvalidArgument(
             f"{show(path)} is larger than {limit >> 20} MiB", "a rule file is at most that"
+        )
+    if not bytes(data).strip():
+        # a generator that died, a pipe closed early: applying it would remove every rule
+        raise InvalidArgument(
+            f"{show(path)} is empty: applying it would remove every rule",
+            "to remove every rule on purpose, apply a file that holds only a comment, or use "
+            "`detach --all`",
         )
     try:
         return bytes(data).decode("utf-8")

@@ -150,9 +150,10 @@ class NS:
     def files(self) -> list[str]:
         """Everything sklookupctl has pinned under the test bpffs."""
         out = []
-        for root, dirs, files in os.walk(os.path.join(self.bpffs, "sklookupctl")):
+        top = os.path.join(self.bpffs, "sklookupctl")
+        for root, dirs, files in os.walk(top):
             out += [os.path.join(root, d) for d in dirs] + [os.path.join(root, f) for f in files]
-        return sorted(out)
+        return sorted(p for p in out if p != os.path.join(top, "lock"))  # the lock stays
 
 
 MADE: set[str] = set()  # namespaces this session made (another test run may have its own)

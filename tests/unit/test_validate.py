@@ -7,6 +7,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import string
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -278,3 +281,64 @@ def test_the_rule_file_parser_only_ever_says_what_is_wrong(text: str) -> None:
     # what parses applies: every rule's target is declared
     for r in rf.rules.rules.values():
         assert r.target is None or r.target in rf.targets or r.target in rf.unused_targets
+
+
+# -- reading a rule file -------------------------------------------------------------------------
+
+
+def test_a_fifo_waits_for_its_writer(tmp_path: Path) -> None:
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+
+    def write() -> None:
+        time.sleep(0.3)
+        fifo.write_text("# rules\n")
+
+    t = threading.Thread(target=write)
+    t.start()
+    try:
+        assert validate.read_text(str(fifo)) == "# rules\n"
+    finally:
+        t.join()
+
+
+def test_a_fifo_nobody_writes_to_is_refused_not_read_as_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(validate, "PIPE_WAIT", 0.3)
+    with pytest.raises(InvalidArgument, match="nothing was written to"):
+        validate.read_text(str(fifo))
+
+
+@pytest.mark.parametrize("text", ["", "\n", "  \n\t\n"])
+def test_an_empty_rule_file_is_refused(tmp_path: Path, text: str) -> None:
+    f = tmp_path / "r.toml"
+    f.write_text(text)
+    with pytest.raises(InvalidArgument, match="is empty: applying it would remove every rule"):
+        validate.read_text(str(f))
+    r, w = os.pipe()
+    os.write(w, text.encode())
+    os.close(w)
+    with pytest.raises(InvalidArgument, match="is empty"):
+        validate.read_text(f"/dev/fd/{r}")
+    os.close(r)
+
+
+def test_what_a_rule_file_may_be(tmp_path: Path) -> None:
+    f = tmp_path / "r.toml"
+    f.write_text("# no rules, on purpose\n")
+    assert validate.read_text(str(f)) == "# no rules, on purpose\n"
+    with pytest.raises(InvalidArgument, match="is not a file or a pipe"):
+        validate.read_text("/dev/zero")
+    with pytest.raises(InvalidArgument, match="is a directory"):
+        validate.read_text(str(tmp_path))
+    f.write_bytes(b"x" * 2000)
+    with pytest.raises(InvalidArgument, match="is larger than"):
+        validate.read_text(str(f), limit=1000)
+    f.write_bytes(b"\xff\xfe")
+    with pytest.raises(InvalidArgument, match="not UTF-8"):
+        validate.read_text(str(f))
+    with pytest.raises(InvalidArgument, match="is not a path"):
+        validate.read_text("a\0b")

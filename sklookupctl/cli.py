@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import sys
 import traceback
 from typing import Any
@@ -28,7 +29,7 @@ Exit codes:
   3  needs privileges: run as root
   4  state or machine problem: lock busy, untrusted or foreign state, bpffs, BCC, kernel
  70  a bug in sklookupctl (the traceback is printed: please report it)
-130  interrupted before anything changed
+130  interrupted (Ctrl-C) before anything changed; 143: SIGTERM, the same
 """
 
 
@@ -68,8 +69,24 @@ def fail(code: int, message: str, hint: str = "", log: str = "", as_json: bool =
     sys.exit(code)
 
 
+class Stopped(Exception):
+    """Ctrl-C or SIGTERM during a command, past click's own handling (which prints an empty
+    line first)."""
+
+    def __init__(self, term: bool) -> None:
+        super().__init__()
+        self.term = term
+
+
 class Group(click.Group):
     """The root command: every error becomes one line and an exit code (errors.py)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        # before click's own handling, which would print an empty line first
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            raise Stopped(isinstance(e, errors.Terminated)) from None
 
     def main(  # type: ignore[override]
         self,
@@ -92,8 +109,13 @@ class Group(click.Group):
             fail(e.exit_code, e.format_message(), f"see {where} --help", as_json=as_json)
         except click.ClickException as e:  # click's own (a file it could not open, say)
             fail(errors.EXIT_REFUSED, e.format_message(), as_json=as_json)
-        except click.Abort:
-            fail(errors.EXIT_INTERRUPTED, "interrupted: nothing was changed", as_json=as_json)
+        except (click.Abort, KeyboardInterrupt, Stopped) as e:
+            term = (isinstance(e, Stopped) and e.term) or isinstance(e, errors.Terminated)
+            fail(
+                errors.EXIT_TERMINATED if term else errors.EXIT_INTERRUPTED,
+                f"{'terminated' if term else 'interrupted'}: nothing was changed",
+                as_json=as_json,
+            )
         except CompileError as e:
             fail(e.exit_code, e.message, e.hint, log=e.log, as_json=as_json)
         except SklookupError as e:
@@ -571,8 +593,14 @@ def demo(obj: Obj, keep: bool, samples: int, as_json: bool) -> None:
     demo_mod.run(keep=keep, samples=samples, as_json=as_json, bpffs=obj.bpffs)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise errors.Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
-    # once a change has happened, Ctrl-C and SIGTERM wait until its report is written too
+    # SIGTERM before a change ends the command like Ctrl-C (one line, exit 143); once a change
+    # has happened, both wait until its report is written too
+    signal.signal(signal.SIGTERM, _terminate)
     interrupts.until_exit()
     try:
         cli.main(args=argv, prog_name="sklookupctl")

@@ -17,7 +17,8 @@ EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_PRIVILEGES = 3
 EXIT_STATE = 4
-EXIT_INTERRUPTED = 130  # Ctrl-C before anything changed
+EXIT_INTERRUPTED = 130  # Ctrl-C before anything changed (128 + SIGINT)
+EXIT_TERMINATED = 143  # SIGTERM before anything changed (128 + SIGTERM)
 EXIT_INTERNAL = 70  # a bug: the traceback is printed (EX_SOFTWARE)
 
 
@@ -82,6 +83,11 @@ class Busy(EnvironmentProblem):
 
 class Untrusted(EnvironmentProblem):
     """State or a directory that someone other than root could have made or changed."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as the CLI turns it into an exception before anything has changed (after the
+    switch it is held: see interrupts.py)."""
 
 
 class CompileError(SklookupError):

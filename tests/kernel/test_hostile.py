@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
+import signal
 import stat
 import subprocess
 import tempfile
@@ -405,3 +407,24 @@ def test_tmpdir_is_never_where_the_stand_in_is_built(
     res = ns.ok("attach", "tcp", "192.0.2.0/24", "80", "--drop")
     assert "note: not using the program cache" in res.output
     assert ns.dial("tcp", "192.0.2.1", 80) == "refused"
+
+
+def test_a_command_waiting_for_the_lock_stops_on_a_signal_in_one_line(ns: NS) -> None:
+    ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--drop")
+    lock = os.path.join(ns.bpffs, "sklookupctl", "lock")
+    signals = ((signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated"))
+    commands = (["attach", "tcp", "198.51.100.0/24", "80", "--drop"], ["status", "--json"])
+    with holding(lock, "-x", as_nobody=False):
+        for sig, code, word in signals:
+            for args in commands:
+                argv = ns.script_argv("--wait", "60", *args)
+                p = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+                time.sleep(1.5)  # it waits for the lock now
+                p.send_signal(sig)
+                _, err = p.communicate(timeout=30)
+                assert p.returncode == code, (args, err)
+                if "--json" in args:
+                    assert json.loads(err)["error"] == f"{word}: nothing was changed", err
+                else:
+                    assert err == f"error: {word}: nothing was changed\n", err
+    assert "198.51.100.0/24" not in ns.ok("export").stdout

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from . import __version__, api, compiler, errors, interrupts, notices, render, store, validate
+from .bpfsys import BpfError
 from .errors import CompileError, SklookupError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -42,12 +43,25 @@ class Obj:
 
 def _errno_code(e: OSError) -> tuple[int, str]:
     """Exit code and hint for a system call that failed where no hint was written."""
+    if e.errno in (errno.EPERM, errno.EACCES):
+        if os.geteuid() != 0:
+            return errors.EXIT_PRIVILEGES, "run as root"
+        return errors.EXIT_STATE, errors.ROOT_REFUSED
     return {
-        errno.EPERM: (errors.EXIT_PRIVILEGES, "run as root"),
-        errno.EACCES: (errors.EXIT_PRIVILEGES, "run as root"),
         errno.EMFILE: (errors.EXIT_STATE, "raise the limit of open files: ulimit -n"),
-        errno.EROFS: (errors.EXIT_STATE, "the file system is read-only"),
+        errno.EROFS: (
+            errors.EXIT_STATE,
+            "the bpffs is mounted read-only: remount it read-write (mount -o remount,rw DIR)",
+        ),
     }.get(e.errno or 0, (errors.EXIT_STATE, ""))
+
+
+def _os_message(e: OSError) -> str:
+    """A failed system call in words: `what: why`, not Python's `[Errno N] ...`."""
+    if isinstance(e, BpfError):
+        return str(e.strerror)  # "open pinned PATH: Read-only file system"
+    what = e.filename if e.filename is not None else ""
+    return f"{what}: {e.strerror}" if what else str(e.strerror or e)
 
 
 def fail(code: int, message: str, hint: str = "", log: str = "", as_json: bool = False) -> None:
@@ -99,36 +113,39 @@ class Group(click.Group):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, False, **extra)
         argv = list(sys.argv[1:] if args is None else args)
-        as_json = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
+        # --json as parsed; for a usage error (parsing stopped), as written
+        written = "--json" in (argv[: argv.index("--")] if "--" in argv else argv)
+        _json_given[0] = False
         saved_cache = os.environ.get(compiler.CACHE_ENV)
         notices.set_sink(lambda text: click.echo(f"note: {render.clean(text)}", err=True))
         try:
             rv = super().main(argv, prog_name, complete_var, False, **extra)
         except click.UsageError as e:
             where = e.ctx.command_path if e.ctx is not None else "sklookupctl"
+            as_json = _json_given[0] or written
             fail(e.exit_code, e.format_message(), f"see {where} --help", as_json=as_json)
         except click.ClickException as e:  # click's own (a file it could not open, say)
-            fail(errors.EXIT_REFUSED, e.format_message(), as_json=as_json)
+            fail(errors.EXIT_REFUSED, e.format_message(), as_json=_json_given[0] or written)
         except (click.Abort, KeyboardInterrupt, Stopped) as e:
             term = (isinstance(e, Stopped) and e.term) or isinstance(e, errors.Terminated)
             fail(
                 errors.EXIT_TERMINATED if term else errors.EXIT_INTERRUPTED,
                 f"{'terminated' if term else 'interrupted'}: nothing was changed",
-                as_json=as_json,
+                as_json=_json_given[0],
             )
         except CompileError as e:
-            fail(e.exit_code, e.message, e.hint, log=e.log, as_json=as_json)
+            fail(e.exit_code, e.message, e.hint, log=e.log, as_json=_json_given[0])
         except SklookupError as e:
-            fail(e.exit_code, e.message, e.hint, as_json=as_json)
+            fail(e.exit_code, e.message, e.hint, as_json=_json_given[0])
         except OSError as e:  # BpfError too
             code, hint = _errno_code(e)
-            fail(code, str(e), hint, as_json=as_json)
+            fail(code, _os_message(e), hint, as_json=_json_given[0])
         except Exception:
             traceback.print_exc()
             fail(
                 errors.EXIT_INTERNAL,
                 "sklookupctl failed unexpectedly (a bug: the traceback is above)",
-                as_json=as_json,
+                as_json=_json_given[0],
             )
         finally:
             notices.set_sink(None)
@@ -169,7 +186,22 @@ class Seconds(click.ParamType[float]):
             self.fail(f"{e.message} ({e.hint})", param, ctx)
 
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+_json_given = [False]  # set while parsing: errors after that are JSON too
+
+
+def _note_json(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        _json_given[0] = True
+    return value
+
+
+json_option = click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    callback=_note_json,
+    help="Print JSON instead of text (errors too: one object on stderr).",
+)
 
 
 @click.group(cls=Group, context_settings=CONTEXT, epilog=EXIT_CODES)

@@ -12,6 +12,8 @@ Every class carries its exit code (`exit_code`):
 
 from __future__ import annotations
 
+import os
+
 EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -98,3 +100,17 @@ class CompileError(SklookupError):
     def __init__(self, message: str, log: str, hint: str = "") -> None:
         super().__init__(message, hint)
         self.log = log
+
+
+ROOT_REFUSED = (
+    "refused even to root: a security module (AppArmor, SELinux, Yama's ptrace_scope), kernel "
+    "lockdown or a read-only mount forbids it"
+)
+
+
+def denied(message: str, need: str = "") -> SklookupError:
+    """An operation the kernel refused: for anyone but root, PermissionDenied saying to run as
+    root (`need`: what for); for root, who has every privilege already, what else refuses it."""
+    if os.geteuid() != 0:
+        return PermissionDenied(message, "run as root" + (f" ({need})" if need else ""))
+    return EnvironmentProblem(message, ROOT_REFUSED)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import validate
-from .errors import InvalidArgument, NotFound, PermissionDenied, SklookupError
+from .errors import InvalidArgument, NotFound, SklookupError, denied
 from .rules import IPNetwork
 
 NETNS_RUN_DIR = "/run/netns"
@@ -112,7 +112,7 @@ def enter(ns: Netns) -> Iterator[None]:
     if _libc.setns(ns.fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         if err == 1:
-            raise PermissionDenied(f"cannot enter network namespace {ns.label}", "run as root")
+            raise denied(f"cannot enter network namespace {ns.label}")
         raise OSError(err, os.strerror(err), ns.path)
     try:
         yield

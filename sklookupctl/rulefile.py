@@ -419,56 +419,62 @@ def parse(text: str, name: str, progress: Progress | None = None) -> RuleFile:
                     f"{where}.{field}", "unknown field", f"a target has {', '.join(TARGET_FIELDS)}"
                 )
         used = protos_of.get(tname)
+        spec = _target(tname, t, where, used or set())  # checked whole, used or not
         if used is None:
             unused.append(tname)
-            continue
-        declared = _str_field(t, "protocol", where, False)
-        if declared is not None:
-            with _at(f"{where}.protocol"):
-                proto = parse_protocol(declared)
-            if used - {proto}:
-                raise FileError(
-                    f"{where}.protocol",
-                    f"is {proto}, but {'/'.join(sorted(used - {proto}))} rules use it",
-                    "a socket is either tcp or udp: use two targets",
-                )
-        elif len(used) > 1:
-            raise FileError(
-                where,
-                "both tcp and udp rules use it",
-                "a socket is either tcp or udp: use two targets",
-            )
         else:
-            proto = next(iter(used))
-        reuseport = _str_field(t, "reuseport", where, False) or "group"
-        if reuseport not in REUSEPORT:
-            raise FileError(
-                f"{where}.reuseport",
-                f"{validate.show(reuseport)} is not valid",
-                "use group (the kernel picks within the socket's SO_REUSEPORT group) or exact",
-            )
-        exact = reuseport == "exact"
-        to_text = _str_field(t, "to", where, False)
-        pid, fd = t.get("pid"), t.get("fd")
-        if to_text is not None and (pid is not None or fd is not None):
-            raise FileError(where, "has both to and pid/fd", "give one way to find the socket")
-        if to_text is not None:
-            with _at(f"{where}.to"):
-                to = parse_endpoint(to_text)
-            targets[tname] = TargetSpec(tname, proto, to=to, exact=exact)
-            continue
-        if pid is None and fd is None:
-            raise FileError(f"{where}.to", "missing", 'give to = "ADDR:PORT", or pid and fd')
-        for field, v in (("pid", pid), ("fd", fd)):
-            if v is None:
-                raise FileError(f"{where}.{field}", "missing", "pid and fd go together")
-            check = validate.pid if field == "pid" else validate.fd
-            with _at(f"{where}.{field}"):
-                check(v)
-        targets[tname] = TargetSpec(tname, proto, pid=pid, fd=fd, exact=exact)
+            targets[tname] = spec
     if progress is not None:
         progress(total, total)
     return RuleFile(rs, targets, unused)
+
+
+def _target(tname: str, t: dict[str, Any], where: str, used: set[str]) -> TargetSpec:
+    """A target's table checked; `used`: the protocols of the rules that use it (none: it is
+    checked all the same, with the protocol it declares, else tcp)."""
+    declared = _str_field(t, "protocol", where, False)
+    if declared is not None:
+        with _at(f"{where}.protocol"):
+            proto = parse_protocol(declared)
+        if used - {proto}:
+            raise FileError(
+                f"{where}.protocol",
+                f"is {proto}, but {'/'.join(sorted(used - {proto}))} rules use it",
+                "a socket is either tcp or udp: use two targets",
+            )
+    elif len(used) > 1:
+        raise FileError(
+            where,
+            "both tcp and udp rules use it",
+            "a socket is either tcp or udp: use two targets",
+        )
+    else:
+        proto = next(iter(used), "tcp")
+    reuseport = _str_field(t, "reuseport", where, False) or "group"
+    if reuseport not in REUSEPORT:
+        raise FileError(
+            f"{where}.reuseport",
+            f"{validate.show(reuseport)} is not valid",
+            "use group (the kernel picks within the socket's SO_REUSEPORT group) or exact",
+        )
+    exact = reuseport == "exact"
+    to_text = _str_field(t, "to", where, False)
+    pid, fd = t.get("pid"), t.get("fd")
+    if to_text is not None and (pid is not None or fd is not None):
+        raise FileError(where, "has both to and pid/fd", "give one way to find the socket")
+    if to_text is not None:
+        with _at(f"{where}.to"):
+            to = parse_endpoint(to_text)
+        return TargetSpec(tname, proto, to=to, exact=exact)
+    if pid is None and fd is None:
+        raise FileError(f"{where}.to", "missing", 'give to = "ADDR:PORT", or pid and fd')
+    for field, v in (("pid", pid), ("fd", fd)):
+        if v is None:
+            raise FileError(f"{where}.{field}", "missing", "pid and fd go together")
+        check = validate.pid if field == "pid" else validate.fd
+        with _at(f"{where}.{field}"):
+            check(v)
+    return TargetSpec(tname, proto, pid=pid, fd=fd, exact=exact)
 
 
 def _check_overlaps(rs: RuleSet, name: str) -> None:

@@ -86,6 +86,13 @@ def parse_prefix(text: str) -> IPNetwork:
         validate.not_mapped(net, text.strip())
         return net
     t = validate.address_text(text, "address or prefix", PREFIX_HINT)
+    addr, slash, length = t.partition("/")
+    if slash and not (length.isascii() and length.isdigit()):
+        # ipaddress would take a netmask or a hostmask (192.0.2.0/0.0.0.255) here
+        raise InvalidArgument(
+            f"prefix {validate.show(text)}: the length after / must be a number",
+            f"such as {addr}/24",
+        )
     try:
         net = ipaddress.ip_network(t, strict=True)
     except ValueError:

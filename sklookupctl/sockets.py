@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from . import netns as netns_mod
-from .errors import NotFound, PermissionDenied, SocketRejected
+from .errors import NotFound, SocketRejected, denied
 from .layout import MAX_MEMBERS
 from .netns import Netns
 from .rules import PROTO_NAMES, PROTOCOLS, IPAddress, format_endpoint
@@ -250,7 +250,7 @@ def borrow(pid: int, fd: int) -> int:
     except ProcessLookupError:
         raise NotFound(f"no process with pid {pid}", "check the pid with `ps`") from None
     except PermissionError:
-        raise PermissionDenied(f"cannot open process {pid}", "run as root") from None
+        raise denied(f"cannot open process {pid}") from None
     except OSError as e:
         if e.errno == errno.EMFILE:
             raise _too_many_files() from None
@@ -262,9 +262,9 @@ def borrow(pid: int, fd: int) -> int:
             if err == errno.EBADF:
                 raise NotFound(f"process {pid} has no fd {fd}", f"see ls -l /proc/{pid}/fd")
             if err in (errno.EPERM, errno.EACCES):
-                raise PermissionDenied(
+                raise denied(
                     f"cannot take fd {fd} of process {pid}: {os.strerror(err)}",
-                    "run as root (needs CAP_SYS_PTRACE over the process)",
+                    "needs CAP_SYS_PTRACE over the process",
                 )
             if err == errno.ESRCH:
                 raise NotFound(f"process {pid} has exited")

@@ -86,10 +86,19 @@ def base_dir(bpffs: str) -> str:
         raise EnvironmentProblem(
             f"{bpffs} does not exist", f"mount bpffs there: mount -t bpf bpf {bpffs}"
         ) from None
+    except OSError as e:
+        raise EnvironmentProblem(f"{bpffs}: {e.strerror}", "pass --bpffs a bpffs mount") from None
     if not ok:
         raise EnvironmentProblem(
             f"{bpffs} is not a bpffs mount",
             f"mount one (mount -t bpf bpf {bpffs}) or pass --bpffs with a bpffs directory",
+        )
+    if not os.path.ismount(bpffs):
+        # a directory inside a bpffs (its own state directory, say) would hold a second,
+        # independent state for the same namespaces: two dispatchers
+        raise EnvironmentProblem(
+            f"{bpffs} is inside a bpffs mount, not the mount itself",
+            "pass --bpffs the mount point, such as /sys/fs/bpf",
         )
     return os.path.join(bpffs, TOP)
 

@@ -28,7 +28,7 @@ import stat
 import time
 from collections.abc import Iterator
 
-from .errors import Busy, EnvironmentProblem, PermissionDenied, Untrusted
+from .errors import Busy, EnvironmentProblem, Untrusted, denied
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -56,7 +56,7 @@ def open_state_dir(bpffs: str, path: str, create: bool) -> int | None:
         except FileExistsError:
             pass
         except PermissionError:
-            raise PermissionDenied(f"cannot create {path}", "run as root") from None
+            raise denied(f"cannot create {path}") from None
         except OSError as e:
             raise EnvironmentProblem(
                 f"cannot create {path}: {e.strerror}", f"{bpffs} must be a bpffs mounted read-write"
@@ -75,7 +75,7 @@ def open_state_dir(bpffs: str, path: str, create: bool) -> int | None:
                 f"check who made it and remove it (rm {path}); sklookupctl makes a directory",
             ) from None
         if e.errno == errno.EACCES:
-            raise PermissionDenied(f"cannot open {path}", "run as root") from None
+            raise denied(f"cannot open {path}") from None
         raise
     try:
         st = os.fstat(fd)

@@ -15,12 +15,12 @@ import re
 import stat
 from typing import Any
 
-from .errors import InvalidArgument, NotFound, PermissionDenied
+from .errors import InvalidArgument, NotFound, PermissionDenied, denied
 
 # target names: printable ASCII only, so a name is the same on a terminal, in JSON and in a
 # rule file; `fullmatch`, since `$` would let a final newline through
-TARGET_NAME = re.compile(r"[A-Za-z0-9._:@\[\]/-]{1,63}")
-TARGET_NAME_HINT = "use 1-63 letters, digits and . _ : @ [ ] / -"
+TARGET_NAME = re.compile(r"[A-Za-z0-9._:@\[\]/][A-Za-z0-9._:@\[\]/-]{0,62}")
+TARGET_NAME_HINT = "use 1-63 letters, digits and . _ : @ [ ] / -, not starting with -"
 # named network namespaces: a file name under /run/netns, as `ip netns` takes it
 NETNS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@:+-]{0,62}")
 NETNS_NAME_HINT = "use 1-63 letters, digits and . _ @ : + -, not starting with . or -"
@@ -161,15 +161,15 @@ def netns_file(path: str, spec: str) -> int:
         raise NotFound(
             f"network namespace {show(spec)} does not exist",
             f"see `sklookupctl netns list`, or create it with `sklookupctl netns add {spec}`"
+            if NETNS_NAME.fullmatch(spec)
+            else "see `sklookupctl netns list`"
             if "/" not in spec
             else NETNS_HINT,
         ) from None
     except NotADirectoryError:
         raise InvalidArgument(f"{show(path)} is not a network namespace", NETNS_HINT) from None
     except PermissionError:
-        raise PermissionDenied(
-            f"cannot open network namespace {show(path)}", "run as root"
-        ) from None
+        raise denied(f"cannot open network namespace {show(path)}") from None
     except OSError as e:
         raise InvalidArgument(
             f"{show(path)} is not a network namespace ({e.strerror})", NETNS_HINT
@@ -179,9 +179,7 @@ def netns_file(path: str, spec: str) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except PermissionError:
-        raise PermissionDenied(
-            f"cannot open network namespace {show(path)}", "run as root"
-        ) from None
+        raise denied(f"cannot open network namespace {show(path)}") from None
     except OSError as e:
         raise InvalidArgument(
             f"{show(path)} is not a network namespace ({e.strerror})", NETNS_HINT

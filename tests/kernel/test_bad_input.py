@@ -550,3 +550,26 @@ def test_json_errors_are_one_json_object(ns: NS) -> None:
         "hint": "ports are 1-65535",
         "exit_code": 1,
     }
+
+
+def test_bpffs_must_be_the_mount_itself(ns: NS) -> None:
+    ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--drop")
+    inner = os.path.join(ns.bpffs, "sklookupctl")
+    for args in (["attach", "tcp", "198.51.100.0/24", "80", "--drop"], ["status"]):
+        res = CliRunner().invoke(cli, ["--netns", ns.name, "--bpffs", inner, *args])
+        assert res.exit_code == 4, res.output
+        assert "is inside a bpffs mount, not the mount itself" in res.output
+    assert sorted(os.listdir(inner)) == sorted(
+        ["lock", *(n for n in os.listdir(inner) if n.startswith("ns-"))]
+    )
+    assert len(ns.status()["other_programs"]) == 0  # type: ignore[arg-type]
+
+
+def test_json_errors_follow_the_option_as_parsed(ns: NS) -> None:
+    # `--to --json`: --json is the value of --to here, so the error is text
+    res = ns.cli("attach", "tcp", "192.0.2.0/24", "80", "--to", "--json")
+    assert res.exit_code == 1 and res.stderr == (
+        "error: '--json' has no port (write ADDR:PORT, such as 127.0.0.1:8080 or [::1]:8080)\n"
+    )
+    res = ns.cli("attach", "tcp", "192.0.2.0/24", "80", "--to", "127.0.0.1:1", "--name", "--json")
+    assert res.exit_code == 1 and "target name '--json' is not valid" in res.stderr

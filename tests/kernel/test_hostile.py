@@ -236,7 +236,9 @@ def test_a_read_only_bpffs_is_read_and_refused_in_one_line(ns: NS, tmp_path: Pat
             for args in (["attach", "tcp", "198.51.100.0/24", "80", "--drop"], ["gc"]):
                 res = CliRunner().invoke(cli, [*cmd, *args])
                 assert res.exit_code == 4, (args, res.output)
-                assert "read-only" in one_line(res)
+                line = one_line(res)
+                assert "Read-only file system" in line and "Errno" not in line, line
+                assert "remount it read-write" in line, line
             assert ns.dial("tcp", "192.0.2.1", 80) == "192.0.2.1 80 web"
         finally:
             subprocess.run(["mount", "-o", "remount,rw", bpffs], check=True)

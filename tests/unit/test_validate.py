@@ -342,3 +342,59 @@ def test_what_a_rule_file_may_be(tmp_path: Path) -> None:
         validate.read_text(str(f))
     with pytest.raises(InvalidArgument, match="is not a path"):
         validate.read_text("a\0b")
+
+
+# -- what round 1 of the adversarial tester found ------------------------------------------------
+
+
+def test_a_netmask_or_hostmask_is_not_a_prefix_length() -> None:
+    for text in ("192.0.2.0/0.0.0.255", "192.0.2.0/255.255.255.0", "2001:db8::/ffff::"):
+        with pytest.raises(InvalidArgument, match="the length after / must be a number"):
+            parse_prefix(text)
+
+
+def test_a_target_name_is_never_an_option() -> None:
+    for name in ("--json", "-x", "-"):
+        with pytest.raises(InvalidArgument):
+            validate.target_name(name)
+    assert validate.target_name("tcp-[::]:8082") == "tcp-[::]:8082"
+
+
+def test_every_target_is_checked_used_or_not() -> None:
+    rule = '[[rules]]\nprotocol = "tcp"\nprefix = "192.0.2.0/24"\nports = "all"\naction = "drop"\n'
+    for body, where in (
+        ("pid = true\nfd = 3\n", "targets.spare.pid"),
+        ("pid = 1.5\nfd = 3\n", "targets.spare.pid"),
+        ("pid = 99999999999999\nfd = 3\n", "targets.spare.pid"),
+        ("to = 9000\n", "targets.spare.to"),
+        ('to = "127.0.0.1"\n', "targets.spare.to"),
+        ('to = "127.0.0.1:1"\nreuseport = "all"\n', "targets.spare.reuseport"),
+    ):
+        with pytest.raises(InvalidArgument) as e:
+            rulefile.parse(f"[targets.spare]\n{body}{rule}", "f.toml")
+        assert e.value.message.startswith(f"f.toml: {where}"), e.value.message
+    rf = rulefile.parse(f'[targets.spare]\nto = "127.0.0.1:1"\n{rule}', "f.toml")
+    assert rf.unused_targets == ["spare"] and "spare" not in rf.targets
+
+
+def test_root_is_never_told_to_run_as_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sklookupctl import errors
+
+    monkeypatch.setattr(errors.os, "geteuid", lambda: 1000)
+    e = errors.denied("cannot open process 1")
+    assert isinstance(e, errors.PermissionDenied) and e.hint == "run as root"
+    assert e.exit_code == errors.EXIT_PRIVILEGES
+    monkeypatch.setattr(errors.os, "geteuid", lambda: 0)
+    e = errors.denied("cannot open process 1")
+    assert "run as root" not in e.hint and "refused even to root" in e.hint
+    assert e.exit_code == errors.EXIT_STATE
+
+
+def test_a_missing_netns_is_only_offered_to_be_made_when_it_could_be() -> None:
+    from sklookupctl import netns
+    from sklookupctl.errors import NotFound
+
+    for spec, offered in (("sklt-none-such", True), (" ", False), ("a b", False)):
+        with pytest.raises(NotFound) as e:
+            netns.open_netns(spec)
+        assert ("netns add" in e.value.hint) == offered, e.value.hint

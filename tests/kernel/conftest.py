@@ -281,4 +281,4 @@ def assert_no_leaks(bpffs: str, base: Objects, wait: float = 5.0) -> None:
     assert made == pinned, f"made {made}, pinned {pinned}"
 
 
-__all__ = ["NS", "Objects", "Proxy", "assert_no_leaks", "kernel_objects", "throwaway"]
+__all__ = ["MADE", "NS", "Objects", "Proxy", "assert_no_leaks", "kernel_objects", "throwaway"]

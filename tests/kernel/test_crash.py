@@ -23,7 +23,7 @@ from sklookupctl import faults
 from sklookupctl.bpfsys import Link
 
 from .conftest import CONSOLE_SCRIPT as CONSOLE
-from .conftest import NS, PREFIXES, assert_no_leaks, kernel_objects, throwaway
+from .conftest import MADE, NS, PREFIXES, assert_no_leaks, kernel_objects, throwaway
 
 Probe = tuple[str, int]  # a TCP dial: (address, port)
 
@@ -349,6 +349,7 @@ def test_a_killed_gc_of_a_dead_namespace_is_finished_by_the_next(bpffs: str, nth
 
     base = kernel_objects()
     name = f"sklt-{uuid.uuid4().hex[:10]}"
+    MADE.add(name)
     api.netns_add(name)
     dead = NS(name, bpffs)
     dead.ok("attach", "tcp", "192.0.2.0/24", "80", "--drop")

@@ -16,7 +16,7 @@ from sklookupctl import api, sockets
 from sklookupctl import netns as nsmod
 from sklookupctl.bpfsys import Link
 
-from .conftest import NS, assert_no_leaks, kernel_objects
+from .conftest import MADE, NS, assert_no_leaks, kernel_objects
 
 
 def write(tmp_path: Path, name: str, text: str) -> str:
@@ -75,6 +75,7 @@ def test_a_dead_proxy_never_wedges_the_namespace(ns: NS, tmp_path: Path) -> None
 def test_a_deleted_namespace_is_collected_and_its_inode_not_confused(bpffs: str) -> None:
     base = kernel_objects()
     name = f"sklt-{uuid.uuid4().hex[:10]}"
+    MADE.add(name)
     api.netns_add(name)
     dead = NS(name, bpffs)
     try:
@@ -91,13 +92,16 @@ def test_a_deleted_namespace_is_collected_and_its_inode_not_confused(bpffs: str)
     # a new namespace with the same inode is not the dead one
     reused = None
     tried = []
-    for _ in range(40):
+    deadline = time.monotonic() + 20  # the kernel frees the inode when its cleanup work runs
+    while reused is None and time.monotonic() < deadline and len(tried) < 200:
         n = f"sklt-{uuid.uuid4().hex[:10]}"
+        MADE.add(n)
         api.netns_add(n)
         if os.stat(f"/run/netns/{n}").st_ino == inode:
             reused = n
             break
         tried.append(n)
+        time.sleep(0.05)
     for n in tried:
         subprocess.run(["ip", "netns", "del", n], check=True)
     assert reused is not None, "the kernel did not reuse the inode"
@@ -131,6 +135,7 @@ def test_a_deleted_namespace_is_collected_and_its_inode_not_confused(bpffs: str)
 
 def test_every_writer_collects_dead_namespaces(bpffs: str, ns: NS) -> None:
     name = f"sklt-{uuid.uuid4().hex[:10]}"
+    MADE.add(name)
     api.netns_add(name)
     NS(name, bpffs).ok("attach", "tcp", "192.0.2.0/24", "all", "--drop")
     subprocess.run(["ip", "netns", "del", name], check=True)

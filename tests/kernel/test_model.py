@@ -45,7 +45,7 @@ from sklookupctl import api, faults, rulefile, testrun
 from sklookupctl.bpfsys import BpfError, Program
 from sklookupctl.rules import DROP, STEER, Rule, RuleKey, RuleSet, make_rule
 
-from .conftest import NS, Objects, Proxy, assert_no_leaks, kernel_objects
+from .conftest import MADE, NS, Objects, Proxy, assert_no_leaks, kernel_objects
 
 EXAMPLES = int(os.environ.get("SKLOOKUPCTL_MODEL_EXAMPLES", "30"))
 STEPS = int(os.environ.get("SKLOOKUPCTL_MODEL_STEPS", "15"))
@@ -141,6 +141,7 @@ class Steering(RuleBasedStateMachine):
         self.tags = 0
 
     def _new_ns(self) -> NS:
+        MADE.add(self.name)
         api.netns_add(self.name)
         for p in ANYIP:
             api.addr_add(self.name, p)
@@ -392,7 +393,8 @@ class Steering(RuleBasedStateMachine):
             e = specs[name]
             lines += [f"[targets.{name}]", f'to = "127.0.0.1:{e.port}"']
             lines += ['reuseport = "exact"'] if e.exact else []
-        text = "\n".join(lines) + "\n" + rulefile.dumps(rs, {})
+        # a comment first: an empty rule set is applied on purpose (an empty file is refused)
+        text = "# the model's rule set\n" + "\n".join(lines) + "\n" + rulefile.dumps(rs, {})
         path = os.path.join(FILES.name, f"{self.name}-apply-{uuid.uuid4().hex[:6]}.toml")
         with open(path, "w") as f:
             f.write(text)

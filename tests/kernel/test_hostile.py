@@ -338,13 +338,22 @@ def test_the_cache_is_made_private_and_home_is_never_made(
 def test_an_untrusted_cache_builds_the_header_stand_in_privately(
     ns: NS, user_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # nobody's cache holds a poisoned header stand-in (and no program, so root must compile)
     cache = user_home / "c"
-    cache.mkdir()
-    os.chown(cache, NOBODY, NOBODY)
-    monkeypatch.setenv(compiler.CACHE_ENV, str(cache))
-    ns.ok("attach", "tcp", "192.0.2.0/24", "80", "--drop")
-    assert os.listdir(cache) == []  # neither the program nor the stand-in went there
-    assert ns.status()["loaded"] is True
+    kconfig = cache / "sklookupctl" / "kernel-standin-1" / "include" / "linux" / "kconfig.h"
+    kconfig.parent.mkdir(parents=True)
+    kconfig.write_text("#error planted by another user\n")
+    subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(cache)], check=True)
+    before = sorted(str(p) for p in cache.rglob("*"))
+    for env in ({"XDG_CACHE_HOME": str(cache)}, {compiler.CACHE_ENV: str(cache / "sklookupctl")}):
+        monkeypatch.delenv(compiler.CACHE_ENV, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setattr(program, "_read_cache", lambda path: None)  # compile every time
+        ns.ok("attach", "tcp", "192.0.2.0/24", "80", "--drop")
+        ns.ok("detach", "--all")
+    # neither the program nor a stand-in went there, and theirs was never used
+    assert sorted(str(p) for p in cache.rglob("*")) == before
 
 
 # -- what other processes wrote reaches the terminal escaped -------------------------------------
@@ -353,7 +362,8 @@ def test_an_untrusted_cache_builds_the_header_stand_in_privately(
 def test_process_names_are_shown_escaped_never_as_markup(ns: NS) -> None:
     comm = "[/]\x1b[31mred"
     p = ns.proxy(tcp="127.0.0.1:9000", extra=("--comm", comm, "--uid", str(NOBODY)))
-    ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--to", "127.0.0.1:9000")
+    out = ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--to", "127.0.0.1:9000").output
+    assert "\x1b" not in out and f"pid {p.pid} ([/]\\x1b[31mred) fd" in out, out
     for run in (ns.cli, ns.script):
         res = run("status")
         out = res.stdout if hasattr(res, "stdout") else ""

@@ -15,7 +15,7 @@ import re
 import stat
 from typing import Any
 
-from .errors import InvalidArgument, NotFound, PermissionDenied, denied
+from .errors import InvalidArgument, NotFound, PermissionDenied, SklookupError, denied
 
 # target names: printable ASCII only, so a name is the same on a terminal, in JSON and in a
 # rule file; `fullmatch`, since `$` would let a final newline through
@@ -166,24 +166,21 @@ def netns_file(path: str, spec: str) -> int:
             if "/" not in spec
             else NETNS_HINT,
         ) from None
-    except NotADirectoryError:
-        raise InvalidArgument(f"{show(path)} is not a network namespace", NETNS_HINT) from None
-    except PermissionError:
-        raise denied(f"cannot open network namespace {show(path)}") from None
     except OSError as e:
-        raise InvalidArgument(
-            f"{show(path)} is not a network namespace ({e.strerror})", NETNS_HINT
-        ) from None
+        raise _not_netns(path, e) from None
     if not stat.S_ISREG(st.st_mode):
         raise InvalidArgument(f"{show(path)} is not a network namespace", NETNS_HINT)
     try:
         return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except PermissionError:
-        raise denied(f"cannot open network namespace {show(path)}") from None
     except OSError as e:
-        raise InvalidArgument(
-            f"{show(path)} is not a network namespace ({e.strerror})", NETNS_HINT
-        ) from None
+        raise _not_netns(path, e) from None
+
+
+def _not_netns(path: str, e: OSError) -> SklookupError:
+    if isinstance(e, PermissionError):
+        return denied(f"cannot open network namespace {show(path)}")
+    why = "" if isinstance(e, NotADirectoryError) else f" ({e.strerror})"
+    return InvalidArgument(f"{show(path)} is not a network namespace{why}", NETNS_HINT)
 
 
 PIPE_WAIT = 60.0  # seconds `apply` waits for a FIFO's writer to come and write

@@ -48,16 +48,25 @@ def _need_root() -> None:
     pytest.skip("kernel tests need root (run scripts/test as root)")
 
 
-@pytest.fixture(scope="session")
-def bpffs() -> Iterator[str]:
-    """A private bpffs instance: unmounting it drops every pin the tests made."""
-    path = tempfile.mkdtemp(prefix="sklt-bpffs-")
+@contextlib.contextmanager
+def private_bpffs(prefix: str = "sklt-bpffs-", mode: int = 0o700) -> Iterator[str]:
+    """A bpffs instance of its own in a new directory under /tmp: unmounting it drops every
+    pin made in it."""
+    path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    os.chmod(path, mode)
     subprocess.run(["mount", "-t", "bpf", "bpf", path], check=True)
     try:
         yield path
     finally:
         subprocess.run(["umount", path], check=False)
         os.rmdir(path)
+
+
+@pytest.fixture(scope="session")
+def bpffs() -> Iterator[str]:
+    """The session's private bpffs."""
+    with private_bpffs() as path:
+        yield path
 
 
 @dataclass

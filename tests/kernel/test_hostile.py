@@ -14,7 +14,6 @@ import os
 import signal
 import stat
 import subprocess
-import tempfile
 import termios
 import time
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from click.testing import CliRunner
 from sklookupctl import compiler, program, trust
 from sklookupctl.cli import cli
 
-from .conftest import NS
+from .conftest import NS, private_bpffs
 
 NOBODY = 65534
 AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
@@ -63,18 +62,9 @@ def holding(path: str, how: str, as_nobody: bool) -> Iterator[subprocess.Popen[s
         proc.wait(timeout=10)
 
 
-@contextlib.contextmanager
-def fresh_bpffs(tmp_path: Path) -> Iterator[str]:
-    """A bpffs of its own (mode 1777, as every new mount) where nobody can reach it,
-    unmounted after."""
-    path = tempfile.mkdtemp(prefix="sklt-hostile-", dir="/tmp")
-    os.chmod(path, 0o755)
-    subprocess.run(["mount", "-t", "bpf", "bpf", path], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", path], check=False)
-        os.rmdir(path)
+def fresh_bpffs(tmp_path: Path) -> contextlib.AbstractContextManager[str]:
+    """A bpffs of its own (mode 1777, as every new mount) where nobody can reach it."""
+    return private_bpffs("sklt-hostile-", 0o755)
 
 
 def one_line(res: object) -> str:

@@ -1,8 +1,9 @@
 """scripts/mutants: break each pure decision on purpose and check that a unit test fails.
 
 Each mutant changes one line of a copy of the package (the plan, the slots, the choice among
-sockets, the cache check) and runs tests/unit against it. A mutant that no unit test kills means
-a decision that is not really tested: the script lists survivors and exits 1. No root needed.
+sockets, the cache check, the validation layer, the output cleaner) and runs tests/unit against
+it. A mutant that no unit test kills means a decision that is not really tested: the script
+lists survivors and exits 1. No root needed.
 """
 
 from __future__ import annotations
@@ -136,6 +137,42 @@ MUTANTS = [
         "the cache accepts any header",
         "if not data.startswith(MAGIC):",
         "if False:",
+    ),
+    (
+        "render.py",
+        "control characters reach the terminal",
+        "    if s.isprintable():\n        return s",
+        "    if True:\n        return s",
+    ),
+    (
+        "rules.py",
+        "a port in other digits than ASCII is taken",
+        "if not t.isascii() or not t.isdigit() or len(t) > 5:",
+        "if not t.isdigit():",
+    ),
+    (
+        "validate.py",
+        "a name with a final newline is taken",
+        "if not isinstance(name, str) or not TARGET_NAME.fullmatch(name):",
+        "if not isinstance(name, str) or not re.match(TARGET_NAME.pattern + '$', name):",
+    ),
+    (
+        "validate.py",
+        "IPv4-mapped prefixes are taken",
+        "if net.version == 6 and net.prefixlen >= 96 and net.subnet_of(MAPPED):",
+        "if False:",
+    ),
+    (
+        "validate.py",
+        "pids are not bounded",
+        "not 1 <= value <= PID_MAX",
+        "False",
+    ),
+    (
+        "rulefile.py",
+        "an unused target is not checked",
+        "spec = _target(tname, t, where, used or set())  # checked whole, used or not",
+        "spec = _target(tname, t, where, used) if used else None  # type: ignore",
     ),
 ]
 

@@ -51,7 +51,9 @@ def _errno_code(e: OSError) -> tuple[int, str]:
         errno.EMFILE: (errors.EXIT_STATE, "raise the limit of open files: ulimit -n"),
         errno.EROFS: (
             errors.EXIT_STATE,
-            "the bpffs is mounted read-only: remount it read-write (mount -o remount,rw DIR)",
+            "the bpffs is mounted read-only: remount it read-write (mount -o remount,rw DIR)"
+            if isinstance(e, BpfError)
+            else "the file system is mounted read-only",
         ),
     }.get(e.errno or 0, (errors.EXIT_STATE, ""))
 

@@ -129,7 +129,20 @@ def kernel_source() -> Iterator[str | None]:
     if _ours(os.path.join(target, "include/linux/kconfig.h")):
         yield target
         return
-    yield _make_standin(cache, target)
+    try:
+        made = _make_standin(cache, target)
+    except OSError as e:
+        # the cache is best effort: full, read-only, not a file system that takes files
+        notices.emit(
+            f"cannot write to the program cache {cache} ({e.strerror}): compiling without it"
+        )
+        tmp = _private_tmp()
+        try:
+            yield _make_standin(tmp, os.path.join(tmp, "standin"))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    yield made
 
 
 def _ours(path: str) -> bool:
@@ -233,14 +246,20 @@ COMPILE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
 @contextlib.contextmanager
 def _fixed_env(ksrc: str | None) -> Iterator[None]:
+    """Compile with COMPILE_ENV and in / (BCC searches the working directory for headers: a
+    directory of another user's, where root happens to be, must not supply any)."""
     saved = dict(os.environ)
+    cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     os.environ.clear()
     os.environ.update(COMPILE_ENV)
     if ksrc:
         os.environ["BCC_KERNEL_SOURCE"] = ksrc
     try:
+        os.chdir("/")
         yield
     finally:
+        os.fchdir(cwd)
+        os.close(cwd)
         os.environ.clear()
         os.environ.update(saved)
 

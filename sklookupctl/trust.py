@@ -42,6 +42,12 @@ def open_state_dir(bpffs: str, path: str, create: bool) -> int | None:
     root when `create`, refused (Untrusted, one line saying what to check) when someone else
     could have made or changed it. None when it does not exist and `create` is False."""
     top = os.stat(bpffs)
+    if top.st_uid != 0:
+        raise Untrusted(
+            f"{bpffs} is owned by uid {top.st_uid}, not root: they could rename {path} away "
+            "and hide what steers",
+            f"use a bpffs mount of root's (chown root {bpffs}, or the default /sys/fs/bpf)",
+        )
     if (top.st_mode & stat.S_IWOTH or top.st_mode & stat.S_IWGRP) and not (
         top.st_mode & stat.S_ISVTX
     ):

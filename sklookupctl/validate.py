@@ -8,6 +8,8 @@ line what is wrong (InvalidArgument, exit code 1). Pure Python except `netns_fil
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import ipaddress
 import math
 import os
@@ -183,6 +185,32 @@ def _not_netns(path: str, e: OSError) -> SklookupError:
     return InvalidArgument(f"{show(path)} is not a network namespace{why}", NETNS_HINT)
 
 
+# file systems whose files are the kernel's, where a read may block or have effects
+# (/proc/kmsg): proc, sysfs, debugfs, tracefs, securityfs, configfs, bpffs, cgroup, cgroup2
+PSEUDO_FS = {
+    0x9FA0,
+    0x62656572,
+    0x64626720,
+    0x74726163,
+    0x73636673,
+    0x62656570,
+    0xCAFE4A11,
+    0x27E0EB,
+    0x63677270,
+}
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_long * 15)]
+
+
+def _fs_type(fd: int) -> int:
+    buf = _Statfs()
+    if ctypes.CDLL(None, use_errno=True).fstatfs(fd, ctypes.byref(buf)) != 0:
+        return 0
+    return int(buf.f_type) & 0xFFFFFFFF
+
+
 PIPE_WAIT = 60.0  # seconds `apply` waits for a FIFO's writer to come and write
 
 
@@ -204,7 +232,13 @@ def read_text(path: str, stdin: Any = None, limit: int = RULE_FILE_MAX) -> str:
     path_text(path, "rule file")
     if path == "-":
         f = stdin.buffer if hasattr(stdin, "buffer") else stdin
-        data = f.read(limit + 1)
+        try:
+            if f is None or f.closed:
+                raise OSError(errno.EBADF, "closed")
+            data = f.read(limit + 1)
+        except (OSError, ValueError) as e:
+            why = e.strerror if isinstance(e, OSError) else str(e)
+            raise InvalidArgument(f"cannot read the rule file from stdin: {why}", hint) from None
         if isinstance(data, str):
             data = data.encode()
     else:
@@ -217,9 +251,16 @@ def read_text(path: str, stdin: Any = None, limit: int = RULE_FILE_MAX) -> str:
         except OSError as e:
             raise InvalidArgument(f"cannot read {show(path)}: {e.strerror}", hint) from None
         mode = os.fstat(fd_).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        pseudo = stat.S_ISREG(mode) and _fs_type(fd_) in PSEUDO_FS
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)) or pseudo:
             os.close(fd_)
-            what = "a directory" if stat.S_ISDIR(mode) else "not a file or a pipe"
+            what = (
+                "a directory"
+                if stat.S_ISDIR(mode)
+                else "a kernel file, not a rule file"
+                if pseudo
+                else "not a file or a pipe"
+            )
             raise InvalidArgument(f"{show(path)} is {what}", hint)
         with os.fdopen(fd_, "rb") as f:
             if stat.S_ISFIFO(mode) and not _writer_came(fd_, PIPE_WAIT):

@@ -310,6 +310,11 @@ BAD = [
         "targets.t.pid: pid '999999999999999999' is not a process id",
     ),
     Bad(
+        "a kernel file as rule file (reading /proc/kmsg would block, and consume the log)",
+        lambda n, p: ["apply", "/proc/kmsg"],
+        "'/proc/kmsg' is a kernel file, not a rule file",
+    ),
+    Bad(
         "a device as rule file",
         lambda n, p: ["apply", "/dev/zero"],
         "'/dev/zero' is not a file or a pipe",

@@ -430,3 +430,63 @@ def test_a_command_waiting_for_the_lock_stops_on_a_signal_in_one_line(ns: NS) ->
                 else:
                     assert err == f"error: {word}: nothing was changed\n", err
     assert "198.51.100.0/24" not in ns.ok("export").stdout
+
+
+def test_the_working_directory_never_supplies_headers(
+    ns: NS, user_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # BCC searches the working directory: root run from a directory of another user's must
+    # not compile their headers (round 2 of the adversarial tester)
+    evil = user_home / "cwd"
+    (evil / "linux").mkdir(parents=True)
+    (evil / "linux" / "types.h").write_text("#error planted by another user\n")
+    subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(evil)], check=True)
+    monkeypatch.setenv(compiler.CACHE_ENV, str(tmp_path / "fresh"))  # a miss: it compiles
+    monkeypatch.chdir(evil)
+    ns.proxy(tcp="127.0.0.1:9000", tag="web")
+    ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--to", "127.0.0.1:9000")
+    assert ns.dial("tcp", "192.0.2.1", 80) == "192.0.2.1 80 web"
+    assert os.getcwd() == str(evil)  # and the caller is where it was
+
+
+def test_a_bpffs_root_of_another_user_is_refused(ns: NS, tmp_path: Path) -> None:
+    with fresh_bpffs(tmp_path) as bpffs:
+        os.chown(bpffs, NOBODY, NOBODY)  # a delegated mount: they could rename the state away
+        os.chmod(bpffs, 0o755)
+        for args in (["attach", "tcp", "192.0.2.0/24", "80", "--drop"], ["status"]):
+            res = CliRunner().invoke(cli, ["--netns", ns.name, "--bpffs", bpffs, *args])
+            assert res.exit_code == 4, res.output
+            assert f"{bpffs} is owned by uid {NOBODY}, not root" in one_line(res)
+        assert "sklookupctl" not in os.listdir(bpffs)
+
+
+def test_a_cache_that_takes_no_files_only_costs_a_compile(
+    ns: NS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # trusted but unwritable (here a directory in a bpffs, which takes directories only)
+    with fresh_bpffs(tmp_path) as other:
+        monkeypatch.setenv(compiler.CACHE_ENV, os.path.join(other, "cache"))
+        res = ns.ok("attach", "tcp", "192.0.2.0/24", "80", "--drop")
+        assert "note: cannot write to the program cache" in res.output, res.output
+        assert ns.dial("tcp", "192.0.2.1", 80) == "refused"
+        ns.ok("detach", "--all")
+        for root, dirs, _files in os.walk(os.path.join(other, "cache"), topdown=False):
+            for d in dirs:
+                os.rmdir(os.path.join(root, d))
+
+
+def test_apply_from_a_closed_stdin_is_one_line(ns: NS) -> None:
+    out = subprocess.run(
+        ns.script_argv("apply", "-"), stdin=subprocess.DEVNULL, capture_output=True, text=True
+    )
+    assert out.returncode == 1 and "is empty" in out.stderr, out
+    out = subprocess.run(
+        ["sh", "-c", '"$0" "$@" <&-', *ns.script_argv("apply", "-")],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 1, out
+    assert out.stderr == (
+        "error: cannot read the rule file from stdin: closed (give a TOML rule file (- for "
+        "stdin))\n"
+    ), out.stderr

@@ -111,11 +111,13 @@ def _cache_dir(explicit: str, euid: int, home: str, xdg: str) -> str | None:
 
 
 @contextlib.contextmanager
-def kernel_source() -> Iterator[str | None]:
-    """A directory for BCC_KERNEL_SOURCE, or None when the kernel's own headers are present.
-    Kept in the cache; made in a private temporary directory (removed after) without one."""
-    if os.path.isdir(f"/lib/modules/{os.uname().release}/build"):
-        yield None
+def kernel_source() -> Iterator[str]:
+    """The directory for BCC_KERNEL_SOURCE: the kernel's own header tree when it is complete,
+    else the stand-in, kept in the cache (made in a private temporary directory, removed after,
+    without a trusted one)."""
+    tree = _kernel_tree()
+    if tree is not None:
+        yield tree
         return
     cache = cache_dir()
     if cache is None:
@@ -145,6 +147,17 @@ def kernel_source() -> Iterator[str | None]:
     yield made
 
 
+def _kernel_tree(base: str = "") -> str | None:
+    """The running kernel's own header tree, chosen as BCC 0.26 chooses it (`source` when both
+    it and `build` are there, else `build`) and only when complete (it has kconfig.h). Without
+    one, BCC would fall back to $TMPDIR/kheaders-RELEASE, which any user can make in /tmp: so
+    the tree, or the stand-in, is always given explicitly (BCC_KERNEL_SOURCE)."""
+    base = base or f"/lib/modules/{os.uname().release}"
+    source, build = f"{base}/source", f"{base}/build"
+    tree = source if os.path.isdir(source) and os.path.isdir(build) else build
+    return tree if os.path.isfile(os.path.join(tree, "include/linux/kconfig.h")) else None
+
+
 def _ours(path: str) -> bool:
     """Whether `path` and the directories from the cache down to it were made by the effective
     user or root (inside a trusted cache nobody else could have, but a check costs little)."""
@@ -155,13 +168,13 @@ def _ours(path: str) -> bool:
     return st.st_uid in (os.geteuid(), 0) and not stat.S_IMODE(st.st_mode) & 0o022
 
 
-def _private_tmp() -> str:
+def _private_tmp(prefix: str = "sklookupctl-standin-") -> str:
     """A new 0700 directory in a parent nobody else can rename things in (never $TMPDIR, which
     `sudo -E` keeps from the user): /run for root, else /tmp (sticky)."""
     for parent in ("/run", "/tmp", "/var/tmp"):
         if trust.cache_problem(os.path.join(parent, "sklookupctl-probe")) is None:
             with contextlib.suppress(OSError):
-                return tempfile.mkdtemp(prefix="sklookupctl-standin-", dir=parent)
+                return tempfile.mkdtemp(prefix=prefix, dir=parent)
     raise EnvironmentProblem(
         "no private place to build the kernel-header stand-in in",
         f"give a program cache of your own with --cache-dir or {CACHE_ENV}",
@@ -245,15 +258,17 @@ COMPILE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
 
 @contextlib.contextmanager
-def _fixed_env(ksrc: str | None) -> Iterator[None]:
-    """Compile with COMPILE_ENV and in / (BCC searches the working directory for headers: a
-    directory of another user's, where root happens to be, must not supply any)."""
+def _fixed_env(ksrc: str) -> Iterator[None]:
+    """Compile with COMPILE_ENV, BCC_KERNEL_SOURCE always set, TMPDIR a private directory, and
+    in / (BCC searches the working directory for headers: a directory of another user's, where
+    root happens to be, must not supply any)."""
     saved = dict(os.environ)
     cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    tmp = _private_tmp("sklookupctl-tmp-")
     os.environ.clear()
     os.environ.update(COMPILE_ENV)
-    if ksrc:
-        os.environ["BCC_KERNEL_SOURCE"] = ksrc
+    os.environ["TMPDIR"] = tmp
+    os.environ["BCC_KERNEL_SOURCE"] = ksrc
     try:
         os.chdir("/")
         yield
@@ -262,9 +277,10 @@ def _fixed_env(ksrc: str | None) -> Iterator[None]:
         os.close(cwd)
         os.environ.clear()
         os.environ.update(saved)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _compile(bcc: Any, src: str, ksrc: str | None) -> bytes:
+def _compile(bcc: Any, src: str, ksrc: str) -> bytes:
     with _fixed_env(ksrc):
         return _compile_here(bcc, src)
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import stat
 import string
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -398,3 +401,65 @@ def test_a_missing_netns_is_only_offered_to_be_made_when_it_could_be() -> None:
         with pytest.raises(NotFound) as e:
             netns.open_netns(spec)
         assert ("netns add" in e.value.hint) == offered, e.value.hint
+
+
+# -- what BCC sees while it compiles (round 3 of the adversarial tester) -------------------------
+
+
+def test_the_kernel_tree_is_chosen_as_bcc_chooses_it_and_only_when_complete(tmp_path: Path) -> None:
+    from sklookupctl import compiler
+
+    build, source = tmp_path / "build", tmp_path / "source"
+    build.mkdir()  # a leftover build/ without headers: BCC would fall back to /tmp/kheaders-*
+    assert compiler._kernel_tree(str(tmp_path)) is None
+    (build / "include" / "linux").mkdir(parents=True)
+    (build / "include" / "linux" / "kconfig.h").write_text("")
+    assert compiler._kernel_tree(str(tmp_path)) == str(build)
+    source.mkdir()  # BCC takes source/ when both are there: then source/ must be complete
+    assert compiler._kernel_tree(str(tmp_path)) is None
+    (source / "include" / "linux").mkdir(parents=True)
+    (source / "include" / "linux" / "kconfig.h").write_text("")
+    assert compiler._kernel_tree(str(tmp_path)) == str(source)
+
+
+def test_bcc_compiles_with_a_fixed_environment_a_kernel_tree_and_a_private_tmpdir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from sklookupctl import compiler
+
+    seen: dict[str, object] = {}
+
+    def fake(bcc: object, src: str) -> bytes:
+        seen.update(env=dict(os.environ), cwd=os.getcwd())
+        tmp = os.environ["TMPDIR"]
+        seen["tmp"] = (tmp, stat.S_IMODE(os.stat(tmp).st_mode), os.stat(tmp).st_uid)
+        return b""
+
+    monkeypatch.setattr(compiler, "_compile_here", fake)
+    for k, v in {"ARCH": "../evil", "CPATH": "/evil", "TMPDIR": str(tmp_path), "X": "y"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)
+    compiler._compile(None, "", "/the/tree")
+    env = seen["env"]
+    assert isinstance(env, dict)
+    assert set(env) == {*compiler.COMPILE_ENV, "TMPDIR", "BCC_KERNEL_SOURCE"}
+    assert env["BCC_KERNEL_SOURCE"] == "/the/tree" and seen["cwd"] == "/"
+    tmp, mode, uid = seen["tmp"]  # type: ignore[misc]
+    assert mode == 0o700 and uid == os.geteuid() and not tmp.startswith(str(tmp_path))
+    assert not os.path.exists(tmp)  # removed after
+    assert os.environ["ARCH"] == "../evil" and os.getcwd() == str(tmp_path)  # restored
+
+
+def test_the_command_starts_python_isolated(tmp_path: Path) -> None:
+    # `sudo -E` keeps PYTHONPATH-like variables from a user (sudo drops only a few:
+    # PYTHONPYCACHEPREFIX, PYTHONWARNINGS... pass): the installed command ignores them all
+    fake = tmp_path / "sklookupctl"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise SystemExit('planted')\n")
+    (fake / "__main__.py").write_text("raise SystemExit('planted')\n")
+    command = os.path.join(os.path.dirname(sys.executable), "sklookupctl")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "PYTHONPYCACHEPREFIX": str(tmp_path)}
+    out = subprocess.run(
+        [command, "--version"], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.startswith("sklookupctl, version"), out

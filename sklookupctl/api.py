@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import resource
 import sys
 from collections.abc import Callable, Iterator
@@ -119,6 +120,94 @@ class Outcome:
 Desire = Callable[[Live], tuple[RuleSet, dict[str, Want]]]
 
 
+def _target_change_json(c: TargetChange) -> dict[str, Any]:
+    t = c.new or c.old
+    assert t is not None
+    out: dict[str, Any] = {"name": c.name, "protocol": t.proto, "address": t.endpoint}
+    if c.old is not None and c.new is not None:
+        out["why"] = c.why  # address | protocol | reuseport | socket | members
+        if c.old.endpoint != c.new.endpoint:
+            out["from"] = c.old.endpoint
+    return out
+
+
+def change_json(
+    command: str,
+    netns: str,
+    *,
+    dry_run: bool,
+    changed: bool,
+    loaded: bool,
+    generation: int,
+    plan: Plan | None,
+    notes: list[str],
+    rules: tuple[list[Rule], list[Rule], list[tuple[Rule, Rule]]] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The one JSON shape of every writing command: `changed` (anything changed in the kernel,
+    or with `dry_run` would), the rules and targets added, removed and changed, notes; then
+    what is particular to the command. The rules come from `plan`, or `rules` (added, removed,
+    changed) when given."""
+    tc = plan.target_changes if plan is not None else []
+    added, removed, changes = rules or (
+        (plan.added, plan.removed, plan.changed) if plan is not None else ([], [], [])
+    )
+    doc: dict[str, Any] = {
+        "command": command,
+        "netns": netns,
+        "dry_run": dry_run,
+        "changed": changed,
+        "loaded_dispatcher": loaded,
+        "generation": generation,
+        "rules": {
+            "added": [_rule_json(r, None) for r in added],
+            "removed": [_rule_json(r, None) for r in removed],
+            "changed": [
+                {"from": _rule_json(a, None), "to": _rule_json(b, None)} for a, b in changes
+            ],
+        },
+        "targets": {
+            "added": [_target_change_json(c) for c in tc if c.old is None],
+            "removed": [_target_change_json(c) for c in tc if c.new is None],
+            "changed": [_target_change_json(c) for c in tc if c.old and c.new],
+        },
+        "notes": notes,
+    }
+    doc.update(extra)
+    return doc
+
+
+def _syslog(line: str) -> None:
+    import syslog
+
+    syslog.openlog("sklookupctl", syslog.LOG_PID, syslog.LOG_DAEMON)
+    syslog.syslog(syslog.LOG_NOTICE, line)
+
+
+AUDIT: Callable[[str], None] = _syslog  # where the audit trail goes (tests replace it)
+
+
+def audit(command: str, netns: str, what: str) -> None:
+    """One line per change to syslog (the journal): who, what, where. Never fails a change."""
+    from .render import clean
+
+    who = f"uid {os.getuid()}"
+    if os.environ.get("SUDO_USER"):
+        who += f" (sudo from {os.environ['SUDO_USER']})"
+    with contextlib.suppress(Exception):
+        AUDIT(clean(f"{command} in {netns}: {what}; by {who}"))
+
+
+def _summary(out: Outcome) -> str:
+    p = out.plan
+    tc = p.target_changes
+    return (
+        f"generation {out.generation}, rules +{len(p.added)} -{len(p.removed)} "
+        f"~{len(p.changed)}, targets +{sum(c.old is None for c in tc)} "
+        f"-{sum(c.new is None for c in tc)} ~{sum(bool(c.old and c.new) for c in tc)}"
+    )
+
+
 def _change(
     ns: Netns,
     bpffs: str,
@@ -126,6 +215,7 @@ def _change(
     desire: Desire,
     dry_run: bool = False,
     wait: float = store.DEFAULT_WAIT,
+    command: str = "change",
 ) -> Outcome:
     """The one way every change goes: lock, repair, read what is live, ask `desire` what is
     wanted, plan, commit. With `dry_run`, only the plan is made (under a shared lock)."""
@@ -143,7 +233,9 @@ def _change(
         if dry_run or plan.noop:
             return Outcome(plan, False, False, live.generation, notes)
         notes += s.commit(plan, disc.socket_fd)
-        return Outcome(plan, not live.generation, True, live.generation + 1, notes)
+        out = Outcome(plan, not live.generation, True, live.generation + 1, notes)
+        audit(command, ns.label, _summary(out))
+        return out
 
 
 def _keep(t: Slotted) -> Want:
@@ -215,6 +307,20 @@ def _want_fd(
     return Want(name, proto, info.addr, info.port, _members(found), exact), info
 
 
+def _sockets_json(disc: sockets.Discovery, want: Want) -> list[dict[str, Any]]:
+    """The target's sockets, each with its cookie and the processes holding it."""
+    out = []
+    for m in want.members:
+        e = disc.by_cookie(m.cookie, want.proto)
+        holders = [
+            {"pid": h.pid, "comm": h.comm, "fd": h.fd}
+            for h in (disc.holders(e.inode) if e is not None else [])
+        ]
+        address = format_endpoint(want.addr, want.port)
+        out.append({"cookie": m.cookie, "address": address, "holders": holders})
+    return out
+
+
 def _socket_text(disc: sockets.Discovery, want: Want) -> str:
     if not want.members:
         return "no socket"
@@ -234,21 +340,28 @@ class AttachResult:
     loaded: bool  # this call loaded the dispatcher into the netns
     netns: str
     target: str | None = None
-    socket: str = ""  # where the target's socket listens, and who holds it
+    socket: str = ""  # where the target's socket listens, and who holds it (for people)
     notes: list[str] = field(default_factory=list)
     rule_changed: bool = False  # the rule is new, or --replace changed it
+    generation: int = 0
+    plan: Plan | None = None
+    sockets: list[dict[str, Any]] = field(default_factory=list)  # the target's, for programs
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "netns": self.netns,
-            "rule": _rule_json(self.rule, None),
-            "changed": self.changed,
-            "rule_changed": self.rule_changed,
-            "loaded_dispatcher": self.loaded,
-            "target": self.target,
-            "socket": self.socket,
-            "notes": self.notes,
-        }
+        return change_json(
+            "attach",
+            self.netns,
+            dry_run=False,
+            changed=self.changed,
+            loaded=self.loaded,
+            generation=self.generation,
+            plan=self.plan,
+            notes=self.notes,
+            rule=_rule_json(self.rule, None),
+            rule_changed=self.rule_changed,
+            target=self.target,
+            sockets=self.sockets,
+        )
 
 
 def attach(
@@ -321,13 +434,16 @@ def attach(
                 wants[tname] = want
                 result.target = tname
                 result.socket = _socket_text(disc, want)
+                result.sockets = _sockets_json(disc, want)
             result.rule_changed = rs.add(chosen, replace)
             return rs, wants
 
-        out = _change(ns, bpffs, disc, desire, wait=wait)
+        out = _change(ns, bpffs, disc, desire, wait=wait, command="attach")
         result.rule = chosen
         result.changed = out.committed
         result.loaded = out.loaded
+        result.generation = out.generation
+        result.plan = out.plan
         result.notes += out.notes
         for change in out.plan.target_changes:
             if change.why in ("socket", "members") and change.name == result.target:
@@ -361,17 +477,27 @@ def _check_target(live: Live, want: Want, replace: bool) -> None:
 @dataclass
 class DetachResult:
     netns: str
-    removed: str
+    removed: str  # what was removed, for people ("": nothing was there)
     dispatcher_removed: bool
     notes: list[str] = field(default_factory=list)
+    changed: bool = False
+    generation: int = 0
+    plan: Plan | None = None
+    state: str = ""  # detach --all: what was there (dispatcher, damaged, other-layout)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "netns": self.netns,
-            "removed": self.removed,
-            "dispatcher_removed": self.dispatcher_removed,
-            "notes": self.notes,
-        }
+        return change_json(
+            "detach",
+            self.netns,
+            dry_run=False,
+            changed=self.changed,
+            loaded=False,
+            generation=self.generation,
+            plan=self.plan,
+            notes=self.notes,
+            dispatcher_removed=self.dispatcher_removed,
+            state_removed=self.state,
+        )
 
 
 def detach(
@@ -380,28 +506,47 @@ def detach(
     prefix: str,
     ports: str,
     *,
+    if_exists: bool = False,
     bpffs: str = DEFAULT_BPFFS,
     wait: float = store.DEFAULT_WAIT,
 ) -> DetachResult:
-    """Remove one rule (and its target when no other rule uses it)."""
+    """Remove one rule (and its target when no other rule uses it). With `if_exists`, a rule
+    (or a dispatcher) that is not there is no error: nothing changes, and a note says so."""
     lo, hi = parse_ports(ports)
     key = RuleKey(parse_protocol(proto), parse_prefix(prefix), lo, hi)
     require_privileges()
     removed: list[Rule] = []
+    absent: list[str] = []
 
     def desire(live: Live) -> tuple[RuleSet, dict[str, Want]]:
+        rs = live_rules(live)
+        wants = {n: _keep(t) for n, t in live.targets.items()}
         if not live.generation:
+            if if_exists:
+                absent.append(f"no rule {key}: no sklookupctl dispatcher in {ns.label}")
+                return rs, wants
             raise NotLoaded(
                 f"no sklookupctl dispatcher in {ns.label}, so no rule {key}",
-                "see `sklookupctl status`",
+                "see `sklookupctl status`; --if-exists makes this no error",
             )
-        rs = live_rules(live)
+        if if_exists and key not in rs.rules:
+            absent.append(f"no rule {key}: nothing to remove")
+            return rs, wants
         removed.append(rs.remove(key))
-        return rs, {n: _keep(t) for n, t in live.targets.items()}
+        return rs, wants
 
     with open_netns(netns) as ns, sockets.Discovery(ns) as disc:
-        out = _change(ns, bpffs, disc, desire, wait=wait)
-        return DetachResult(ns.label, f"{key} {removed[0].describe()}", False, out.notes)
+        out = _change(ns, bpffs, disc, desire, wait=wait, command="detach")
+        what = f"{key} {removed[0].describe()}" if removed else ""
+        return DetachResult(
+            ns.label,
+            what,
+            False,
+            absent + out.notes,
+            changed=out.committed,
+            generation=out.generation,
+            plan=out.plan,
+        )
 
 
 def detach_all(
@@ -414,7 +559,21 @@ def detach_all(
         store.session(bpffs, ns, write=True, damaged_ok=True, wait=wait) as s,
     ):
         what = s.remove()
-        return DetachResult(ns.label, what or "nothing: no dispatcher was attached", bool(what))
+        if what:
+            audit("detach --all", ns.label, f"removed the {what}")
+        state = {
+            "dispatcher and all rules": "dispatcher",
+            "damaged state directory": "damaged",
+            "state of another layout": "other-layout",
+        }.get(what, what)
+        return DetachResult(
+            ns.label,
+            what,
+            bool(what),
+            [] if what else [f"nothing to remove: no sklookupctl dispatcher in {ns.label}"],
+            changed=bool(what),
+            state=state,
+        )
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -539,7 +698,21 @@ def gc_state(
     what was removed or repaired."""
     require_privileges()
     with Store.locked(bpffs, exclusive=True, wait=wait) as held:
-        return [_entry_json(e, {}) for e in held.gc()]
+        done = [_entry_json(e, {}) for e in held.gc()]
+    for e in done:
+        audit("gc", e["label"] or f"inode {e['netns_inode']}", f"{e['state']}: {e['path']}")
+    return done
+
+
+def gc_json(done: list[dict[str, Any]]) -> dict[str, Any]:
+    """gc in the shape of every writing command (it spans namespaces: no rules or targets)."""
+    return {
+        "command": "gc",
+        "changed": bool(done),
+        "dry_run": False,
+        "collected": done,
+        "notes": [],
+    }
 
 
 # -- namespaces and addresses --------------------------------------------------------------
@@ -617,6 +790,7 @@ class ApplyResult:
     targets_removed: list[str] = field(default_factory=list)
     targets_changed: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    plan: Plan | None = None
 
     @property
     def differs(self) -> bool:
@@ -630,24 +804,19 @@ class ApplyResult:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "netns": self.netns,
-            "file": self.file,
-            "dry_run": self.dry_run,
-            "rules": self.rules,
-            "applied": self.applied,
-            "loaded_dispatcher": self.loaded,
-            "generation": self.generation,
-            "added": [_rule_json(r, None) for r in self.added],
-            "removed": [_rule_json(r, None) for r in self.removed],
-            "changed": [
-                {"from": _rule_json(a, None), "to": _rule_json(b, None)} for a, b in self.changed
-            ],
-            "targets_added": self.targets_added,
-            "targets_removed": self.targets_removed,
-            "targets_changed": self.targets_changed,
-            "notes": self.notes,
-        }
+        return change_json(
+            "apply",
+            self.netns,
+            dry_run=self.dry_run,
+            changed=self.differs if self.dry_run else self.applied,
+            loaded=self.loaded,
+            generation=self.generation,
+            plan=self.plan,
+            notes=self.notes,
+            rules=(self.added, self.removed, self.changed),
+            file=self.file,
+            rule_count=self.rules,
+        )
 
 
 Progress = Callable[[str, int, int], None]
@@ -758,11 +927,11 @@ def _apply(
             return rf.rules, _file_wants(disc, live, rf, path, res.notes)
 
         try:
-            out = _change(ns, bpffs, disc, desire, dry_run, wait)
+            out = _change(ns, bpffs, disc, desire, dry_run, wait, command=f"apply {path}")
         except TargetMismatch as e:
             where = f"{path}: rules[{rf.index(e.rule)}].target"  # type: ignore[arg-type]
             raise rulefile.FileError(where, e.message, e.hint) from None
-        plan = out.plan
+        plan = res.plan = out.plan
         res.added, res.removed, res.changed = plan.added, plan.removed, plan.changed
         _target_lines(res, plan.target_changes)
         res.applied = out.committed

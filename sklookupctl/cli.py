@@ -29,6 +29,7 @@ Exit codes:
   2  usage: unknown option or command, missing argument
   3  needs privileges: run as root
   4  state or machine problem: lock busy, untrusted or foreign state, bpffs, BCC, kernel
+  5  apply --exit-code: something changed (with --dry-run: would change)
  70  a bug in sklookupctl (the traceback is printed: please report it)
 130  interrupted (Ctrl-C) before anything changed; 143: SIGTERM, the same
 """
@@ -85,6 +86,57 @@ def fail(code: int, message: str, hint: str = "", log: str = "", as_json: bool =
     sys.exit(code)
 
 
+GLOBAL_OPTIONS = ("-n", "--netns", "--bpffs", "--wait", "--cache-dir")  # each takes a value
+
+
+def _value_options(cmd: click.Command) -> set[str]:
+    """The options of `cmd` (and of every command below it) that take a value."""
+    out: set[str] = set()
+    for p in cmd.params:
+        if isinstance(p, click.Option) and not p.is_flag:
+            out.update(p.opts)
+    if isinstance(cmd, click.Group):
+        for sub in cmd.commands.values():
+            out |= _value_options(sub)
+    return out
+
+
+def hoist_globals(group: click.Group, argv: list[str]) -> list[str]:
+    """Global options given after the command (`status -n edge`) moved before it, where click
+    looks for them. A value of one of the command's own options, and everything after `--`,
+    stays where it is."""
+    i = 0
+    while i < len(argv) and argv[i] not in group.commands:
+        i += 1  # the global options and their values before the command
+    if i >= len(argv):
+        return argv
+    takes_value = _value_options(group.commands[argv[i]])
+    tail: list[str] = []
+    moved: list[str] = []
+    j = i + 1
+    while j < len(argv):
+        a = argv[j]
+        name = a.split("=", 1)[0]
+        if a == "--":
+            tail += argv[j:]
+            break
+        if name in GLOBAL_OPTIONS:
+            if "=" in a and a.startswith("--"):
+                moved.append(a)
+                j += 1
+            else:
+                moved += argv[j : j + 2]
+                j += 2
+            continue
+        tail.append(a)
+        if a in takes_value and j + 1 < len(argv):
+            tail.append(argv[j + 1])
+            j += 1
+        j += 1
+    # after those given before the command: given twice, the later one wins, as in click
+    return argv[:i] + moved + [argv[i]] + tail
+
+
 class Stopped(Exception):
     """Ctrl-C or SIGTERM during a command, past click's own handling (which prints an empty
     line first)."""
@@ -114,7 +166,7 @@ class Group(click.Group):
     ) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, False, **extra)
-        argv = list(sys.argv[1:] if args is None else args)
+        argv = hoist_globals(self, list(sys.argv[1:] if args is None else args))
         # --json as parsed; for a usage error (parsing stopped), as written
         written = "--json" in (argv[: argv.index("--")] if "--" in argv else argv)
         _json_given[0] = False
@@ -211,11 +263,15 @@ json_option = click.option(
     "--netns",
     "-n",
     metavar="NS",
+    envvar="SKLOOKUPCTL_NETNS",
+    show_envvar=True,
     help="Target network namespace: a name under /run/netns or a path such as "
     "/proc/PID/ns/net. Default: the caller's own.",
 )
 @click.option(
     "--bpffs",
+    envvar="SKLOOKUPCTL_BPFFS",
+    show_envvar=True,
     default=api.DEFAULT_BPFFS,
     show_default=True,
     metavar="DIR",
@@ -223,6 +279,8 @@ json_option = click.option(
 )
 @click.option(
     "--wait",
+    envvar="SKLOOKUPCTL_WAIT",
+    show_envvar=True,
     type=Seconds(),
     default=store.DEFAULT_WAIT,
     show_default=True,
@@ -251,10 +309,14 @@ def cli(
       sklookupctl -n edge attach tcp 192.0.2.0/24 all --to 127.0.0.1:8080
       sklookupctl -n edge status
 
-    Steering lives in bpffs and outlives this command. Run as root.
+    Steering lives in bpffs and outlives this command. Run as root. Global options may also
+    come after the command (`sklookupctl status -n edge`).
     """
     if cache_dir is not None:
         os.environ[compiler.CACHE_ENV] = cache_dir
+    if netns is None and os.environ.get("SKLOOKUPCTL_NETNS") == "":
+        # an empty variable must not mean the caller's own namespace (the host's)
+        raise click.UsageError("SKLOOKUPCTL_NETNS is set but empty: unset it or name a netns")
     ctx.obj = Obj(netns, bpffs, wait)
 
 
@@ -361,7 +423,15 @@ def attach(
         return
     if res.loaded:
         render.say(f"loaded the dispatcher into {res.netns}")
-    verb = "added" if res.rule_changed else "unchanged:"
+    plan = res.plan
+    if plan is None:
+        verb = "added" if res.rule_changed else "unchanged:"
+    elif any(r.key == res.rule.key for r in plan.added):
+        verb = "added"
+    elif any(b.key == res.rule.key for _a, b in plan.changed):
+        verb = "changed"
+    else:
+        verb = "unchanged:"
     render.say(
         f"{verb} {res.rule.key} {res.rule.describe()}"
         + (f"  (socket {res.socket})" if res.socket and res.changed else "")
@@ -381,10 +451,23 @@ def attach(
     help="Detach the dispatcher from the netns and remove all its rules and pins. "
     "Links of other tools stay.",
 )
+@click.option(
+    "--if-exists",
+    is_flag=True,
+    help="A rule that is not there (or no dispatcher) is no error: exit 0, nothing changed "
+    "(for scripts that must be idempotent). Without it, removing what is absent is an error, "
+    "so a typo does not pass silently. detach --all never fails for an absent dispatcher.",
+)
 @json_option
 @click.pass_obj
 def detach(
-    obj: Obj, proto: str | None, prefix: str | None, ports: str | None, all_: bool, as_json: bool
+    obj: Obj,
+    proto: str | None,
+    prefix: str | None,
+    ports: str | None,
+    all_: bool,
+    if_exists: bool,
+    as_json: bool,
 ) -> None:
     """Remove the rule PROTO PREFIX PORTS, or with --all everything sklookupctl attached.
 
@@ -402,11 +485,14 @@ def detach(
         res = api.detach_all(obj.netns, bpffs=obj.bpffs, wait=obj.wait)
     else:
         assert proto is not None and prefix is not None and ports is not None
-        res = api.detach(obj.netns, proto, prefix, ports, bpffs=obj.bpffs, wait=obj.wait)
+        res = api.detach(
+            obj.netns, proto, prefix, ports, if_exists=if_exists, bpffs=obj.bpffs, wait=obj.wait
+        )
     if as_json:
         render.emit_json(res.to_json())
     else:
-        render.say(f"removed {res.removed} from {res.netns}")
+        if res.removed:
+            render.say(f"removed {res.removed} from {res.netns}")
         for note in res.notes:
             render.say(note)
 
@@ -419,9 +505,15 @@ def detach(
     is_flag=True,
     help="Check the file, find its sockets, and print what would change. Change nothing.",
 )
+@click.option(
+    "--exit-code",
+    is_flag=True,
+    help=f"Exit {errors.EXIT_DIFFERS} when something changed (with --dry-run: would change), "
+    "0 when not: change detection for scripts and Ansible, like git diff --exit-code.",
+)
 @json_option
 @click.pass_obj
-def apply(obj: Obj, file: str, dry_run: bool, as_json: bool) -> None:
+def apply(obj: Obj, file: str, dry_run: bool, exit_code: bool, as_json: bool) -> None:
     """Replace the netns's whole rule set with the one in FILE (TOML; - for stdin).
 
     All or nothing: the file is checked completely and every target's socket is found
@@ -459,6 +551,8 @@ def apply(obj: Obj, file: str, dry_run: bool, as_json: bool) -> None:
         render.emit_json(res.to_json())
     else:
         render.apply_result(res)
+    if exit_code and res.to_json()["changed"]:
+        sys.exit(errors.EXIT_DIFFERS)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -517,7 +611,7 @@ def gc(obj: Obj, as_json: bool) -> None:
     """
     done = api.gc_state(bpffs=obj.bpffs, wait=obj.wait)
     if as_json:
-        render.emit_json(done)
+        render.emit_json(api.gc_json(done))
         return
     for e in done:
         render.say(render.gc_line(e))

@@ -8,6 +8,7 @@ Every class carries its exit code (`exit_code`):
     2  usage: unknown option, missing argument (click's own)
     3  needs privileges (run as root)
     4  state or machine problem: busy lock, untrusted or foreign state, bpffs, BCC, kernel
+    5  `apply --exit-code` only: something changed (with --dry-run: would change)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_PRIVILEGES = 3
 EXIT_STATE = 4
+EXIT_DIFFERS = 5  # apply --exit-code: something changed, or would
 EXIT_INTERRUPTED = 130  # Ctrl-C before anything changed (128 + SIGINT)
 EXIT_TERMINATED = 143  # SIGTERM before anything changed (128 + SIGTERM)
 EXIT_INTERNAL = 70  # a bug: the traceback is printed (EX_SOFTWARE)

@@ -65,8 +65,10 @@ def test_apply_steers_and_export_round_trips(ns: NS, tmp_path: Path) -> None:
     exported = ns.ok("export").stdout
     again = write(tmp_path, "export.toml", exported)
     dry = json.loads(ns.ok("apply", "--dry-run", "--json", again).stdout)
-    assert not dry["added"] and not dry["removed"] and not dry["changed"]
-    assert not dry["targets_added"] and not dry["targets_changed"]
+    assert dry["changed"] is False and dry["dry_run"] is True
+    assert not dry["rules"]["added"] and not dry["rules"]["removed"]
+    assert not dry["rules"]["changed"]
+    assert not dry["targets"]["added"] and not dry["targets"]["changed"]
     res = ns.ok("apply", again)
     assert "nothing to change" in res.output
     assert ns.status()["generation"] == gen  # nothing was rebuilt

@@ -111,7 +111,7 @@ def test_a_deleted_namespace_is_collected_and_its_inode_not_confused(bpffs: str)
         assert st["loaded"] is False and st["netns_inode"] == inode
         assert "no sklookupctl dispatcher" in new.ok("status").output
         res = new.ok("gc", "--json")
-        (gone,) = json.loads(res.stdout)
+        (gone,) = json.loads(res.stdout)["collected"]
         assert (gone["state"], gone["label"]) == ("dead", name)
         assert new.ok("gc").output == "nothing to remove\n"
         res = new.cli("detach", "tcp", "192.0.2.0/24", "all")

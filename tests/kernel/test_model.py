@@ -309,7 +309,7 @@ class Steering(RuleBasedStateMachine):
                 time.sleep(0.05)
             else:
                 raise AssertionError(f"the deleted namespace is not seen dead: {listed}")
-        gone = json.loads(self.ns.ok("gc", "--json").stdout)
+        gone = json.loads(self.ns.ok("gc", "--json").stdout)["collected"]
         dead = [e["label"] for e in gone if e["state"] == "dead"]
         assert dead == ([self.name] if self.model.loaded else []), gone
         assert {e["state"] for e in gone} <= {"dead", "unfinished"}, gone

@@ -340,7 +340,9 @@ def test_apply_shows_at_most_so_many_lines(rec: Recorder, monkeypatch: pytest.Mo
     assert "... and 54 more (--json lists them all)" in res.output  # 2 targets + 250 + 1 + 1
     assert res.output.splitlines()[-1].startswith("applied r.toml to edge (generation 4)")
     data = json.loads(run("apply", "--json", "r.toml").stdout)
-    assert len(data["added"]) == 250 and data["changed"][0]["to"]["action"] == "drop"
+    assert data["command"] == "apply" and data["changed"] is True
+    assert len(data["rules"]["added"]) == 250
+    assert data["rules"]["changed"][0]["to"]["action"] == "drop"
 
 
 def test_apply_nothing_to_change(rec: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,6 +15,7 @@ import contextlib
 import gc
 import os
 import resource
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -256,25 +257,37 @@ def _want_at(
     port: int,
     exact: bool,
     notes: list[str],
+    allow_missing: bool = False,
 ) -> Want:
     """A target at addr:port, with the socket(s) found there now. When none can serve and the
     target is already live at that address, it stays as registered (its rules act as
-    on_missing says) with a note; otherwise the error says what is there."""
+    on_missing says) with a note; with `allow_missing` a new one waits for its socket the same
+    way; otherwise the error says what is there."""
     old = live.targets.get(name)
     try:
         found = disc.find(proto, addr, port, exact, live.alive(old) if old else ())
     except (NotFound, SocketRejected) as e:
-        if old is not None and (old.proto, old.addr, old.port, old.exact) == (
+        same = old is not None and (old.proto, old.addr, old.port, old.exact) == (
             proto,
             addr,
             port,
             exact,
-        ):
+        )
+        if same and old is not None and old.waiting:
+            notes.append(f"target {name}: still waiting for its socket ({e.message})")
+            return Want(name, proto, addr, port, (), exact, wait=True)
+        if same:
             notes.append(
                 f"target {name}: {e.message}; it stays registered without a socket, and its "
                 "rules act as on_missing says until a socket is registered"
             )
             return Want(name, proto, addr, port, (), exact)
+        if allow_missing:
+            notes.append(
+                f"target {name}: {e.message}; it waits for its socket, and its rules act as "
+                "on_missing says until `register`, attach or apply finds one"
+            )
+            return Want(name, proto, addr, port, (), exact, wait=True)
         raise
     tier = sockets.choose(disc.at_port(proto, port), addr, port)
     if not exact and len(found) == layout.MAX_MEMBERS and len(tier) > layout.MAX_MEMBERS:
@@ -378,6 +391,7 @@ def attach(
     on_missing: str = "drop",
     replace: bool = False,
     exact: bool = False,
+    allow_missing: bool = False,
     bpffs: str = DEFAULT_BPFFS,
     wait: float = store.DEFAULT_WAIT,
 ) -> AttachResult:
@@ -423,7 +437,9 @@ def attach(
             if not drop:
                 if endpoint is not None:
                     tname = chosen.target or ""
-                    want = _want_at(disc, live, tname, rule_proto, *endpoint, exact, result.notes)
+                    want = _want_at(
+                        disc, live, tname, rule_proto, *endpoint, exact, result.notes, allow_missing
+                    )
                 else:
                     assert pid is not None and fd is not None
                     want, info = _want_fd(disc, "", rule_proto, pid, fd, exact)
@@ -576,6 +592,148 @@ def detach_all(
         )
 
 
+# -- register: a declared target's socket ----------------------------------------------------
+
+
+@dataclass
+class RegisterResult:
+    netns: str
+    target: str
+    source: str  # where the socket came from: systemd | fd | address
+    changed: bool = False
+    generation: int = 0
+    plan: Plan | None = None
+    socket: str = ""
+    sockets: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return change_json(
+            "register",
+            self.netns,
+            dry_run=False,
+            changed=self.changed,
+            loaded=False,
+            generation=self.generation,
+            plan=self.plan,
+            notes=self.notes,
+            target=self.target,
+            source=self.source,
+            sockets=self.sockets,
+        )
+
+
+def systemd_fds(environ: dict[str, str] | None = None) -> dict[str, int]:
+    """The sockets systemd passed this process (socket activation): fd 3 on, LISTEN_FDS of
+    them, for this pid only (LISTEN_PID), by name (LISTEN_FDNAMES; unnamed: "fdN")."""
+    env = os.environ if environ is None else environ
+    count, pid = env.get("LISTEN_FDS", ""), env.get("LISTEN_PID", "")
+    if not count or pid != str(os.getpid()):
+        return {}
+    n = validate.digits(count, "LISTEN_FDS", 4)
+    names = env.get("LISTEN_FDNAMES", "").split(":") if env.get("LISTEN_FDNAMES") else []
+    return {(names[i] if i < len(names) and names[i] else f"fd{3 + i}"): 3 + i for i in range(n)}
+
+
+def register(
+    netns: str | None,
+    target: str,
+    *,
+    to: str | None = None,
+    pid: int | None = None,
+    fd: int | None = None,
+    fd_name: str | None = None,
+    bpffs: str = DEFAULT_BPFFS,
+    wait: float = store.DEFAULT_WAIT,
+) -> RegisterResult:
+    """Give a declared target its socket: from systemd socket activation (LISTEN_FDS;
+    `fd_name` picks one of several), from `to`, from `pid` and `fd`, or by default from the
+    address the target was declared with. Its rules stay as they are."""
+    check_name(target)
+    if pid is not None:
+        validate.pid(pid, "--pid")
+    if fd is not None:
+        validate.fd(fd, "--fd")
+    if (pid is None) != (fd is None):
+        raise InvalidArgument("--pid and --fd go together", "pass both")
+    if sum([to is not None, pid is not None, fd_name is not None]) > 1:
+        raise InvalidArgument("give one of --to, --pid/--fd or --fd-name")
+    endpoint = parse_endpoint(to) if to is not None else None
+    activated = systemd_fds()
+    if fd_name is not None and fd_name not in activated:
+        raise NotFound(
+            f"systemd passed no socket named {fd_name!r}"
+            + (f" (it passed {', '.join(sorted(activated))})" if activated else ""),
+            "name it with FileDescriptorName= in the .socket unit, and run register from a "
+            "service with Sockets= that unit",
+        )
+    require_privileges()
+    _more_files()
+    res = RegisterResult("", target, "address")
+    with open_netns(netns) as ns, sockets.Discovery(ns) as disc:
+        res.netns = ns.label
+
+        def desire(live: Live) -> tuple[RuleSet, dict[str, Want]]:
+            old = live.targets.get(target)
+            if old is None:
+                raise NotFound(
+                    f"no target {target!r} in {ns.label}",
+                    "declare it first: attach ... --name TARGET (--allow-missing), or apply",
+                )
+            wants = {n: _keep(t) for n, t in live.targets.items()}
+            if pid is not None and fd is not None:
+                want, _ = _want_fd(disc, target, old.proto, pid, fd, old.exact)
+                res.source = "fd"
+            elif endpoint is not None:
+                want = _want_at(disc, live, target, old.proto, *endpoint, old.exact, res.notes)
+            elif activated:
+                mine = _activated_fd(activated, fd_name, old)
+                want, _ = _want_fd(disc, target, old.proto, os.getpid(), mine, old.exact)
+                res.source = "systemd"
+            else:
+                want = _want_at(
+                    disc, live, target, old.proto, old.addr, old.port, old.exact, res.notes
+                )
+            if not want.members:
+                raise NotFound(
+                    f"no socket for target {target} at {format_endpoint(want.addr, want.port)}",
+                    "start the proxy first",
+                )
+            wants[target] = want
+            res.socket = _socket_text(disc, want)
+            res.sockets = _sockets_json(disc, want)
+            return live_rules(live), wants
+
+        out = _change(ns, bpffs, disc, desire, wait=wait, command=f"register {target}")
+        res.changed, res.generation, res.plan = out.committed, out.generation, out.plan
+        res.notes += out.notes
+    return res
+
+
+def _activated_fd(activated: dict[str, int], fd_name: str | None, old: Slotted) -> int:
+    """Which of the sockets systemd passed is the target's: the one named, the only one, or
+    the one of the target's protocol bound where it was declared."""
+    if fd_name is not None:
+        return activated[fd_name]
+    if len(activated) == 1:
+        return next(iter(activated.values()))
+    kind = socket.SOCK_STREAM if old.proto == "tcp" else socket.SOCK_DGRAM
+    fits = []
+    for fd in activated.values():
+        with contextlib.suppress(OSError):
+            s = socket.socket(fileno=os.dup(fd))
+            with s:
+                if s.type == kind and s.getsockname()[1] == old.port:
+                    fits.append(fd)
+    if len(fits) != 1:
+        raise InvalidArgument(
+            f"systemd passed {len(activated)} sockets, {len(fits)} of them {old.proto} on port "
+            f"{old.port}",
+            f"pick one with --fd-name ({', '.join(sorted(activated))})",
+        )
+    return fits[0]
+
+
 # -- reading ---------------------------------------------------------------------------------
 
 
@@ -651,7 +809,7 @@ def _target_json(t: Slotted, live: Live, disc: sockets.Discovery) -> dict[str, A
         "protocol": t.proto,
         "address": t.endpoint,
         "reuseport": "exact" if t.exact else "group",
-        "socket": "live" if alive else "missing",
+        "socket": "live" if alive else "waiting" if t.waiting else "missing",
         "cookie": alive[0] if alive else None,
         "cookies": alive,
         "members": t.slots,
@@ -827,7 +985,12 @@ def _read_file(path: str) -> str:
 
 
 def _file_wants(
-    disc: sockets.Discovery, live: Live, rf: rulefile.RuleFile, name: str, notes: list[str]
+    disc: sockets.Discovery,
+    live: Live,
+    rf: rulefile.RuleFile,
+    name: str,
+    notes: list[str],
+    allow_missing: bool = False,
 ) -> dict[str, Want]:
     """Every target the file declares, with its sockets; errors located in the file."""
     from . import rulefile
@@ -837,7 +1000,9 @@ def _file_wants(
         where = f"{name}: targets.{tname}"
         try:
             if spec.to is not None:
-                wants[tname] = _want_at(disc, live, tname, spec.proto, *spec.to, spec.exact, notes)
+                wants[tname] = _want_at(
+                    disc, live, tname, spec.proto, *spec.to, spec.exact, notes, allow_missing
+                )
             else:
                 assert spec.pid is not None and spec.fd is not None
                 wants[tname], _ = _want_fd(disc, tname, spec.proto, spec.pid, spec.fd, spec.exact)
@@ -872,6 +1037,7 @@ def apply(
     bpffs: str = DEFAULT_BPFFS,
     progress: Progress | None = None,
     wait: float = store.DEFAULT_WAIT,
+    allow_missing: bool = False,
 ) -> ApplyResult:
     """Replace the netns's whole rule set with the one in the file at `path` ("-": stdin).
 
@@ -886,7 +1052,7 @@ def apply(
 
     text = _read_file(path)
     with _no_gc():
-        return _apply(netns, path, text, dry_run, bpffs, step, wait)
+        return _apply(netns, path, text, dry_run, bpffs, step, wait, allow_missing)
 
 
 @contextlib.contextmanager
@@ -910,6 +1076,7 @@ def _apply(
     bpffs: str,
     step: Callable[[str], Callable[[int, int], None]],
     wait: float,
+    allow_missing: bool = False,
 ) -> ApplyResult:
     from . import rulefile
 
@@ -924,7 +1091,7 @@ def _apply(
 
         def desire(live: Live) -> tuple[RuleSet, dict[str, Want]]:
             step("loading")(0, 1)
-            return rf.rules, _file_wants(disc, live, rf, path, res.notes)
+            return rf.rules, _file_wants(disc, live, rf, path, res.notes, allow_missing)
 
         try:
             out = _change(ns, bpffs, disc, desire, dry_run, wait, command=f"apply {path}")

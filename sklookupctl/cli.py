@@ -357,6 +357,13 @@ def cli(
     help="Change an existing rule with the same PROTO PREFIX PORTS (or re-point TARGET).",
 )
 @click.option(
+    "--allow-missing",
+    is_flag=True,
+    help="Load the rule even when nothing listens at --to yet: the target waits for its "
+    "socket (status shows it waiting, its rules act as --on-missing says) until `register`, "
+    "attach or apply finds one. For boot, before the proxies start.",
+)
+@click.option(
     "--no-reuseport",
     "exact",
     is_flag=True,
@@ -378,6 +385,7 @@ def attach(
     name: str | None,
     on_missing: str,
     replace: bool,
+    allow_missing: bool,
     exact: bool,
     as_json: bool,
 ) -> None:
@@ -415,6 +423,7 @@ def attach(
         on_missing=on_missing,
         replace=replace,
         exact=exact,
+        allow_missing=allow_missing,
         bpffs=obj.bpffs,
         wait=obj.wait,
     )
@@ -498,12 +507,73 @@ def detach(
 
 
 @cli.command(context_settings=CONTEXT)
+@click.argument("target", metavar="TARGET")
+@click.option("--to", metavar="ADDR:PORT", help="The socket listening (bound) at this address.")
+@click.option("--pid", type=Number(), metavar="PID", help="With --fd: fd FD of process PID.")
+@click.option("--fd", type=Number(), metavar="FD", help="With --pid: the socket's fd.")
+@click.option(
+    "--fd-name",
+    metavar="NAME",
+    help="Of the sockets systemd passed (LISTEN_FDNAMES, FileDescriptorName= in the .socket "
+    "unit), the one named NAME.",
+)
+@json_option
+@click.pass_obj
+def register(
+    obj: Obj,
+    target: str,
+    to: str | None,
+    pid: int | None,
+    fd: int | None,
+    fd_name: str | None,
+    as_json: bool,
+) -> None:
+    """Give the declared TARGET its socket; its rules stay as they are.
+
+    The socket comes from systemd socket activation when this command is started with
+    sockets (LISTEN_FDS, LISTEN_PID; --fd-name picks one), from --to ADDR:PORT, from --pid
+    and --fd, or by default from the address the target was declared with. Re-registering
+    the socket already there changes nothing.
+
+    \b
+    A proxy whose socket is held by a systemd .socket unit keeps steering across restarts
+    with no action at all: the socket, and so the SOCKMAP entry, outlives the proxy. Register
+    it once from a service with Sockets= (docs/systemd/).
+
+    \b
+    Examples:
+      sklookupctl -n edge register web                    # again at its declared address
+      sklookupctl -n edge register web --to 127.0.0.1:8081
+      sklookupctl -n edge register web --fd-name web      # from a systemd service
+    """
+    res = api.register(
+        obj.netns, target, to=to, pid=pid, fd=fd, fd_name=fd_name, bpffs=obj.bpffs, wait=obj.wait
+    )
+    if as_json:
+        render.emit_json(res.to_json())
+        return
+    if res.changed:
+        render.say(f"registered target {res.target} in {res.netns}: socket {res.socket}")
+    else:
+        render.say(f"unchanged: target {res.target} already has socket {res.socket}")
+    for note in res.notes:
+        render.say(note)
+
+
+@cli.command(context_settings=CONTEXT)
 @click.argument("file", metavar="FILE", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option(
     "--dry-run",
     "-N",
     is_flag=True,
     help="Check the file, find its sockets, and print what would change. Change nothing.",
+)
+@click.option(
+    "--allow-missing",
+    is_flag=True,
+    help="Load targets whose socket is not there yet: each waits for it (its rules act as "
+    "on_missing says) until `register`, attach or apply finds one. Without it, one proxy "
+    "that is not up fails the whole file.",
 )
 @click.option(
     "--exit-code",
@@ -513,7 +583,9 @@ def detach(
 )
 @json_option
 @click.pass_obj
-def apply(obj: Obj, file: str, dry_run: bool, exit_code: bool, as_json: bool) -> None:
+def apply(
+    obj: Obj, file: str, dry_run: bool, allow_missing: bool, exit_code: bool, as_json: bool
+) -> None:
     """Replace the netns's whole rule set with the one in FILE (TOML; - for stdin).
 
     All or nothing: the file is checked completely and every target's socket is found
@@ -545,7 +617,13 @@ def apply(obj: Obj, file: str, dry_run: bool, exit_code: bool, as_json: bool) ->
     """
     with render.progress_for(file, quiet=as_json) as progress:
         res = api.apply(
-            obj.netns, file, dry_run=dry_run, bpffs=obj.bpffs, progress=progress, wait=obj.wait
+            obj.netns,
+            file,
+            dry_run=dry_run,
+            bpffs=obj.bpffs,
+            progress=progress,
+            wait=obj.wait,
+            allow_missing=allow_missing,
         )
     if as_json:
         render.emit_json(res.to_json())

@@ -99,6 +99,7 @@ def encode(rules: RuleSet, targets: dict[str, Slotted], meta: MetaInfo) -> Image
 def _pack_target(t: Slotted) -> bytes:
     flags = (
         (layout.TARGET_EXACT if t.exact else 0)
+        | (layout.TARGET_WAITING if t.waiting else 0)
         | (layout.TARGET_V6ONLY if t.v6only else 0)
         | (layout.TARGET_ADDR_V6 if t.addr.version == 6 else 0)
     )
@@ -142,6 +143,7 @@ def decode_targets(raw: bytes, count: int) -> list[Slotted]:
                 slots,
                 bool(flags & layout.TARGET_EXACT),
                 bool(flags & layout.TARGET_V6ONLY),
+                bool(flags & layout.TARGET_WAITING),
             )
         )
     return out

@@ -27,6 +27,7 @@ MISSING_PASS = 1
 TARGET_EXACT = 1  # assign with BPF_SK_LOOKUP_F_NO_REUSEPORT: this socket, not its group
 TARGET_V6ONLY = 2  # record only: the socket is IPv6-only (cannot take IPv4 rules)
 TARGET_ADDR_V6 = 4  # record only: the address declared is IPv6 (the socket's family may differ)
+TARGET_WAITING = 8  # record only: loaded before its socket existed (apply --allow-missing)
 SEGMENT_FLAGS = TARGET_EXACT  # the flags the program reads
 
 # members of a reuseport group registered for one target (the program tries them in order)

@@ -17,6 +17,7 @@ the old rules reach the old sockets until the switch; its old block is emptied a
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from dataclasses import dataclass, field
 
@@ -41,6 +42,7 @@ class Slotted:
     slots: int
     exact: bool = False  # reuseport "exact": this socket only, not the kernel's pick in its group
     v6only: bool = False
+    waiting: bool = False  # loaded before any socket was registered (allow_missing)
 
     @property
     def endpoint(self) -> str:
@@ -91,6 +93,7 @@ class Want:
     port: int
     members: tuple[Member, ...]
     exact: bool = False
+    wait: bool = False  # a new target may be loaded without a socket: it waits for one
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,8 @@ def make_plan(
             keep[name] = old
             if not live.alive(old):
                 kept_missing.append(name)
+        elif not want.members and want.wait:
+            fresh[name] = (want, why)  # one empty slot: its rules act as missing meanwhile
         elif not want.members:
             raise NotFound(
                 f"no socket for target {name} at {format_endpoint(want.addr, want.port)}",
@@ -164,7 +169,7 @@ def make_plan(
             fresh[name] = (want, why)
     _check_families(rules, keep, {n: w for n, (w, _) in fresh.items()})
 
-    need = sum(t.slots for t in keep.values()) + sum(len(w.members) for w, _ in fresh.values())
+    need = sum(t.slots for t in keep.values()) + sum(_size(w) for w, _ in fresh.values())
     targets, fills, frees, capacity, new_map = _assign(live, keep, fresh, need, min_capacity)
 
     plan = Plan(rules, targets, fills, frees, capacity, new_map, attach=not live.attached)
@@ -197,18 +202,32 @@ def _why_fresh(live: Live, old: Slotted | None, want: Want) -> str | None:
     return "members" if len(want.members) > 1 or old.slots > 1 else "socket"
 
 
+def _size(want: Want) -> int:
+    """Slots of a fresh block: one per member; one for a target waiting for its socket."""
+    return max(1, len(want.members))
+
+
+def _family(want: Want) -> tuple[int, bool]:
+    """(family, v6only) of the target's sockets: its first member's, or for one waiting, what
+    its declared address says (an IPv6 address: a dual-stack socket)."""
+    if want.members:
+        return want.members[0].family, want.members[0].v6only
+    return (socket.AF_INET6 if want.addr.version == 6 else socket.AF_INET), False
+
+
 def _slotted(want: Want, slot: int) -> Slotted:
-    first = want.members[0]
+    family, v6only = _family(want)
     return Slotted(
         want.name,
         want.proto,
-        first.family,
+        family,
         want.addr,
         want.port,
         slot,
-        len(want.members),
+        _size(want),
         want.exact,
-        first.v6only,
+        v6only,
+        waiting=not want.members,
     )
 
 
@@ -228,7 +247,7 @@ def _assign(
         fills: dict[int, int] = {}
         fits = True
         for name, (want, _why) in fresh.items():
-            slot = taken.acquire(len(want.members))
+            slot = taken.acquire(_size(want))
             if slot is None:
                 fits = False
                 break
@@ -251,17 +270,7 @@ def _assign(
     for name in sorted(set(keep) | set(fresh)):
         if name in keep:
             old = keep[name]
-            targets[name] = Slotted(
-                old.name,
-                old.proto,
-                old.family,
-                old.addr,
-                old.port,
-                at,
-                old.slots,
-                old.exact,
-                old.v6only,
-            )
+            targets[name] = dataclasses.replace(old, slot=at)
             for i, s in enumerate(old.block()):
                 if s in live.filled:
                     fills[at + i] = live.filled[s]
@@ -284,7 +293,7 @@ def _check_families(rules: RuleSet, keep: dict[str, Slotted], fresh: dict[str, W
     for (name, version), key in firsts.items():
         if name in fresh:
             w = fresh[name]
-            family, v6only = w.members[0].family, w.members[0].v6only
+            family, v6only = _family(w)
             where = format_endpoint(w.addr, w.port)
         else:
             t = keep[name]

@@ -192,7 +192,10 @@ def status(st: dict[str, Any]) -> None:
             targets.add_column(col)
         for t in st["targets"]:
             held = ", ".join(f"{h['pid']} ({h['comm']}) fd {h['fd']}" for h in t["holders"])
-            sock = cell("live") if t["socket"] == "live" else cell("MISSING", "bold red")
+            sock = {
+                "live": cell("live"),
+                "waiting": cell("waiting", "yellow"),
+            }.get(t["socket"], cell("MISSING", "bold red"))
             if t["reuseport"] == "exact":
                 members = "exact"
             elif t["members"] > 1:

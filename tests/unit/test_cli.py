@@ -146,6 +146,7 @@ def test_attach_passes_everything(rec: Recorder) -> None:
                 "on_missing": "pass",
                 "replace": True,
                 "exact": False,
+                "allow_missing": False,
                 "bpffs": "/b",
                 "wait": 10.0,
             },
@@ -320,7 +321,13 @@ def test_apply_passes_everything_and_prints_the_difference(
         (
             "apply",
             ("edge", "r.toml"),
-            {"dry_run": True, "bpffs": "/b", "progress": None, "wait": 10.0},
+            {
+                "dry_run": True,
+                "bpffs": "/b",
+                "progress": None,
+                "wait": 10.0,
+                "allow_missing": False,
+            },
         )
     ]
     lines = res.output.splitlines()

@@ -949,11 +949,13 @@ class ApplyResult:
     targets_changed: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     plan: Plan | None = None
+    addresses_added: list[str] = field(default_factory=list)  # [netns] addresses made local
 
     @property
     def differs(self) -> bool:
         return bool(
-            self.added
+            self.addresses_added
+            or self.added
             or self.removed
             or self.changed
             or self.targets_added
@@ -966,7 +968,7 @@ class ApplyResult:
             "apply",
             self.netns,
             dry_run=self.dry_run,
-            changed=self.differs if self.dry_run else self.applied,
+            changed=self.differs if self.dry_run else self.applied or bool(self.addresses_added),
             loaded=self.loaded,
             generation=self.generation,
             plan=self.plan,
@@ -974,6 +976,7 @@ class ApplyResult:
             rules=(self.added, self.removed, self.changed),
             file=self.file,
             rule_count=self.rules,
+            addresses_added=self.addresses_added,
         )
 
 
@@ -1010,6 +1013,38 @@ def _file_wants(
             field_ = "to" if spec.to is not None else "pid"
             raise rulefile.FileError(f"{where}.{field_}", e.message, e.hint) from None
     return wants
+
+
+def _made_netns(netns: str | None, rf: rulefile.RuleFile, dry_run: bool) -> bool:
+    """[netns] create = true: make the named namespace when it is missing (it would be, with
+    `dry_run`). True when it was (would be) made."""
+    from . import netns as nsmod
+
+    if not rf.create_netns or not netns or "/" in netns:
+        return False
+    if os.path.exists(nsmod.path_of(netns)):
+        return False
+    if not dry_run:
+        nsmod.create(netns)
+        audit("apply", netns, "created the network namespace")
+    return True
+
+
+def _add_addresses(ns: Netns, rf: rulefile.RuleFile, dry_run: bool, notes: list[str]) -> list[str]:
+    """[netns] addresses: make those not local yet local (AnyIP); none is ever removed."""
+    from . import netns as nsmod
+
+    if not rf.addresses:
+        return []
+    have = set(nsmod.addr_list(ns))
+    missing = [a for a in rf.addresses if a not in have]
+    for a in missing:
+        if not dry_run:
+            nsmod.addr_add(ns, a)
+        notes.append(f"{'would make' if dry_run else 'made'} {a} local (AnyIP, [netns] addresses)")
+    if missing and not dry_run:
+        audit("apply", ns.label, "AnyIP " + ", ".join(str(a) for a in missing))
+    return [str(a) for a in missing]
 
 
 def _target_lines(res: ApplyResult, changes: list[TargetChange]) -> None:
@@ -1083,11 +1118,27 @@ def _apply(
     rf = rulefile.parse(text, path, step("checking"))
     require_privileges()
     _more_files()
+    made = _made_netns(netns, rf, dry_run)
+    if made and dry_run:
+        # nothing to compare with: everything in the file would be new
+        res = ApplyResult(
+            netns or "",
+            path,
+            dry_run,
+            len(rf.rules),
+            addresses_added=[str(a) for a in rf.addresses],
+        )
+        res.notes.append(f"would create network namespace {netns} ([netns] create = true)")
+        res.added = rf.rules.sorted()
+        return res
     with open_netns(netns) as ns, sockets.Discovery(ns) as disc:
         res = ApplyResult(ns.label, path, dry_run, len(rf.rules))
+        if made:
+            res.notes.append(f"created network namespace {netns} ([netns] create = true)")
         res.notes += [
             f"target {n} is not used by any rule: not registered" for n in rf.unused_targets
         ]
+        res.addresses_added = _add_addresses(ns, rf, dry_run, res.notes)
 
         def desire(live: Live) -> tuple[RuleSet, dict[str, Want]]:
             step("loading")(0, 1)
@@ -1116,13 +1167,19 @@ def export(
     from . import rulefile
 
     require_privileges()
-    with open_netns(netns) as ns, store.session(bpffs, ns, write=False, wait=wait) as s:
-        live = s.live
+    from . import netns as nsmod
+
+    with open_netns(netns) as ns:
+        with store.session(bpffs, ns, write=False, wait=wait) as s:
+            live = s.live
+        # no generation in the header: a file kept in git changes only when the rules do
         header = f"sklookupctl rule set of {ns.label}"
+        addresses = nsmod.addr_list(ns)
         if not live.generation:
-            return rulefile.dumps(RuleSet(), {}, header + " (no dispatcher: empty)")
+            return rulefile.dumps(RuleSet(), {}, header + " (no dispatcher: empty)", addresses)
         return rulefile.dumps(
             live_rules(live),
             {n: (t.proto, t.addr, t.port, t.exact) for n, t in live.targets.items()},
-            f"{header}, generation {live.generation}",
+            header,
+            addresses,
         )

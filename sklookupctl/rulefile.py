@@ -22,6 +22,7 @@ faster. Anything outside the subset goes to tomllib, so the result is always wha
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from .rules import (
     ON_MISSING,
     STEER,
     IPAddress,
+    IPNetwork,
     Rule,
     RuleKey,
     RuleSet,
@@ -82,6 +84,8 @@ class RuleFile:
     rules: RuleSet
     targets: dict[str, TargetSpec]
     unused_targets: list[str]
+    create_netns: bool = False  # [netns] create = true: make the named namespace if missing
+    addresses: list[IPNetwork] = dataclasses.field(default_factory=list)  # [netns] AnyIP
 
     def index(self, key: RuleKey) -> int:
         """A rule's position in the file (for messages: rules keep the file's order)."""
@@ -191,7 +195,16 @@ def _canonical(text: str) -> dict[str, Any] | None:
     if not body.endswith("\n"):
         body += "\n"
     doc = _fast_parse(head)
-    if doc is None or "rules" in doc:
+    if doc is None:
+        # a head outside the subset ([netns] addresses = [...]) is small: tomllib reads it,
+        # and the rules still take the fast way
+        import tomllib
+
+        try:
+            doc = tomllib.loads(head)
+        except (tomllib.TOMLDecodeError, RecursionError):
+            return None
+    if "rules" in doc:
         return None
     rules = []
     covered = 0  # the blocks found must make up the whole body, nothing skipped between them
@@ -364,12 +377,13 @@ def parse(text: str, name: str, progress: Progress | None = None) -> RuleFile:
         raise FileError(name, f"not UTF-8 text ({e.reason} at character {e.start})") from None
     doc = loads_toml(text, name)
     for table in doc:
-        if table not in ("rules", "targets"):
+        if table not in ("rules", "targets", "netns"):
             raise FileError(
                 f"{name}: {validate.label(table)}",
                 "unknown table",
-                "a file has [targets.NAME] and [[rules]]",
+                "a file has [netns], [targets.NAME] and [[rules]]",
             )
+    create, addresses = _netns_table(doc.get("netns", {}), name)
     raw_rules = doc.get("rules", [])
     if not isinstance(raw_rules, list) or not all(isinstance(r, dict) for r in raw_rules):
         raise FileError(
@@ -426,7 +440,37 @@ def parse(text: str, name: str, progress: Progress | None = None) -> RuleFile:
             targets[tname] = spec
     if progress is not None:
         progress(total, total)
-    return RuleFile(rs, targets, unused)
+    return RuleFile(rs, targets, unused, create, addresses)
+
+
+def _netns_table(t: Any, name: str) -> tuple[bool, list[IPNetwork]]:
+    """[netns]: create = true (make the named namespace if it is missing), addresses = [...]
+    (AnyIP prefixes made local in it)."""
+    where = f"{name}: netns"
+    if not isinstance(t, dict):
+        raise FileError(where, "must be a table", "write [netns]")
+    for field_ in t:
+        if field_ not in ("create", "addresses"):
+            raise FileError(
+                f"{where}.{validate.label(field_)}",
+                "unknown field",
+                "[netns] has create, addresses",
+            )
+    create = t.get("create", False)
+    if not isinstance(create, bool):
+        raise FileError(f"{where}.create", f"must be true or false, not {type(create).__name__}")
+    raw = t.get("addresses", [])
+    if not isinstance(raw, list):
+        raise FileError(f"{where}.addresses", "must be a list of prefixes", 'as ["192.0.2.0/24"]')
+    out: list[IPNetwork] = []
+    for i, p in enumerate(raw):
+        if not isinstance(p, str):
+            raise FileError(f"{where}.addresses[{i}]", f"must be a string, not {type(p).__name__}")
+        with _at(f"{where}.addresses[{i}]"):
+            net = parse_prefix(p)
+        if net not in out:
+            out.append(net)
+    return create, out
 
 
 def _target(tname: str, t: dict[str, Any], where: str, used: set[str]) -> TargetSpec:
@@ -513,14 +557,20 @@ def _q(s: str) -> str:
 
 
 def dumps(
-    rules: RuleSet, targets: dict[str, tuple[str, IPAddress, int, bool]], header: str = ""
+    rules: RuleSet,
+    targets: dict[str, tuple[str, IPAddress, int, bool]],
+    header: str = "",
+    addresses: list[IPNetwork] | None = None,
 ) -> str:
     """The file `apply` reads back to the same rule set. `targets`: name -> (protocol,
-    address, port, exact), for the targets the rules use."""
+    address, port, exact), for the targets the rules use; `addresses`: the namespace's AnyIP
+    prefixes ([netns])."""
     out: list[str] = []
     if header:
         out += [f"# {line}" if line else "#" for line in header.splitlines()]
         out.append("")
+    if addresses:
+        out += ["[netns]", "addresses = [" + ", ".join(_q(str(a)) for a in addresses) + "]", ""]
     for name in sorted(targets):
         proto, addr, port, exact = targets[name]
         key = name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else _q(name)

@@ -15,9 +15,12 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from sklookupctl import netns as nsmod
+from click.testing import CliRunner
 
-from .conftest import NS
+from sklookupctl import netns as nsmod
+from sklookupctl.cli import cli
+
+from .conftest import MADE, NS
 
 FILE = """\
 [targets.web]
@@ -199,3 +202,31 @@ def test_socket_activation_keeps_steering_across_proxy_restarts(ns: NS) -> None:
         assert results == ["first", "second", "third", "fourth"]
         assert target(ns, "web")["socket"] == "live"
     assert target(ns, "web")["socket"] == "missing"  # "systemd" closed it
+
+
+def test_one_file_restores_the_namespace_its_addresses_and_rules(ns: NS, tmp_path: Path) -> None:
+    # what a boot restore does: the namespace may not exist yet, nor its AnyIP prefixes
+    from sklookupctl import api
+
+    name = f"{ns.name}-r"
+    MADE.add(name)
+    f = tmp_path / "restore.toml"
+    f.write_text('[netns]\ncreate = true\naddresses = ["192.0.2.0/24", "2001:db8::/64"]\n\n' + FILE)
+    try:
+        cmd = ["--netns", name, "--bpffs", ns.bpffs]
+        dry = CliRunner().invoke(cli, [*cmd, "apply", "--dry-run", "--json", str(f)])
+        assert dry.exit_code == 0, dry.output
+        assert json.loads(dry.stdout)["changed"] is True and not os.path.exists(
+            f"/run/netns/{name}"
+        )
+        res = CliRunner().invoke(cli, [*cmd, "apply", "--allow-missing", "--exit-code", str(f)])
+        assert res.exit_code == 5, res.output
+        assert f"created network namespace {name}" in res.output
+        assert api.addr_list(name) == ["192.0.2.0/24", "2001:db8::/64"]
+        again = CliRunner().invoke(cli, [*cmd, "apply", "--allow-missing", "--exit-code", str(f)])
+        assert again.exit_code == 0, again.output  # nothing to do the second time
+        exported = CliRunner().invoke(cli, [*cmd, "export"]).stdout
+        assert 'addresses = ["192.0.2.0/24", "2001:db8::/64"]' in exported
+        assert "generation" not in exported  # a file kept in git changes only with the rules
+    finally:
+        CliRunner().invoke(cli, ["--bpffs", ns.bpffs, "netns", "del", name])

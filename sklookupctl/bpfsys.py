@@ -18,7 +18,10 @@ from typing import Any, Generic, TypeVar
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
-SYS_BPF = 321  # x86_64
+# __NR_bpf: the syscall numbers differ per architecture (asm/unistd.h); arm64 and riscv64 use
+# the generic table
+SYS_BPF_BY_MACHINE = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "i686": 357, "ppc64le": 361}
+SYS_BPF = SYS_BPF_BY_MACHINE.get(os.uname().machine, 321)
 
 BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1

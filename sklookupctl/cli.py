@@ -793,10 +793,11 @@ def demo(obj: Obj, keep: bool, samples: int, as_json: bool) -> None:
     Creates a netns with 192.0.2.0/24 and 2001:db8::/64 as AnyIP, runs an echo proxy with one
     TCP and one UDP socket, steers tcp and udp on all ports of both prefixes to it, dials random
     addresses and ports, and shows where each landed. Then removes everything (unless --keep).
+    With -n NAME the namespace it makes is called NAME (it must not exist yet).
     """
     from . import demo as demo_mod
 
-    demo_mod.run(keep=keep, samples=samples, as_json=as_json, bpffs=obj.bpffs)
+    demo_mod.run(keep=keep, samples=samples, as_json=as_json, bpffs=obj.bpffs, name=obj.netns)
 
 
 def _terminate(signum: int, frame: object) -> None:

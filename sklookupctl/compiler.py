@@ -24,12 +24,33 @@ from typing import Any
 from . import layout, notices, trust
 from .errors import CompileError, EnvironmentProblem
 
-STANDIN_VERSION = 1
-UAPI_DIRS = {
-    "include/uapi/linux": "/usr/include/linux",
-    "include/uapi/asm-generic": "/usr/include/asm-generic",
-    "arch/x86/include/uapi/asm": "/usr/include/x86_64-linux-gnu/asm",
+STANDIN_VERSION = 2  # 2: per architecture
+# BCC's name of the architecture (its arch/ARCH/include) and Debian's multiarch triplet, per
+# machine: the stand-in's asm headers come from linux-libc-dev of this architecture
+ARCHES = {
+    "x86_64": ("x86", "x86_64-linux-gnu"),
+    "aarch64": ("arm64", "aarch64-linux-gnu"),
+    "riscv64": ("riscv", "riscv64-linux-gnu"),
+    "ppc64le": ("powerpc", "powerpc64le-linux-gnu"),
 }
+
+
+def uapi_dirs(machine: str = "") -> dict[str, str]:
+    """The stand-in's directories and where their headers come from, for `machine`."""
+    arch, triplet = ARCHES.get(machine or os.uname().machine, ARCHES["x86_64"])
+    return {
+        "include/uapi/linux": "/usr/include/linux",
+        "include/uapi/asm-generic": "/usr/include/asm-generic",
+        f"arch/{arch}/include/uapi/asm": f"/usr/include/{triplet}/asm",
+    }
+
+
+def empty_headers(machine: str = "") -> tuple[str, ...]:
+    """Kernel-internal headers BCC's helpers.h includes and sk_lookup programs do not use."""
+    arch, _ = ARCHES.get(machine or os.uname().machine, ARCHES["x86_64"])
+    return ("include/uapi/linux/bpf.h", "include/linux/log2.h", f"arch/{arch}/include/asm/page.h")
+
+
 KCONFIG_STANDIN = """\
 /* sklookupctl: stand-in for a kernel tree's kconfig.h (no kernel headers on this machine) */
 #define CONFIG_BPF_SYSCALL 1
@@ -44,10 +65,7 @@ typedef long long s64;
 typedef unsigned long size_t;
 typedef unsigned long uintptr_t;
 """
-# BCC's helpers.h includes these kernel-internal headers; sk_lookup programs use nothing of them.
 _INSN = struct.Struct("<BBhi")
-
-EMPTY_HEADERS = ("include/uapi/linux/bpf.h", "include/linux/log2.h", "arch/x86/include/asm/page.h")
 
 
 def read_source() -> str:
@@ -189,12 +207,12 @@ def _make_standin(parent: str, target: str) -> str:
         )
     tmp = tempfile.mkdtemp(prefix=".standin-", dir=parent)
     try:
-        for rel, src in UAPI_DIRS.items():
+        for rel, src in uapi_dirs().items():
             dst = os.path.join(tmp, rel)
             os.makedirs(dst)
             for name in os.listdir(src):
                 os.symlink(os.path.join(src, name), os.path.join(dst, name))
-        for rel in EMPTY_HEADERS:
+        for rel in empty_headers():
             path = os.path.join(tmp, rel)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with contextlib.suppress(FileNotFoundError):

@@ -14,15 +14,31 @@ from typing import Any
 
 from . import api, echo, render
 from . import netns as nsmod
+from .errors import InvalidArgument
 
 V4 = "192.0.2.0/24"
 V6 = "2001:db8::/64"
 PROXY = "[::]:8080"
 
 
-def run(keep: bool, samples: int, as_json: bool, bpffs: str = api.DEFAULT_BPFFS) -> None:
+def run(
+    keep: bool,
+    samples: int,
+    as_json: bool,
+    bpffs: str = api.DEFAULT_BPFFS,
+    name: str | None = None,
+) -> None:
+    """`name`: the namespace the demo makes (it must not exist: the demo never touches one it
+    did not make); default sklookupctl-demo-PID."""
     api.require_privileges()
-    name = f"sklookupctl-demo-{os.getpid()}"
+    if name is not None:
+        nsmod._check_name(name)
+        if os.path.exists(nsmod.path_of(name)):
+            raise InvalidArgument(
+                f"network namespace {name} exists: the demo makes a namespace of its own",
+                "give a name that is not taken, or none",
+            )
+    name = name or f"sklookupctl-demo-{os.getpid()}"
     proc: subprocess.Popen[str] | None = None
     api.netns_add(name)
     try:

@@ -39,7 +39,7 @@ class Netns:
 
     @property
     def label(self) -> str:
-        return self.spec or f"caller's netns ({self.inode})"
+        return self.spec or "the caller's netns"
 
     def close(self) -> None:
         if self.fd >= 0:

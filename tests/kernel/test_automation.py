@@ -138,3 +138,10 @@ def test_one_audit_line_per_change(ns: NS, monkeypatch: pytest.MonkeyPatch) -> N
         f"detach --all in {ns.name}: removed the dispatcher and all rules; "
         "by uid 0 (sudo from alice)",
     ]
+
+
+def test_demo_never_takes_a_namespace_it_did_not_make(ns: NS) -> None:
+    files = ns.files()
+    res = ns.cli("demo")  # -n is that of the test's own namespace, which exists
+    assert res.exit_code == 1 and "the demo makes a namespace of its own" in res.output
+    assert ns.files() == files

@@ -38,3 +38,26 @@ def test_the_units_verify(tmp_path: Path) -> None:
         timeout=60,
     )
     assert out.returncode == 0 and out.stderr == "" and out.stdout == "", out
+
+
+def test_syscalls_and_headers_follow_the_architecture() -> None:
+    from sklookupctl import bpfsys, compiler
+
+    assert bpfsys.SYS_BPF_BY_MACHINE["x86_64"] == 321
+    assert bpfsys.SYS_BPF_BY_MACHINE["aarch64"] == 280  # the generic table (asm-generic)
+    arm = compiler.uapi_dirs("aarch64")
+    assert arm["arch/arm64/include/uapi/asm"] == "/usr/include/aarch64-linux-gnu/asm"
+    assert "arch/arm64/include/asm/page.h" in compiler.empty_headers("aarch64")
+    here = compiler.uapi_dirs()
+    assert all(os.path.isdir(src) for src in here.values()), here  # this machine's exist
+
+
+def test_shell_completion() -> None:
+    env = {
+        **os.environ,
+        "COMP_WORDS": "sklookupctl sta",
+        "COMP_CWORD": "1",
+        "_SKLOOKUPCTL_COMPLETE": "bash_complete",
+    }
+    out = subprocess.run([COMMAND], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "plain,status" in out.stdout.split(), out

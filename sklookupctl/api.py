@@ -217,10 +217,11 @@ def _change(
     dry_run: bool = False,
     wait: float = store.DEFAULT_WAIT,
     command: str = "change",
+    legacy_ok: bool = False,
 ) -> Outcome:
     """The one way every change goes: lock, repair, read what is live, ask `desire` what is
     wanted, plan, commit. With `dry_run`, only the plan is made (under a shared lock)."""
-    with store.session(bpffs, ns, write=not dry_run, wait=wait) as s:
+    with store.session(bpffs, ns, write=not dry_run, wait=wait, legacy_ok=legacy_ok) as s:
         live = s.live
         rules, wants = desire(live)
         plan = make_plan(live, rules, wants)
@@ -734,6 +735,161 @@ def _activated_fd(activated: dict[str, int], fd_name: str | None, old: Slotted) 
     return fits[0]
 
 
+# -- upgrade: state of an earlier layout, moved to this version's in place ---------------------
+
+
+@dataclass
+class UpgradeResult:
+    netns: str
+    changed: bool = False
+    generation: int = 0
+    plan: Plan | None = None
+    from_layout: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return change_json(
+            "upgrade",
+            self.netns,
+            dry_run=False,
+            changed=self.changed,
+            loaded=self.changed,
+            generation=self.generation,
+            plan=self.plan,
+            notes=self.notes,
+            from_layout=self.from_layout,
+            to_layout=layout.LAYOUT_VERSION,
+        )
+
+
+def upgrade(
+    netns: str | None, *, bpffs: str = DEFAULT_BPFFS, wait: float = store.DEFAULT_WAIT
+) -> UpgradeResult:
+    """Move the namespace's state of an earlier layout (3) to this version's, keeping its
+    rules, targets, sockets and counters, without a moment in which nothing steers: this
+    version's program is attached beside the old one (both pick the same sockets), then the old
+    one is detached and its pins removed."""
+    from . import legacy
+
+    require_privileges()
+    _more_files()
+    with open_netns(netns) as ns, sockets.Discovery(ns) as disc:
+        res = UpgradeResult(ns.label)
+        with Store.locked(bpffs, exclusive=False, wait=wait) as held:
+            path = held.legacy_path(ns)
+            old = legacy.read(path, ns.inode) if path is not None else None
+        if old is None:
+            res.notes.append(f"nothing to upgrade in {ns.label}: no state of an earlier layout")
+            return res
+        if old.cookie != ns.cookie():
+            raise EnvironmentProblem(
+                f"{old.path} was made for another namespace with the same inode, now gone",
+                "`sklookupctl gc` removes it",
+            )
+        res.from_layout = legacy.LAYOUT
+
+        def desire(live: Live) -> tuple[RuleSet, dict[str, Want]]:
+            if live.generation:
+                raise EnvironmentProblem(
+                    f"{ns.label} has state of this version and of layout {legacy.LAYOUT}",
+                    "`sklookupctl detach --all` and apply again",
+                )
+            wants = {}
+            for name, t in old.targets.items():
+                e = disc.by_cookie(t.cookie, t.proto) if t.cookie is not None else None
+                members = _members([e]) if e is not None else ()
+                wants[name] = Want(name, t.proto, t.addr, t.port, members, False, wait=True)
+                if not members:
+                    res.notes.append(f"target {name}: its socket is gone; it waits for one")
+            return old.rules, wants
+
+        out = _change(ns, bpffs, disc, desire, wait=wait, command="upgrade", legacy_ok=True)
+        res.changed, res.generation, res.plan = out.committed, out.generation, out.plan
+        res.notes += out.notes
+        with store.session(bpffs, ns, write=True, wait=wait, legacy_ok=True) as s:
+            if s.dispatcher is not None and s.dispatcher.gen is not None:
+                s.dispatcher.gen.add_counters(old.counters)
+            s.store.remove_legacy(ns)
+        audit("upgrade", ns.label, f"layout {legacy.LAYOUT} -> {layout.LAYOUT_VERSION}")
+        res.notes.append(
+            f"upgraded {ns.label} from layout {legacy.LAYOUT} to {layout.LAYOUT_VERSION}: "
+            f"{len(old.rules)} rules, {len(old.targets)} targets, counters kept"
+        )
+    return res
+
+
+def _legacy(ns: Netns, bpffs: str, wait: float) -> Any:
+    """The namespace's state of layout 3 (legacy.Legacy), or None."""
+    from . import legacy
+
+    with Store.locked(bpffs, exclusive=False, wait=wait) as held:
+        path = held.legacy_path(ns)
+        if path is None:
+            return None
+        old = legacy.read(path, ns.inode)
+    return old if old.cookie == ns.cookie() else None
+
+
+def _legacy_status(ns: Netns, old: Any, bpffs: str) -> dict[str, Any]:
+    """`status` of state of layout 3: its rules with their counters, its targets' sockets."""
+    from . import legacy
+
+    try:
+        attached = query_netns_programs(ns.fd)
+    except BpfError:
+        attached = []
+    return {
+        "netns": ns.label,
+        "netns_inode": ns.inode,
+        "bpffs": bpffs,
+        "loaded": True,
+        "state": "other-layout",
+        "layout": legacy.LAYOUT,
+        "path": old.path,
+        "generation": old.generation,
+        "attached": old.attached,
+        "other_programs": attached,
+        "rules": [
+            _rule_json(r, dict(zip(layout.COUNTER_NAMES, _counts(old.counters[k]), strict=True)))
+            for k, r in sorted(old.rules.rules.items(), key=lambda kr: RuleSet.order(kr[1]))
+        ],
+        "targets": [
+            {
+                "name": t.name,
+                "protocol": t.proto,
+                "address": format_endpoint(t.addr, t.port),
+                "socket": "live" if t.cookie is not None else "missing",
+                "cookie": t.cookie,
+            }
+            for t in sorted(old.targets.values(), key=lambda t: t.name)
+        ],
+    }
+
+
+def _counts(kernel: tuple[int, ...]) -> tuple[int, ...]:
+    st, dr, pa, mi, er = kernel
+    return (st + dr + pa, st, dr, mi, er)
+
+
+def upgrade_all(
+    *, bpffs: str = DEFAULT_BPFFS, wait: float = store.DEFAULT_WAIT
+) -> list[UpgradeResult]:
+    """Upgrade every namespace that has state of an earlier layout and still exists (that of
+    namespaces that are gone is `gc`'s)."""
+    from . import netns as nsmod
+
+    require_privileges()
+    with Store.locked(bpffs, exclusive=False, wait=wait) as held:
+        entries = [e for e in held.entries() if e.state == "other-layout"]
+    out = []
+    for e in entries:
+        path = nsmod.find_alive(e.inode, e.cookie) if e.cookie else None
+        if path is None:
+            continue
+        out.append(upgrade(path, bpffs=bpffs, wait=wait))
+    return out
+
+
 # -- reading ---------------------------------------------------------------------------------
 
 
@@ -743,6 +899,9 @@ def status(
     """What is loaded in the netns: program, link, rules, targets and their sockets."""
     require_privileges()
     with open_netns(netns) as ns:
+        old = _legacy(ns, bpffs, wait)
+        if old is not None:
+            return _legacy_status(ns, old, bpffs)
         # the lock is held while the pins are read, not while sockets are looked for
         with store.session(bpffs, ns, write=False, wait=wait) as s:
             out, live = _status_of(ns, s, bpffs)
@@ -1170,6 +1329,15 @@ def export(
     from . import netns as nsmod
 
     with open_netns(netns) as ns:
+        old = _legacy(ns, bpffs, wait)
+        if old is not None:  # state of an earlier layout: read as it is
+            return rulefile.dumps(
+                old.rules,
+                {n: (t.proto, t.addr, t.port, False) for n, t in old.targets.items()},
+                f"sklookupctl rule set of {ns.label} (made by an earlier version: "
+                "`sklookupctl upgrade` moves it to this one)",
+                nsmod.addr_list(ns),
+            )
         with store.session(bpffs, ns, write=False, wait=wait) as s:
             live = s.live
         # no generation in the header: a file kept in git changes only when the rules do

@@ -646,6 +646,41 @@ def export(obj: Obj) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.option(
+    "--all", "all_", is_flag=True, help="Every namespace with state of an earlier layout."
+)
+@json_option
+@click.pass_obj
+def upgrade(obj: Obj, all_: bool, as_json: bool) -> None:
+    """Move the namespace's state made by an earlier sklookupctl to this version, in place.
+
+    Rules, targets, their sockets and the rules' counters are kept, and no connection is
+    refused meanwhile: this version's program is attached beside the old one (both steer to
+    the same sockets), then the old one is detached and its pins removed. Until then, writing
+    commands refuse state of an earlier layout and say to run this. A namespace already of
+    this version is left as it is.
+
+    \b
+    Examples:
+      sklookupctl -n edge upgrade
+      sklookupctl upgrade --all
+    """
+    results = (
+        api.upgrade_all(bpffs=obj.bpffs, wait=obj.wait)
+        if all_
+        else [api.upgrade(obj.netns, bpffs=obj.bpffs, wait=obj.wait)]
+    )
+    if as_json:
+        render.emit_json(results[0].to_json() if not all_ else [r.to_json() for r in results])
+        return
+    for r in results:
+        for note in r.notes:
+            render.say(note)
+    if all_ and not results:
+        render.say("nothing to upgrade")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option(
     "--all",
     "all_",
     is_flag=True,

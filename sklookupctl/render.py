@@ -123,6 +123,24 @@ RULES_SHOWN = 100  # rules in status's table; a table of 100,000 rows helps nobo
 
 def status(st: dict[str, Any]) -> None:
     c = console()
+    if st.get("state") == "other-layout":
+        line(
+            c,
+            f"netns {st['netns']}: state of an earlier sklookupctl (layout {st['layout']}) in "
+            f"{st['path']}, {'steering' if st['attached'] else 'DETACHED'} as before; "
+            "`sklookupctl upgrade` moves it to this version (writing commands refuse it until "
+            "then)",
+        )
+        for r in st["rules"]:
+            action = "drop" if r["action"] == "drop" else f"steer -> {r['target']}"
+            line(
+                c,
+                f"  {r['protocol']} {r['prefix']} {r['ports']} {action}  "
+                f"(steered {r['counters']['steered']}, dropped {r['counters']['dropped']})",
+            )
+        for t in st["targets"]:
+            line(c, f"  target {t['name']} {t['address']}: socket {t['socket']}")
+        return
     if not st["loaded"]:
         line(c, f"netns {st['netns']} (inode {st['netns_inode']}): no sklookupctl dispatcher")
         if st.get("state") == "unfinished":

@@ -57,8 +57,8 @@ NS_PREFIX = "ns-"
 GEN_PREFIX = "gen-"
 LINK_NEXT = "link-next"  # bpffs names have no dots
 OTHER_VERSION = (
-    "another sklookupctl version made it: `sklookupctl detach --all` removes it (steering in "
-    "that namespace stops until you attach or apply again)"
+    "another sklookupctl version made it: `sklookupctl upgrade` moves it to this version in "
+    "place (rules, sockets and counters kept, no connection refused); `detach --all` removes it"
 )
 U32 = ctypes.c_uint32
 U64 = ctypes.c_uint64
@@ -282,6 +282,22 @@ class Generation:
 
     def memlock(self) -> int:
         return sum(m.memlock() for m in self.maps.values())
+
+    def add_counters(self, carried: dict[Any, tuple[int, ...]]) -> None:
+        """Add counters carried from elsewhere (an upgrade) to the rules' base, by rule key."""
+        n = self.meta().rules
+        size = image.COUNTERS.size
+        base = bytearray(_read_array(self.maps["base"], n + 1, size))
+        targets = self.targets()
+        for i, key in enumerate(self.effects([t.name for t in targets]), start=1):
+            extra = carried.get(key)
+            if extra is None:
+                continue
+            now = image.COUNTERS.unpack_from(base, i * size)
+            image.COUNTERS.pack_into(
+                base, i * size, *(a + b for a, b in zip(now, extra, strict=True))
+            )
+        _write_array(self.maps["base"], bytes(base))
 
 
 def build(img: image.Image, sockets: Map[Any, Any]) -> Generation:
@@ -715,10 +731,11 @@ class Store:
     def path_of(self, ns: Netns) -> str:
         return os.path.join(self.base, f"{NS_PREFIX}{ns.cookie()}")
 
-    def open(self, ns: Netns) -> Dispatcher | None:
+    def open(self, ns: Netns, legacy_ok: bool = False) -> Dispatcher | None:
         """The namespace's state as it is; None when there is none. State of another version
-        is refused."""
-        self._refuse_legacy(ns)
+        is refused (unless `legacy_ok`: upgrade builds this version's beside it)."""
+        if not legacy_ok:
+            self._refuse_legacy(ns)
         path = self.path_of(ns)
         if not os.path.lexists(path):
             return None
@@ -729,11 +746,11 @@ class Store:
             )
         return Dispatcher.open(path, ns.cookie(), readonly=not self.exclusive)
 
-    def open_for_write(self, ns: Netns) -> Dispatcher | None:
+    def open_for_write(self, ns: Netns, legacy_ok: bool = False) -> Dispatcher | None:
         """The namespace's dispatcher, repaired; None when there is none (what a killed first
         commit left is removed)."""
         assert self.exclusive
-        d = self.open(ns)
+        d = self.open(ns, legacy_ok)
         if d is not None and not d.repair():
             return None
         return d
@@ -892,7 +909,12 @@ class Session:
 
 @contextlib.contextmanager
 def session(
-    bpffs: str, ns: Netns, write: bool, damaged_ok: bool = False, wait: float = DEFAULT_WAIT
+    bpffs: str,
+    ns: Netns,
+    write: bool,
+    damaged_ok: bool = False,
+    wait: float = DEFAULT_WAIT,
+    legacy_ok: bool = False,
 ) -> Iterator[Session]:
     """Hold the namespace's state for one command: the lock (exclusive for writers, shared for
     readers), and its dispatcher if it has one. Writers first remove dead namespaces' state and
@@ -902,7 +924,7 @@ def session(
         if write:
             store.gc()
         try:
-            d = store.open_for_write(ns) if write else store.open(ns)
+            d = store.open_for_write(ns, legacy_ok) if write else store.open(ns, legacy_ok)
         except EnvironmentProblem as e:
             if not damaged_ok:
                 raise

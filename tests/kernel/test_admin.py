@@ -70,7 +70,7 @@ def test_state_of_another_version_is_refused_then_cleared(ns: NS) -> None:
         res = ns.cli(*args)
         assert res.exit_code == 4, res.output
         assert res.output.startswith("error: state in ") and "has layout 99" in res.output
-        assert "`sklookupctl detach --all` removes it" in res.output
+        assert "`detach --all` removes it" in res.output
         assert "Traceback" not in res.output and res.output.count("\n") == 1
     # the old state still steers until the operator clears it
     assert ns.dial("tcp", "192.0.2.1", 80) == "192.0.2.1 80 web"

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import layout, sockets, store, validate
+from . import __version__, image, layout, sockets, store, validate
 from .bpfsys import BpfError, query_netns_programs
 from .errors import (
     EnvironmentProblem,
@@ -218,6 +218,7 @@ def _change(
     wait: float = store.DEFAULT_WAIT,
     command: str = "change",
     legacy_ok: bool = False,
+    force: bool = False,
 ) -> Outcome:
     """The one way every change goes: lock, repair, read what is live, ask `desire` what is
     wanted, plan, commit. With `dry_run`, only the plan is made (under a shared lock)."""
@@ -232,7 +233,7 @@ def _change(
                 + ("sklookupctl: this would attach it again" if dry_run else "sklookupctl")
                 + ("" if dry_run else ": attached it again")
             )
-        if dry_run or plan.noop:
+        if dry_run or (plan.noop and not force):
             return Outcome(plan, False, False, live.generation, notes)
         notes += s.commit(plan, disc.socket_fd)
         out = Outcome(plan, not live.generation, True, live.generation + 1, notes)
@@ -779,8 +780,7 @@ def upgrade(
             path = held.legacy_path(ns)
             old = legacy.read(path, ns.inode) if path is not None else None
         if old is None:
-            res.notes.append(f"nothing to upgrade in {ns.label}: no state of an earlier layout")
-            return res
+            return _reload(ns, disc, res, bpffs, wait)
         if old.cookie != ns.cookie():
             raise EnvironmentProblem(
                 f"{old.path} was made for another namespace with the same inode, now gone",
@@ -871,6 +871,46 @@ def _counts(kernel: tuple[int, ...]) -> tuple[int, ...]:
     return (st + dr + pa, st, dr, mi, er)
 
 
+def program_current(tag: str) -> bool | None:
+    """Whether a running program is this version's dispatcher (None: cannot tell, the program
+    could not be made here)."""
+    from . import program
+
+    try:
+        return tag in program.tags()
+    except SklookupError:
+        return None
+
+
+def _reload(
+    ns: Netns, disc: sockets.Discovery, res: UpgradeResult, bpffs: str, wait: float
+) -> UpgradeResult:
+    """State of this layout whose program is another version's: the same rules, in a new
+    generation with this version's program (one BPF_LINK_UPDATE)."""
+    with store.session(bpffs, ns, write=False, wait=wait) as s:
+        d = s.dispatcher
+        if d is None or d.gen is None:
+            res.notes.append(f"nothing to upgrade in {ns.label}: no sklookupctl dispatcher")
+            return res
+        tag = bytes(d.program.info().tag).hex()
+    if program_current(tag) is not False:
+        res.notes.append(f"nothing to upgrade in {ns.label}: it runs this version's dispatcher")
+        return res
+
+    def desire(live: Live) -> tuple[RuleSet, dict[str, Want]]:
+        return live_rules(live), {n: _keep(t) for n, t in live.targets.items()}
+
+    out = _change(ns, bpffs, disc, desire, wait=wait, command="upgrade", force=True)
+    res.changed, res.generation, res.plan = out.committed, out.generation, out.plan
+    res.from_layout = layout.LAYOUT_VERSION
+    res.notes += out.notes
+    res.notes.append(
+        f"loaded this version's dispatcher into {ns.label} (was program tag {tag}): the same "
+        "rules and sockets, one switch"
+    )
+    return res
+
+
 def upgrade_all(
     *, bpffs: str = DEFAULT_BPFFS, wait: float = store.DEFAULT_WAIT
 ) -> list[UpgradeResult]:
@@ -927,7 +967,9 @@ def _status_of(ns: Netns, s: store.Session, bpffs: str) -> tuple[dict[str, Any],
             out.update(state="unfinished", path=d.path)
         return out, None
     gen = d.gen
-    prog_id = int(d.program.info().id)
+    prog_info = d.program.info()
+    prog_id = int(prog_info.id)
+    tag = bytes(prog_info.tag).hex()
     link = d.link.info() if d.link else None
     live = d.snapshot()
     counts = gen.counters()
@@ -937,6 +979,10 @@ def _status_of(ns: Netns, s: store.Session, bpffs: str) -> tuple[dict[str, Any],
         state=d.state,
         path=d.path,
         program_id=prog_id,
+        program_tag=tag,
+        program_current=program_current(tag),
+        written_by=image.written_by(gen.meta()),
+        version=__version__,
         link_id=int(link.id) if link else None,
         position=attached.index(prog_id) + 1 if prog_id in attached else None,
         other_programs=[p for p in attached if p != prog_id],

@@ -14,7 +14,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from . import layout, trie
+from . import __version__, layout, trie
 from .plan import Effect, Slotted
 from .rules import DROP, PROTO_NAMES, PROTOCOLS, STEER, IPAddress, RuleKey, RuleSet
 
@@ -79,8 +79,11 @@ def encode(rules: RuleSet, targets: dict[str, Slotted], meta: MetaInfo) -> Image
         netns_cookie=meta.netns_cookie,
         netns_inode=meta.netns_inode,
         generation=meta.generation,
-        label=meta.label.encode()[:63],
     )
+    # the label, then after a NUL the version that wrote it (`status` shows both); copied in
+    # whole: ctypes would stop at the NUL
+    label = meta.label.encode()[:40] + b"\0" + f"v{__version__}".encode()[:22]
+    ctypes.memmove(ctypes.addressof(m) + layout.Meta.label.offset, label, len(label))
     return Image(
         {
             "nodes": (len(tables.nodes), tables.pack_nodes()),
@@ -118,6 +121,13 @@ def _pack_target(t: Slotted) -> bytes:
 
 def decode_meta(raw: bytes) -> layout.Meta:
     return layout.Meta.from_buffer_copy(raw[: ctypes.sizeof(layout.Meta)])
+
+
+def written_by(meta: layout.Meta) -> str:
+    """The version that wrote a generation ("" for one written before versions were kept)."""
+    raw = bytes(meta)[layout.Meta.label.offset : layout.Meta.label.offset + layout.Meta.label.size]
+    parts = raw.rstrip(b"\0").split(b"\0", 1)
+    return parts[1].decode(errors="replace") if len(parts) > 1 else ""
 
 
 def decode_targets(raw: bytes, count: int) -> list[Slotted]:

@@ -111,6 +111,18 @@ def image(fresh: bool = False) -> tuple[bytes, bool]:
     return insns, False
 
 
+def tags() -> set[str]:
+    """The tags the kernel gives this version's dispatcher: the first 8 bytes of a digest over
+    the instructions with map references zeroed (SHA-256 on newer kernels, SHA-1 before)."""
+    insns, _ = image()
+    out = bytearray(insns)
+    for off in range(0, len(out), 8):
+        code, regs, o, _imm = _INSN.unpack_from(out, off)
+        if code == compiler.BPF_LD_IMM64 and regs >> 4 == compiler.BPF_PSEUDO_MAP_FD:
+            _INSN.pack_into(out, off, code, regs, o, 0)
+    return {hashlib.sha256(out).digest()[:8].hex(), hashlib.sha1(out).digest()[:8].hex()}
+
+
 def _relocate(insns: bytes, fds: dict[str, int]) -> bytes:
     out = bytearray(insns)
     for off in range(0, len(out), 8):

@@ -172,6 +172,17 @@ def status(st: dict[str, Any]) -> None:
             "than sklookupctl detached it), so nothing below steers; the next change attaches "
             "it again, `detach --all` removes it",
         )
+    written = st.get("written_by") or "an earlier version"
+    line(
+        c,
+        f"dispatcher: program tag {st.get('program_tag')}, generation written by {written}; "
+        f"this is sklookupctl v{st.get('version')}"
+        + (
+            " (its dispatcher differs: `sklookupctl upgrade` loads it, rules and sockets kept)"
+            if st.get("program_current") is False
+            else ""
+        ),
+    )
     sockmap = st.get("sockmap", {})
     line(
         c,

@@ -107,3 +107,23 @@ def test_upgrade_from_layout_3_refuses_no_connection(ns: NS, old_sklookupctl: st
     assert ns.dial("tcp", "192.0.2.66", 22) == "refused"
     ns.ok("attach", "tcp", "198.51.100.0/24", "80", "--drop")  # writing works again
     assert json.loads(ns.ok("upgrade", "--json").stdout)["changed"] is False
+
+
+def test_a_new_dispatcher_of_the_same_layout_goes_live_with_upgrade(
+    ns: NS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sklookupctl import program
+
+    ns.proxy(tcp="127.0.0.1:9000", tag="web")
+    ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--to", "127.0.0.1:9000", "--name", "web")
+    st = ns.status()
+    assert st["program_current"] is True and st["written_by"] == "v0.1.0"
+    assert json.loads(ns.ok("upgrade", "--json").stdout)["changed"] is False
+    # a later version whose dispatcher differs (a fix in bpf/dispatcher.c, same layout)
+    monkeypatch.setattr(program, "tags", lambda: {"0" * 16})
+    assert ns.status()["program_current"] is False
+    assert "`sklookupctl upgrade` loads it" in ns.ok("status").stdout
+    doc = json.loads(ns.ok("upgrade", "--json").stdout)
+    assert doc["changed"] is True and doc["generation"] == st["generation"] + 1  # type: ignore[operator]
+    assert ns.dial("tcp", "192.0.2.1", 80) == "192.0.2.1 80 web"
+    assert ns.status()["rules"] == st["rules"] or len(ns.status()["rules"]) == 1  # type: ignore[arg-type]

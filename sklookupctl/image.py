@@ -14,7 +14,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from . import __version__, layout, trie
+from . import __version__, layout, record, trie
 from .plan import Effect, Slotted
 from .rules import DROP, PROTO_NAMES, PROTOCOLS, STEER, IPAddress, RuleKey, RuleSet
 
@@ -94,6 +94,11 @@ def encode(rules: RuleSet, targets: dict[str, Slotted], meta: MetaInfo) -> Image
             "base": (n + 1, b""),
             "targets": (max(1, len(names)), b"".join(target_records)),
             "meta": (1, bytes(m)),
+            "record": record.chunks(
+                record.encode(
+                    rules, {n: (t.proto, t.addr, t.port, t.exact) for n, t in targets.items()}
+                )
+            ),
         },
         n,
     )

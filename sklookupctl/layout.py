@@ -134,6 +134,10 @@ class Meta(ctypes.Structure):
     ]
 
 
+# a value of the `record` map (userspace only): record.py's layout-independent rule set, in
+# pieces of this size
+RecordChunk = ctypes.c_uint8 * 4096
+
 U32 = ctypes.c_uint32
 U64 = ctypes.c_uint64
 

@@ -75,7 +75,10 @@ GEN_MAPS: dict[str, tuple[int, type[Any], int]] = {
     "base": (BPF_MAP_TYPE_ARRAY, layout.Counters, BPF_F_MMAPABLE),
     "targets": (BPF_MAP_TYPE_ARRAY, layout.TargetRecord, BPF_F_MMAPABLE),
     "meta": (BPF_MAP_TYPE_ARRAY, layout.Meta, BPF_F_MMAPABLE),
+    # the rule set in a layout-independent, versioned record (record.py), for later versions
+    "record": (BPF_MAP_TYPE_ARRAY, layout.RecordChunk, BPF_F_MMAPABLE),
 }
+OPTIONAL_MAPS = {"record"}  # generations written before it have none
 
 
 def base_dir(bpffs: str) -> str:
@@ -198,7 +201,10 @@ class Generation:
             for name, (mtype, value, _flags) in GEN_MAPS.items():
                 if name == "meta":
                     continue
-                m: Map[Any, Any] = Map.from_pin(os.path.join(path, name), U32, value, ro)
+                pin = os.path.join(path, name)
+                if name in OPTIONAL_MAPS and not os.path.exists(pin):
+                    continue
+                m: Map[Any, Any] = Map.from_pin(pin, U32, value, ro)
                 maps[name] = m
                 info = m.info()
                 if (info.type, info.value_size) != (mtype, ctypes.sizeof(value)):
@@ -282,6 +288,18 @@ class Generation:
 
     def memlock(self) -> int:
         return sum(m.memlock() for m in self.maps.values())
+
+    def ruleset(self) -> tuple[Any, Any] | None:
+        """The generation's record (record.decode: rules, targets); None when it has none."""
+        from . import record
+
+        m = self.maps.get("record")
+        if m is None:
+            return None
+        size = ctypes.sizeof(layout.RecordChunk)
+        first = _read_array(m, 1, size)
+        total = record._LEN.unpack_from(first)[0] + record._LEN.size
+        return record.decode(record.unchunk(_read_array(m, -(-total // size), size)))
 
     def add_counters(self, carried: dict[Any, tuple[int, ...]]) -> None:
         """Add counters carried from elsewhere (an upgrade) to the rules' base, by rule key."""

@@ -127,3 +127,20 @@ def test_a_new_dispatcher_of_the_same_layout_goes_live_with_upgrade(
     assert doc["changed"] is True and doc["generation"] == st["generation"] + 1  # type: ignore[operator]
     assert ns.dial("tcp", "192.0.2.1", 80) == "192.0.2.1 80 web"
     assert ns.status()["rules"] == st["rules"] or len(ns.status()["rules"]) == 1  # type: ignore[arg-type]
+
+
+def test_every_generation_keeps_its_rule_set_in_a_layout_free_record(ns: NS) -> None:
+    from sklookupctl import store
+    from sklookupctl.netns import open_netns
+
+    ns.proxy(tcp="127.0.0.1:9000", tag="web")
+    ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--to", "127.0.0.1:9000", "--name", "web")
+    ns.ok("attach", "tcp", "198.51.100.0/24", "22-23", "--drop")
+    with open_netns(ns.name) as n, store.session(ns.bpffs, n, write=False) as s:
+        assert s.dispatcher is not None and s.dispatcher.gen is not None
+        got = s.dispatcher.gen.ruleset()
+        live = s.live
+    assert got is not None
+    rules, targets = got
+    assert {k: (r.action, r.target, r.on_missing) for k, r in rules.rules.items()} == live.rules
+    assert targets == {"web": ("tcp", live.targets["web"].addr, 9000, False)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import ipaddress
 import os
 import resource
 import socket
@@ -35,7 +36,7 @@ from .errors import (
     TargetMismatch,
 )
 from .netns import Netns, open_netns
-from .plan import Live, Member, Plan, Slotted, TargetChange, Want, live_rules, make_plan
+from .plan import NOTHING, Live, Member, Plan, Slotted, TargetChange, Want, live_rules, make_plan
 from .rules import (
     ON_MISSING,
     IPAddress,
@@ -119,6 +120,30 @@ class Outcome:
 
 
 Desire = Callable[[Live], tuple[RuleSet, dict[str, Want]]]
+
+
+class Report:
+    """What every writing command's result has (netns, changed, generation, plan, notes, and
+    maybe loaded, dry_run), in the one JSON shape (change_json)."""
+
+    netns: str
+    changed: bool
+    generation: int
+    plan: Plan | None
+    notes: list[str]
+
+    def report(self, command: str, **extra: Any) -> dict[str, Any]:
+        return change_json(
+            command,
+            self.netns,
+            dry_run=bool(getattr(self, "dry_run", False)),
+            changed=self.changed,
+            loaded=bool(getattr(self, "loaded", False)),
+            generation=self.generation,
+            plan=self.plan,
+            notes=self.notes,
+            **extra,
+        )
 
 
 def _target_change_json(c: TargetChange) -> dict[str, Any]:
@@ -349,7 +374,7 @@ def _socket_text(disc: sockets.Discovery, want: Want) -> str:
 
 
 @dataclass
-class AttachResult:
+class AttachResult(Report):
     rule: Rule
     changed: bool  # anything changed (the rule, its target's sockets, the link)
     loaded: bool  # this call loaded the dispatcher into the netns
@@ -363,15 +388,8 @@ class AttachResult:
     sockets: list[dict[str, Any]] = field(default_factory=list)  # the target's, for programs
 
     def to_json(self) -> dict[str, Any]:
-        return change_json(
+        return self.report(
             "attach",
-            self.netns,
-            dry_run=False,
-            changed=self.changed,
-            loaded=self.loaded,
-            generation=self.generation,
-            plan=self.plan,
-            notes=self.notes,
             rule=_rule_json(self.rule, None),
             rule_changed=self.rule_changed,
             target=self.target,
@@ -493,7 +511,7 @@ def _check_target(live: Live, want: Want, replace: bool) -> None:
 
 
 @dataclass
-class DetachResult:
+class DetachResult(Report):
     netns: str
     removed: str  # what was removed, for people ("": nothing was there)
     dispatcher_removed: bool
@@ -504,15 +522,8 @@ class DetachResult:
     state: str = ""  # detach --all: what was there (dispatcher, damaged, other-layout)
 
     def to_json(self) -> dict[str, Any]:
-        return change_json(
+        return self.report(
             "detach",
-            self.netns,
-            dry_run=False,
-            changed=self.changed,
-            loaded=False,
-            generation=self.generation,
-            plan=self.plan,
-            notes=self.notes,
             dispatcher_removed=self.dispatcher_removed,
             state_removed=self.state,
         )
@@ -598,7 +609,7 @@ def detach_all(
 
 
 @dataclass
-class RegisterResult:
+class RegisterResult(Report):
     netns: str
     target: str
     source: str  # where the socket came from: systemd | fd | address
@@ -610,31 +621,28 @@ class RegisterResult:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return change_json(
-            "register",
-            self.netns,
-            dry_run=False,
-            changed=self.changed,
-            loaded=False,
-            generation=self.generation,
-            plan=self.plan,
-            notes=self.notes,
-            target=self.target,
-            source=self.source,
-            sockets=self.sockets,
-        )
+        return self.report("register", target=self.target, source=self.source, sockets=self.sockets)
 
 
-def systemd_fds(environ: dict[str, str] | None = None) -> dict[str, int]:
+def systemd_fds(environ: dict[str, str] | None = None) -> dict[str, list[int]]:
     """The sockets systemd passed this process (socket activation): fd 3 on, LISTEN_FDS of
-    them, for this pid only (LISTEN_PID), by name (LISTEN_FDNAMES; unnamed: "fdN")."""
+    them, for this pid only (LISTEN_PID), by name (LISTEN_FDNAMES; one name may be several
+    fds, as a .socket unit's Listen* lines share its name; unnamed: "unknown", as systemd)."""
     env = os.environ if environ is None else environ
     count, pid = env.get("LISTEN_FDS", ""), env.get("LISTEN_PID", "")
     if not count or pid != str(os.getpid()):
         return {}
     n = validate.digits(count, "LISTEN_FDS", 4)
-    names = env.get("LISTEN_FDNAMES", "").split(":") if env.get("LISTEN_FDNAMES") else []
-    return {(names[i] if i < len(names) and names[i] else f"fd{3 + i}"): 3 + i for i in range(n)}
+    names = env["LISTEN_FDNAMES"].split(":") if env.get("LISTEN_FDNAMES") else ["unknown"] * n
+    if len(names) != n:
+        raise InvalidArgument(
+            f"LISTEN_FDNAMES has {len(names)} names for LISTEN_FDS={n} sockets",
+            "systemd sets both; check the service's environment",
+        )
+    out: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        out.setdefault(name, []).append(3 + i)
+    return out
 
 
 def register(
@@ -712,26 +720,31 @@ def register(
     return res
 
 
-def _activated_fd(activated: dict[str, int], fd_name: str | None, old: Slotted) -> int:
-    """Which of the sockets systemd passed is the target's: the one named, the only one, or
-    the one of the target's protocol bound where it was declared."""
-    if fd_name is not None:
-        return activated[fd_name]
-    if len(activated) == 1:
-        return next(iter(activated.values()))
+def _activated_fd(activated: dict[str, list[int]], fd_name: str | None, old: Slotted) -> int:
+    """Which of the sockets systemd passed is the target's: among those named (all of them
+    without a name), the only one, else the one of the target's protocol bound at its declared
+    address, else the only one on its port."""
+    fds = activated[fd_name] if fd_name is not None else [f for v in activated.values() for f in v]
+    if len(fds) == 1:
+        return fds[0]
     kind = socket.SOCK_STREAM if old.proto == "tcp" else socket.SOCK_DGRAM
-    fits = []
-    for fd in activated.values():
+    exact, on_port = [], []
+    for fd in fds:
         with contextlib.suppress(OSError):
             s = socket.socket(fileno=os.dup(fd))
             with s:
-                if s.type == kind and s.getsockname()[1] == old.port:
-                    fits.append(fd)
+                if s.type != kind or s.getsockname()[1] != old.port:
+                    continue
+                on_port.append(fd)
+                if ipaddress.ip_address(s.getsockname()[0]) == old.addr:
+                    exact.append(fd)
+    fits = exact if len(exact) == 1 else on_port
     if len(fits) != 1:
+        names = ", ".join(sorted(activated))
         raise InvalidArgument(
-            f"systemd passed {len(activated)} sockets, {len(fits)} of them {old.proto} on port "
-            f"{old.port}",
-            f"pick one with --fd-name ({', '.join(sorted(activated))})",
+            f"systemd passed {len(fds)} sockets{f' named {fd_name}' if fd_name else ''}, "
+            f"{len(fits)} of them {old.proto} at {old.endpoint}",
+            f"name each socket (FileDescriptorName=) and pick one with --fd-name ({names})",
         )
     return fits[0]
 
@@ -740,27 +753,27 @@ def _activated_fd(activated: dict[str, int], fd_name: str | None, old: Slotted) 
 
 
 @dataclass
-class UpgradeResult:
+class UpgradeResult(Report):
     netns: str
     changed: bool = False
     generation: int = 0
     plan: Plan | None = None
     from_layout: int = 0
     notes: list[str] = field(default_factory=list)
+    moved: int = 0  # rules moved to this version's state (not added: they were there)
 
     def to_json(self) -> dict[str, Any]:
-        return change_json(
-            "upgrade",
-            self.netns,
-            dry_run=False,
-            changed=self.changed,
-            loaded=self.changed,
-            generation=self.generation,
-            plan=self.plan,
-            notes=self.notes,
-            from_layout=self.from_layout,
-            to_layout=layout.LAYOUT_VERSION,
-        )
+        # the rules were there before and are there after: none added, removed or changed
+        plan, self.plan = self.plan, None
+        try:
+            return self.report(
+                "upgrade",
+                from_layout=self.from_layout,
+                to_layout=layout.LAYOUT_VERSION,
+                rules_moved=self.moved,
+            )
+        finally:
+            self.plan = plan
 
 
 def upgrade(
@@ -778,7 +791,15 @@ def upgrade(
         res = UpgradeResult(ns.label)
         with Store.locked(bpffs, exclusive=False, wait=wait) as held:
             path = held.legacy_path(ns)
-            old = legacy.read(path, ns.inode) if path is not None else None
+            mine = os.path.isdir(held.path_of(ns))
+            try:
+                old = legacy.read(path, ns.inode) if path is not None else None
+            except EnvironmentProblem:
+                if not mine:
+                    raise
+                old = None  # what a killed upgrade left of the old state: removed below
+        if old is None and path is not None and mine:
+            return _finish_upgrade(ns, res, bpffs, wait)
         if old is None:
             return _reload(ns, disc, res, bpffs, wait)
         if old.cookie != ns.cookie():
@@ -788,12 +809,14 @@ def upgrade(
             )
         res.from_layout = legacy.LAYOUT
 
+        finished: list[bool] = []
+
         def desire(live: Live) -> tuple[RuleSet, dict[str, Want]]:
             if live.generation:
-                raise EnvironmentProblem(
-                    f"{ns.label} has state of this version and of layout {legacy.LAYOUT}",
-                    "`sklookupctl detach --all` and apply again",
-                )
+                # an upgrade killed (or run at the same time) got this far: this version's
+                # state steers beside the old one; only the old one's removal is left
+                finished.append(True)
+                return live_rules(live), {n: _keep(t) for n, t in live.targets.items()}
             wants = {}
             for name, t in old.targets.items():
                 e = disc.by_cookie(t.cookie, t.proto) if t.cookie is not None else None
@@ -804,7 +827,9 @@ def upgrade(
             return old.rules, wants
 
         out = _change(ns, bpffs, disc, desire, wait=wait, command="upgrade", legacy_ok=True)
-        res.changed, res.generation, res.plan = out.committed, out.generation, out.plan
+        if finished:
+            return _finish_upgrade(ns, res, bpffs, wait)
+        res.changed, res.generation, res.moved = out.committed, out.generation, len(old.rules)
         res.notes += out.notes
         with store.session(bpffs, ns, write=True, wait=wait, legacy_ok=True) as s:
             if s.dispatcher is not None and s.dispatcher.gen is not None:
@@ -826,7 +851,15 @@ def _legacy(ns: Netns, bpffs: str, wait: float) -> Any:
         path = held.legacy_path(ns)
         if path is None:
             return None
-        old = legacy.read(path, ns.inode)
+        mine = os.path.isdir(held.path_of(ns))
+        try:
+            old = legacy.read(path, ns.inode)
+        except EnvironmentProblem:
+            if mine:
+                return None  # what a killed upgrade left beside this version's state
+            raise
+    if mine:
+        return None  # both: an upgrade got this far; this version's state is what steers
     return old if old.cookie == ns.cookie() else None
 
 
@@ -880,6 +913,26 @@ def program_current(tag: str) -> bool | None:
         return tag in program.tags()
     except SklookupError:
         return None
+
+
+def _finish_upgrade(ns: Netns, res: UpgradeResult, bpffs: str, wait: float) -> UpgradeResult:
+    """Remove what is left of the old state beside this version's (a killed or concurrent
+    upgrade got as far as attaching this version's program)."""
+    with store.session(bpffs, ns, write=True, wait=wait, legacy_ok=True) as s:
+        # (the session's own collection may have removed an old directory left without a link)
+        s.store.remove_legacy(ns)
+        if s.dispatcher is not None and s.dispatcher.gen is not None:
+            res.generation = int(s.dispatcher.gen.meta().generation)
+        removed = s.store.legacy_path(ns) is None
+    res.changed = removed
+    res.notes.append(
+        f"finished an upgrade of {ns.label}: removed the earlier version's state"
+        if removed
+        else f"nothing to upgrade in {ns.label}: it is of this version"
+    )
+    if removed:
+        audit("upgrade", ns.label, "removed the earlier version's state (finished)")
+    return res
 
 
 def _reload(
@@ -1231,7 +1284,6 @@ def _made_netns(netns: str | None, rf: rulefile.RuleFile, dry_run: bool) -> bool
         return False
     if not dry_run:
         nsmod.create(netns)
-        audit("apply", netns, "created the network namespace")
     return True
 
 
@@ -1243,13 +1295,21 @@ def _add_addresses(ns: Netns, rf: rulefile.RuleFile, dry_run: bool, notes: list[
         return []
     have = set(nsmod.addr_list(ns))
     missing = [a for a in rf.addresses if a not in have]
-    for a in missing:
-        if not dry_run:
-            nsmod.addr_add(ns, a)
-        notes.append(f"{'would make' if dry_run else 'made'} {a} local (AnyIP, [netns] addresses)")
-    if missing and not dry_run:
-        audit("apply", ns.label, "AnyIP " + ", ".join(str(a) for a in missing))
-    return [str(a) for a in missing]
+    done: list[str] = []
+    try:
+        for a in missing:
+            if not dry_run:
+                nsmod.addr_add(ns, a)
+            done.append(str(a))
+            notes.append(
+                f"{'would make' if dry_run else 'made'} {a} local (AnyIP, [netns] addresses)"
+            )
+    except BaseException:
+        for a_text in [] if dry_run else done:
+            with contextlib.suppress(SklookupError, OSError):
+                nsmod.addr_del(ns, parse_prefix(a_text))
+        raise
+    return done
 
 
 def _target_lines(res: ApplyResult, changes: list[TargetChange]) -> None:
@@ -1325,17 +1385,64 @@ def _apply(
     _more_files()
     made = _made_netns(netns, rf, dry_run)
     if made and dry_run:
-        # nothing to compare with: everything in the file would be new
-        res = ApplyResult(
-            netns or "",
-            path,
-            dry_run,
-            len(rf.rules),
-            addresses_added=[str(a) for a in rf.addresses],
-        )
-        res.notes.append(f"would create network namespace {netns} ([netns] create = true)")
-        res.added = rf.rules.sorted()
-        return res
+        return _apply_to_nothing(netns or "", path, rf, allow_missing)
+    try:
+        return _apply_in(netns, path, rf, dry_run, bpffs, step, wait, allow_missing, made)
+    except BaseException:
+        if made and not dry_run:
+            # a refused apply changes nothing: not even the namespace it made for itself
+            from . import netns as nsmod
+
+            with contextlib.suppress(SklookupError, OSError):
+                nsmod.delete(netns or "")
+        raise
+
+
+def _apply_to_nothing(
+    netns: str, path: str, rf: rulefile.RuleFile, allow_missing: bool
+) -> ApplyResult:
+    """A dry run of a file whose namespace does not exist yet ([netns] create): what the real
+    apply would do there, where no socket can listen yet."""
+    from . import rulefile
+
+    wants = {}
+    for name, spec in rf.targets.items():
+        if spec.to is None:
+            raise rulefile.FileError(
+                f"{path}: targets.{name}.pid", f"the namespace {netns} does not exist yet"
+            )
+        if not allow_missing:
+            raise rulefile.FileError(
+                f"{path}: targets.{name}.to",
+                f"no socket can listen at {format_endpoint(*spec.to)} in {netns}: it does not "
+                "exist yet",
+                "apply with --allow-missing: the targets wait for their sockets",
+            )
+        wants[name] = Want(name, spec.proto, *spec.to, (), spec.exact, wait=True)
+    plan = make_plan(NOTHING, rf.rules, wants)
+    res = ApplyResult(netns, path, True, len(rf.rules), loaded=bool(len(rf.rules)))
+    res.addresses_added = [str(a) for a in rf.addresses]
+    res.notes.append(f"would create network namespace {netns} ([netns] create = true)")
+    res.notes += [f"would make {a} local (AnyIP, [netns] addresses)" for a in rf.addresses]
+    res.plan = plan
+    res.added, res.removed, res.changed = plan.added, plan.removed, plan.changed
+    _target_lines(res, plan.target_changes)
+    return res
+
+
+def _apply_in(
+    netns: str | None,
+    path: str,
+    rf: rulefile.RuleFile,
+    dry_run: bool,
+    bpffs: str,
+    step: Callable[[str], Callable[[int, int], None]],
+    wait: float,
+    allow_missing: bool,
+    made: bool,
+) -> ApplyResult:
+    from . import rulefile
+
     with open_netns(netns) as ns, sockets.Discovery(ns) as disc:
         res = ApplyResult(ns.label, path, dry_run, len(rf.rules))
         if made:
@@ -1351,9 +1458,21 @@ def _apply(
 
         try:
             out = _change(ns, bpffs, disc, desire, dry_run, wait, command=f"apply {path}")
-        except TargetMismatch as e:
-            where = f"{path}: rules[{rf.index(e.rule)}].target"  # type: ignore[arg-type]
-            raise rulefile.FileError(where, e.message, e.hint) from None
+        except BaseException as e:
+            if not dry_run:  # a refused apply changes nothing: not the addresses either
+                from . import netns as nsmod
+
+                for a in res.addresses_added:
+                    with contextlib.suppress(SklookupError, OSError):
+                        nsmod.addr_del(ns, parse_prefix(a))
+            if isinstance(e, TargetMismatch):
+                where = f"{path}: rules[{rf.index(e.rule)}].target"  # type: ignore[arg-type]
+                raise rulefile.FileError(where, e.message, e.hint) from None
+            raise
+        if made:
+            audit("apply", ns.label, "created the network namespace")
+        if res.addresses_added and not dry_run:
+            audit("apply", ns.label, "AnyIP " + ", ".join(res.addresses_added))
         plan = res.plan = out.plan
         res.added, res.removed, res.changed = plan.added, plan.removed, plan.changed
         _target_lines(res, plan.target_changes)

@@ -120,8 +120,8 @@ def hoist_globals(group: click.Group, argv: list[str]) -> list[str]:
         if a == "--":
             tail += argv[j:]
             break
-        if name in GLOBAL_OPTIONS:
-            if "=" in a and a.startswith("--"):
+        if name in GLOBAL_OPTIONS or (a.startswith("-n") and len(a) > 2 and a[2] != "-"):
+            if ("=" in a and a.startswith("--")) or (a.startswith("-n") and len(a) > 2):
                 moved.append(a)
                 j += 1
             else:
@@ -670,7 +670,17 @@ def upgrade(obj: Obj, all_: bool, as_json: bool) -> None:
         else [api.upgrade(obj.netns, bpffs=obj.bpffs, wait=obj.wait)]
     )
     if as_json:
-        render.emit_json(results[0].to_json() if not all_ else [r.to_json() for r in results])
+        render.emit_json(
+            results[0].to_json()
+            if not all_
+            else {
+                "command": "upgrade",
+                "changed": any(r.changed for r in results),
+                "dry_run": False,
+                "namespaces": [r.to_json() for r in results],
+                "notes": [] if results else ["nothing to upgrade"],
+            }
+        )
         return
     for r in results:
         for note in r.notes:

@@ -256,7 +256,8 @@ STATES = {
     "unfinished": "unfinished (left by a killed command; never steered; `gc` removes it)",
     "damaged": "DAMAGED (`detach --all` in that namespace removes it)",
     "damaged-dead": "damaged, namespace gone (`gc` removes it)",
-    "other-layout": "made by another sklookupctl version (`detach --all` there removes it)",
+    "other-layout": "made by an earlier sklookupctl (`sklookupctl upgrade` there moves it to "
+    "this version)",
     "other-layout-dead": "made by another version, namespace gone (`gc` removes it)",
 }
 

@@ -792,6 +792,12 @@ class Store:
 
     def _refuse_legacy(self, ns: Netns) -> None:
         path = self.legacy_path(ns)
+        if path is not None and os.path.isdir(self.path_of(ns)):
+            # an upgrade got as far as this version's state (it steers): the old one is what
+            # is left of it, removed by the next writer
+            if self.exclusive:
+                self.remove_legacy(ns)
+            return
         if path is not None and _legacy_cookie(path) in (ns.cookie(), None):
             raise EnvironmentProblem(
                 f"state in {path} has another layout, this version uses {layout.LAYOUT_VERSION}",

@@ -214,7 +214,9 @@ def test_one_file_restores_the_namespace_its_addresses_and_rules(ns: NS, tmp_pat
     f.write_text('[netns]\ncreate = true\naddresses = ["192.0.2.0/24", "2001:db8::/64"]\n\n' + FILE)
     try:
         cmd = ["--netns", name, "--bpffs", ns.bpffs]
-        dry = CliRunner().invoke(cli, [*cmd, "apply", "--dry-run", "--json", str(f)])
+        dry = CliRunner().invoke(
+            cli, [*cmd, "apply", "--dry-run", "--allow-missing", "--json", str(f)]
+        )
         assert dry.exit_code == 0, dry.output
         assert json.loads(dry.stdout)["changed"] is True and not os.path.exists(
             f"/run/netns/{name}"
@@ -230,3 +232,63 @@ def test_one_file_restores_the_namespace_its_addresses_and_rules(ns: NS, tmp_pat
         assert "generation" not in exported  # a file kept in git changes only with the rules
     finally:
         CliRunner().invoke(cli, ["--bpffs", ns.bpffs, "netns", "del", name])
+
+
+def test_a_refused_restore_leaves_no_namespace_and_its_dry_run_says_so(
+    ns: NS, tmp_path: Path
+) -> None:
+    name = f"{ns.name}-x"
+    MADE.add(name)
+    f = tmp_path / "restore.toml"
+    f.write_text('[netns]\ncreate = true\naddresses = ["192.0.2.0/24"]\n\n' + FILE)
+    cmd = ["--netns", name, "--bpffs", ns.bpffs]
+    try:
+        for flags in (["--dry-run"], []):
+            res = CliRunner().invoke(cli, [*cmd, "apply", *flags, str(f)])
+            assert res.exit_code == 1 and "targets.web.to" in res.output, res.output
+            assert not os.path.exists(f"/run/netns/{name}")  # nothing made, nothing left
+        res = CliRunner().invoke(
+            cli, [*cmd, "apply", "--dry-run", "--allow-missing", "--json", str(f)]
+        )
+        doc = json.loads(res.stdout)
+        assert doc["changed"] is True and doc["loaded_dispatcher"] is True
+        assert [t["name"] for t in doc["targets"]["added"]] == ["web"]
+        assert doc["addresses_added"] == ["192.0.2.0/24"] and not os.path.exists(
+            f"/run/netns/{name}"
+        )
+    finally:
+        CliRunner().invoke(cli, ["--bpffs", ns.bpffs, "netns", "del", name])
+
+
+def test_register_among_sockets_systemd_named_alike(ns: NS) -> None:
+    # a .socket unit with two Listen lines passes both under one name
+    ns.ok(
+        "attach",
+        "tcp",
+        "192.0.2.0/24",
+        "all",
+        "--to",
+        "127.0.0.1:9301",
+        "--name",
+        "dup",
+        "--allow-missing",
+    )
+    with listening(ns, "127.0.0.1", 9301) as a, listening(ns, "127.0.0.1", 9302) as b:
+        fa, fb = a.fileno(), b.fileno()
+
+        def child() -> None:
+            os.dup2(fa, 3)
+            os.dup2(fb, 4)
+            os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="2", LISTEN_FDNAMES="dup:dup")
+
+        out = subprocess.run(
+            ns.script_argv("register", "dup", "--fd-name", "dup", "--json"),
+            pass_fds=(fa, fb, 3, 4),
+            preexec_fn=child,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["sockets"][0]["address"] == "127.0.0.1:9301"  # its own
+        assert "127.0.0.1:9301" in ns.ok("export").stdout

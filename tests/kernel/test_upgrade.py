@@ -144,3 +144,54 @@ def test_every_generation_keeps_its_rule_set_in_a_layout_free_record(ns: NS) -> 
     rules, targets = got
     assert {k: (r.action, r.target, r.on_missing) for k, r in rules.rules.items()} == live.rules
     assert targets == {"web": ("tcp", live.targets["web"].addr, 9000, False)}
+
+
+def test_an_upgrade_cut_short_is_finished_and_never_wedges(
+    ns: NS, old_sklookupctl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # round 4 of the adversarial tester: killed after this version's program was attached
+    # (both states steer), then after the old link was unpinned; and two upgrades at once
+    from sklookupctl import store
+
+    old = [old_sklookupctl, "--netns", ns.name, "--bpffs", ns.bpffs]
+    ns.proxy(tcp="127.0.0.1:9000", tag="web")
+    args = ["attach", "tcp", "192.0.2.0/24", "all", "--to", "127.0.0.1:9000", "--name", "web"]
+    subprocess.run([*old, *args], check=True, capture_output=True, timeout=120)
+
+    def killed(self: object, n: object) -> bool:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(store.Store, "remove_legacy", killed)
+        assert ns.cli("upgrade").exit_code == 130
+    base = os.path.join(ns.bpffs, "sklookupctl")
+    legacy = [n for n in os.listdir(base) if n.isdigit()]
+    assert legacy and any(n.startswith("ns-") for n in os.listdir(base))  # both are there
+    assert ns.dial("tcp", "192.0.2.1", 80) == "192.0.2.1 80 web"
+    assert ns.status()["state"] == "steering"  # readers see this version's
+    os.unlink(os.path.join(base, legacy[0], "link"))  # and cut shorter still: no old link
+    assert ns.status()["state"] == "steering"
+    doc = json.loads(ns.ok("upgrade", "--json").stdout)
+    assert doc["changed"] is True and "finished an upgrade" in doc["notes"][0]
+    assert not [n for n in os.listdir(base) if n.isdigit()]
+    assert ns.dial("tcp", "192.0.2.1", 80) == "192.0.2.1 80 web"
+    # a writer finishes it too
+    subprocess.run([*old, "detach", "--all"], capture_output=True, timeout=60)
+    ns.ok("detach", "--all")
+    subprocess.run([*old, *args], check=True, capture_output=True, timeout=120)
+    with monkeypatch.context() as m:
+        m.setattr(store.Store, "remove_legacy", killed)
+        assert ns.cli("upgrade").exit_code == 130
+    ns.ok("attach", "tcp", "198.51.100.0/24", "80", "--drop")
+    assert not [n for n in os.listdir(base) if n.isdigit()]
+    # two upgrades at once: one does it, the other finds nothing (or finishes), both exit 0
+    ns.ok("detach", "--all")
+    subprocess.run([*old, *args], check=True, capture_output=True, timeout=120)
+    both = [
+        subprocess.Popen(ns.script_argv("upgrade", "--json"), stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in both]
+    assert [p.returncode for p in both] == [0, 0], outs
+    assert sum(json.loads(o)["changed"] for o in outs) >= 1
+    assert ns.dial("tcp", "192.0.2.1", 80) == "192.0.2.1 80 web"

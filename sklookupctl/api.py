@@ -1142,12 +1142,21 @@ def netns_add(name: str) -> bool:
     return nsmod.create(name)
 
 
-def netns_del(name: str, *, bpffs: str = DEFAULT_BPFFS, wait: float = store.DEFAULT_WAIT) -> bool:
-    """Delete a named netns, first detaching our dispatcher from it. True if one was there."""
+def netns_del(
+    name: str,
+    *,
+    if_exists: bool = False,
+    bpffs: str = DEFAULT_BPFFS,
+    wait: float = store.DEFAULT_WAIT,
+) -> bool:
+    """Delete a named netns, first detaching our dispatcher from it. True if one was there.
+    With `if_exists`, a namespace that is not there is no error."""
     from . import netns as nsmod
 
     require_privileges()
     nsmod._check_name(name)
+    if if_exists and not os.path.exists(nsmod.path_of(name)):
+        return False
     had = False
     with contextlib.suppress(EnvironmentProblem):
         had = detach_all(name, bpffs=bpffs, wait=wait).dispatcher_removed
@@ -1170,13 +1179,31 @@ def addr_add(netns: str | None, prefix: str) -> bool:
         return nsmod.addr_add(ns, net)
 
 
-def addr_del(netns: str | None, prefix: str) -> None:
+def addr_del(netns: str | None, prefix: str, *, if_exists: bool = False) -> bool:
+    """Remove an AnyIP prefix; False when it was not there (an error unless `if_exists`)."""
     from . import netns as nsmod
 
     net = parse_prefix(prefix)
     require_privileges()
     with open_netns(netns) as ns:
+        if if_exists and net not in nsmod.addr_list(ns):
+            return False
         nsmod.addr_del(ns, net)
+        return True
+
+
+def simple_change_json(command: str, netns: str, changed: bool, notes: list[str]) -> dict[str, Any]:
+    """netns and addr changes in the shape of every writing command (no rules or targets)."""
+    return change_json(
+        command,
+        netns,
+        dry_run=False,
+        changed=changed,
+        loaded=False,
+        generation=0,
+        plan=None,
+        notes=notes,
+    )
 
 
 def addr_list(netns: str | None) -> list[str]:

@@ -747,23 +747,47 @@ def netns() -> None:
     """Named network namespaces (under /run/netns)."""
 
 
+IF_EXISTS = "What is not there is no error: exit 0, nothing changed (for idempotent scripts)."
+
+
+def _said(as_json: bool, command: str, netns: str, changed: bool, line: str) -> None:
+    if as_json:
+        render.emit_json(api.simple_change_json(command, netns, changed, [line]))
+    else:
+        render.say(line)
+
+
 @netns.command("add", context_settings=CONTEXT)
 @click.argument("name")
-def netns_add(name: str) -> None:
+@json_option
+def netns_add(name: str, as_json: bool) -> None:
     """Create namespace NAME with lo up (unchanged if it exists)."""
-    if api.netns_add(name):
-        render.say(f"created network namespace {name}")
-    else:
-        render.say(f"unchanged: network namespace {name} already exists")
+    made = api.netns_add(name)
+    line = (
+        f"created network namespace {name}"
+        if made
+        else f"unchanged: network namespace {name} already exists"
+    )
+    _said(as_json, "netns add", name, made, line)
 
 
 @netns.command("del", context_settings=CONTEXT)
 @click.argument("name")
+@click.option("--if-exists", is_flag=True, help=IF_EXISTS)
+@json_option
 @click.pass_obj
-def netns_del(obj: Obj, name: str) -> None:
+def netns_del(obj: Obj, name: str, if_exists: bool, as_json: bool) -> None:
     """Delete namespace NAME (detaching sklookupctl's dispatcher from it first)."""
-    had = api.netns_del(name, bpffs=obj.bpffs, wait=obj.wait)
-    render.say(f"deleted network namespace {name}" + (" and its dispatcher" if had else ""))
+    from . import netns as nsmod
+
+    there = os.path.exists(nsmod.path_of(name)) if name and "/" not in name else True
+    had = api.netns_del(name, if_exists=if_exists, bpffs=obj.bpffs, wait=obj.wait)
+    line = (
+        f"deleted network namespace {name}" + (" and its dispatcher" if had else "")
+        if there
+        else f"unchanged: no network namespace {name}"
+    )
+    _said(as_json, "netns del", name, there, line)
 
 
 @netns.command("list", context_settings=CONTEXT)
@@ -790,20 +814,25 @@ def addr() -> None:
 
 @addr.command("add", context_settings=CONTEXT)
 @click.argument("prefix")
+@json_option
 @click.pass_obj
-def addr_add(obj: Obj, prefix: str) -> None:
+def addr_add(obj: Obj, prefix: str, as_json: bool) -> None:
     """Make every address in PREFIX local to the netns."""
     added = api.addr_add(obj.netns, prefix)
-    render.say(f"{'added' if added else 'unchanged: already there'} {prefix}")
+    line = f"{'added' if added else 'unchanged: already there'} {prefix}"
+    _said(as_json, "addr add", obj.netns or "", added, line)
 
 
 @addr.command("del", context_settings=CONTEXT)
 @click.argument("prefix")
+@click.option("--if-exists", is_flag=True, help=IF_EXISTS)
+@json_option
 @click.pass_obj
-def addr_del(obj: Obj, prefix: str) -> None:
+def addr_del(obj: Obj, prefix: str, if_exists: bool, as_json: bool) -> None:
     """Remove an AnyIP PREFIX."""
-    api.addr_del(obj.netns, prefix)
-    render.say(f"removed {prefix}")
+    removed = api.addr_del(obj.netns, prefix, if_exists=if_exists)
+    line = f"removed {prefix}" if removed else f"unchanged: {prefix} is not an AnyIP prefix"
+    _said(as_json, "addr del", obj.netns or "", removed, line)
 
 
 @addr.command("list", context_settings=CONTEXT)

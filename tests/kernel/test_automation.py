@@ -145,3 +145,19 @@ def test_demo_never_takes_a_namespace_it_did_not_make(ns: NS) -> None:
     res = ns.cli("demo")  # -n is that of the test's own namespace, which exists
     assert res.exit_code == 1 and "the demo makes a namespace of its own" in res.output
     assert ns.files() == files
+
+
+def test_namespaces_and_addresses_in_the_same_shape_and_idempotent(ns: NS) -> None:
+    # addresses of the test's namespace (its prefixes are AnyIP already)
+    assert js(ns, "addr", "add", "192.0.2.0/24")["changed"] is False
+    doc = js(ns, "addr", "add", "2001:db8:99::/48")
+    assert set(doc) >= COMMON and doc["command"] == "addr add" and doc["changed"] is True
+    assert js(ns, "addr", "del", "2001:db8:99::/48")["changed"] is True
+    assert ns.cli("addr", "del", "2001:db8:99::/48").exit_code == 1  # absent: an error
+    assert js(ns, "addr", "del", "2001:db8:99::/48", "--if-exists")["changed"] is False
+    # a namespace that is not there
+    res = ns.cli("netns", "del", "sklt-none-such")
+    assert res.exit_code == 1 and "does not exist" in res.output
+    doc = js(ns, "netns", "del", "sklt-none-such", "--if-exists")
+    assert doc["command"] == "netns del" and doc["changed"] is False
+    assert js(ns, "netns", "add", ns.name)["changed"] is False  # it exists

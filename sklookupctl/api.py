@@ -1148,15 +1148,15 @@ def netns_del(
     if_exists: bool = False,
     bpffs: str = DEFAULT_BPFFS,
     wait: float = store.DEFAULT_WAIT,
-) -> bool:
-    """Delete a named netns, first detaching our dispatcher from it. True if one was there.
-    With `if_exists`, a namespace that is not there is no error."""
+) -> bool | None:
+    """Delete a named netns, first detaching our dispatcher from it. True if one was there;
+    None when the namespace was not there (an error unless `if_exists`)."""
     from . import netns as nsmod
 
     require_privileges()
     nsmod._check_name(name)
     if if_exists and not os.path.exists(nsmod.path_of(name)):
-        return False
+        return None
     had = False
     with contextlib.suppress(EnvironmentProblem):
         had = detach_all(name, bpffs=bpffs, wait=wait).dispatcher_removed

@@ -778,10 +778,8 @@ def netns_add(name: str, as_json: bool) -> None:
 @click.pass_obj
 def netns_del(obj: Obj, name: str, if_exists: bool, as_json: bool) -> None:
     """Delete namespace NAME (detaching sklookupctl's dispatcher from it first)."""
-    from . import netns as nsmod
-
-    there = os.path.exists(nsmod.path_of(name)) if name and "/" not in name else True
     had = api.netns_del(name, if_exists=if_exists, bpffs=obj.bpffs, wait=obj.wait)
+    there = had is not None
     line = (
         f"deleted network namespace {name}" + (" and its dispatcher" if had else "")
         if there
@@ -830,7 +828,7 @@ def addr_add(obj: Obj, prefix: str, as_json: bool) -> None:
 @click.pass_obj
 def addr_del(obj: Obj, prefix: str, if_exists: bool, as_json: bool) -> None:
     """Remove an AnyIP PREFIX."""
-    removed = api.addr_del(obj.netns, prefix, if_exists=if_exists)
+    removed = api.addr_del(obj.netns, prefix, if_exists=if_exists) is not False
     line = f"removed {prefix}" if removed else f"unchanged: {prefix} is not an AnyIP prefix"
     _said(as_json, "addr del", obj.netns or "", removed, line)
 

@@ -29,14 +29,24 @@ def test_the_units_verify(tmp_path: Path) -> None:
         (tmp_path / name).write_text(text)
     instances = ["sklookupctl-restore@edge.service", "sklookupctl-register@example-proxy.service"]
     plain = [n for n in names if "@" not in n]
-    out = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", *instances, *plain],
-        cwd=tmp_path,
-        env={**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path}:"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    # systemd-analyze leaves a marker in /run/systemd where systemd is not running: removed
+    # again when this made it, so the test leaves the machine as it found it
+    marker = Path("/run/systemd/systemd-units-load")
+    had = marker.parent.exists(), marker.exists()
+    try:
+        out = subprocess.run(
+            ["systemd-analyze", "verify", "--man=no", *instances, *plain],
+            cwd=tmp_path,
+            env={**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path}:"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        if not had[1] and marker.exists():
+            marker.unlink()
+        if not had[0] and marker.parent.exists() and not any(marker.parent.iterdir()):
+            marker.parent.rmdir()
     assert out.returncode == 0 and out.stderr == "" and out.stdout == "", out
 
 

@@ -597,6 +597,10 @@ def apply(
 
     \b
     A rule file (`sklookupctl export` writes one):
+      [netns]                    # optional, for a restore at boot:
+      create = true              # make the named namespace if it is missing
+      addresses = ["192.0.2.0/24"]   # make these local (AnyIP); never removes any
+      \b
       [targets.web]
       to = "127.0.0.1:8080"      # or: pid = 1234 and fd = 5; IPv6 as "[::1]:8080"
       # protocol = "tcp"         # optional; inferred from the rules that use it

@@ -763,17 +763,13 @@ class UpgradeResult(Report):
     moved: int = 0  # rules moved to this version's state (not added: they were there)
 
     def to_json(self) -> dict[str, Any]:
-        # the rules were there before and are there after: none added, removed or changed
-        plan, self.plan = self.plan, None
-        try:
-            return self.report(
-                "upgrade",
-                from_layout=self.from_layout,
-                to_layout=layout.LAYOUT_VERSION,
-                rules_moved=self.moved,
-            )
-        finally:
-            self.plan = plan
+        # no plan is kept: the rules were there before and are after (moved, not added)
+        return self.report(
+            "upgrade",
+            from_layout=self.from_layout,
+            to_layout=layout.LAYOUT_VERSION,
+            rules_moved=self.moved,
+        )
 
 
 def upgrade(
@@ -847,6 +843,8 @@ def _legacy(ns: Netns, bpffs: str, wait: float) -> Any:
     """The namespace's state of layout 3 (legacy.Legacy), or None."""
     from . import legacy
 
+    if not os.path.isdir(os.path.join(store.base_dir(bpffs), str(ns.inode))):
+        return None  # the common case, without taking the lock
     with Store.locked(bpffs, exclusive=False, wait=wait) as held:
         path = held.legacy_path(ns)
         if path is None:
@@ -883,7 +881,9 @@ def _legacy_status(ns: Netns, old: Any, bpffs: str) -> dict[str, Any]:
         "attached": old.attached,
         "other_programs": attached,
         "rules": [
-            _rule_json(r, dict(zip(layout.COUNTER_NAMES, _counts(old.counters[k]), strict=True)))
+            _rule_json(
+                r, dict(zip(layout.COUNTER_NAMES, image.counter_view(old.counters[k]), strict=True))
+            )
             for k, r in sorted(old.rules.rules.items(), key=lambda kr: RuleSet.order(kr[1]))
         ],
         "targets": [
@@ -899,20 +899,16 @@ def _legacy_status(ns: Netns, old: Any, bpffs: str) -> dict[str, Any]:
     }
 
 
-def _counts(kernel: tuple[int, ...]) -> tuple[int, ...]:
-    st, dr, pa, mi, er = kernel
-    return (st + dr + pa, st, dr, mi, er)
-
-
-def program_current(tag: str) -> bool | None:
-    """Whether a running program is this version's dispatcher (None: cannot tell, the program
-    could not be made here)."""
+def program_current(tag: str, compile_: bool = False) -> bool | None:
+    """Whether a running program is this version's dispatcher (None: cannot tell without a
+    compiled image, which only `compile_` makes)."""
     from . import program
 
     try:
-        return tag in program.tags()
+        known = program.tags(compile_)
     except SklookupError:
         return None
+    return None if known is None else tag in known
 
 
 def _finish_upgrade(ns: Netns, res: UpgradeResult, bpffs: str, wait: float) -> UpgradeResult:
@@ -946,7 +942,7 @@ def _reload(
             res.notes.append(f"nothing to upgrade in {ns.label}: no sklookupctl dispatcher")
             return res
         tag = bytes(d.program.info().tag).hex()
-    if program_current(tag) is not False:
+    if program_current(tag, compile_=True) is not False:
         res.notes.append(f"nothing to upgrade in {ns.label}: it runs this version's dispatcher")
         return res
 
@@ -954,7 +950,7 @@ def _reload(
         return live_rules(live), {n: _keep(t) for n, t in live.targets.items()}
 
     out = _change(ns, bpffs, disc, desire, wait=wait, command="upgrade", force=True)
-    res.changed, res.generation, res.plan = out.committed, out.generation, out.plan
+    res.changed, res.generation = out.committed, out.generation
     res.from_layout = layout.LAYOUT_VERSION
     res.notes += out.notes
     res.notes.append(

@@ -138,31 +138,28 @@ def kernel_source() -> Iterator[str]:
         yield tree
         return
     cache = cache_dir()
-    if cache is None:
-        tmp = _private_tmp()
-        try:
-            yield _make_standin(tmp, os.path.join(tmp, "standin"))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    made: str | None = None
+    if cache is not None:
+        target = os.path.join(cache, f"kernel-standin-{STANDIN_VERSION}")
+        if _ours(os.path.join(target, "include/linux/kconfig.h")):
+            made = target
+        else:
+            try:
+                made = _make_standin(cache, target)
+            except OSError as e:
+                # the cache is best effort: full, read-only, a file system without files
+                notices.emit(
+                    f"cannot write to the program cache {cache} ({e.strerror}): compiling "
+                    "without it"
+                )
+    if made is not None:
+        yield made
         return
-    target = os.path.join(cache, f"kernel-standin-{STANDIN_VERSION}")
-    if _ours(os.path.join(target, "include/linux/kconfig.h")):
-        yield target
-        return
+    tmp = _private_tmp()  # no (usable) cache: a private stand-in, removed after
     try:
-        made = _make_standin(cache, target)
-    except OSError as e:
-        # the cache is best effort: full, read-only, not a file system that takes files
-        notices.emit(
-            f"cannot write to the program cache {cache} ({e.strerror}): compiling without it"
-        )
-        tmp = _private_tmp()
-        try:
-            yield _make_standin(tmp, os.path.join(tmp, "standin"))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return
-    yield made
+        yield _make_standin(tmp, os.path.join(tmp, "standin"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _kernel_tree(base: str = "") -> str | None:

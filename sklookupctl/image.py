@@ -12,6 +12,7 @@ import ctypes
 import ipaddress
 import socket
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import __version__, layout, record, trie
@@ -167,9 +168,27 @@ def decode_targets(raw: bytes, count: int) -> list[Slotted]:
 def decode_rules(raw: bytes, count: int, names: list[str]) -> dict[RuleKey, Effect]:
     """The rules as key -> (action, target, on_missing), in rule-number order (counters are
     kept by rule number)."""
-    of = RuleKey.of
     out: dict[RuleKey, Effect] = {}
     body = raw[RULE.size : (count + 1) * RULE.size]
+    for key, action, miss, target in records(body):
+        if action == layout.ACTION_DROP:
+            out[key] = (DROP, None, "drop")
+        else:
+            out[key] = (_ACTIONS[action], names[target], _MISSING[miss])
+    return out
+
+
+def counter_view(kernel: tuple[int, ...]) -> tuple[int, ...]:
+    """A rule's counters as layout.COUNTER_NAMES shows them, from the kernel's
+    (layout.KERNEL_COUNTERS, the same since layout 3)."""
+    st, dr, pa, mi, er = kernel
+    return (st + dr + pa, st, dr, mi, er)
+
+
+def records(body: bytes) -> Iterator[tuple[RuleKey, int, int, int]]:
+    """(key, action, on_missing, target index) of each rule record in `body`. The record has
+    not changed since layout 3 (legacy.py reads that layout's with this too)."""
+    of = RuleKey.of
     for proto, family, plen, action, miss, lo, hi, target, addr in RULE.iter_unpack(body):
         v4 = family == socket.AF_INET
         key = of(
@@ -180,11 +199,7 @@ def decode_rules(raw: bytes, count: int, names: list[str]) -> dict[RuleKey, Effe
             lo,
             hi,
         )
-        if action == layout.ACTION_DROP:
-            out[key] = (DROP, None, "drop")
-        else:
-            out[key] = (_ACTIONS[action], names[target], _MISSING[miss])
-    return out
+        yield key, action, miss, target
 
 
 def rule_identities(raw: bytes, count: int) -> list[tuple[int, int, int, int, int, bytes]]:

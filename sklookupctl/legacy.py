@@ -21,6 +21,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import image
 from .bpfsys import BPF_MAP_TYPE_SOCKMAP, Link, Map, possible_cpus
 from .errors import EnvironmentProblem
 from .rules import DROP, PROTO_NAMES, STEER, IPAddress, Rule, RuleKey, RuleSet
@@ -28,7 +29,7 @@ from .rules import DROP, PROTO_NAMES, STEER, IPAddress, Rule, RuleKey, RuleSet
 LAYOUT = 3
 ACTION_DROP = 2
 MISSING_PASS = 1
-_RULE = struct.Struct("<BBBBB3xHHI16s")  # mirrors layout 3's RuleRecord
+_RULE = image.RULE  # layout 3's RuleRecord: the same as layout 4's
 _META = struct.Struct("<IIQQ")  # layout, rules, netns cookie, generation
 _COUNTERS = struct.Struct("<5Q")  # steered, dropped, passed, missing, errors
 U32 = ctypes.c_uint32
@@ -123,18 +124,7 @@ def read(path: str, inode: int) -> Legacy:
     rs = RuleSet()
     counters: dict[RuleKey, tuple[int, ...]] = {}
     used: dict[str, OldTarget] = {}
-    for i, (proto, family, plen, action, miss, lo, hi, tid, addr) in enumerate(
-        _RULE.iter_unpack(raw)
-    ):
-        v4 = family == socket.AF_INET
-        key = RuleKey.of(
-            PROTO_NAMES[proto],
-            4 if v4 else 6,
-            int.from_bytes(addr[:4] if v4 else addr, "big"),
-            plen,
-            lo,
-            hi,
-        )
+    for i, (key, action, miss, tid) in enumerate(image.records(raw)):
         if action == ACTION_DROP:
             rule = Rule(key, DROP, None, "drop")
         else:

@@ -111,10 +111,19 @@ def image(fresh: bool = False) -> tuple[bytes, bool]:
     return insns, False
 
 
-def tags() -> set[str]:
+def tags(compile_: bool = True) -> set[str] | None:
     """The tags the kernel gives this version's dispatcher: the first 8 bytes of a digest over
-    the instructions with map references zeroed (SHA-256 on newer kernels, SHA-1 before)."""
-    insns, _ = image()
+    the instructions with map references zeroed (SHA-256 on newer kernels, SHA-1 before).
+    Without `compile_`, from the cache only (None when it has no image): `status` never
+    compiles."""
+    if compile_:
+        insns, _ = image()
+    else:
+        path = _cache_path(compiler.read_source())
+        cached = _read_cache(path) if path is not None else None
+        if cached is None:
+            return None
+        insns = cached
     out = bytearray(insns)
     for off in range(0, len(out), 8):
         code, regs, o, _imm = _INSN.unpack_from(out, off)

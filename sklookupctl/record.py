@@ -23,7 +23,7 @@ from .rules import DROP, IPAddress, Rule, RuleKey, RuleSet
 MAGIC = b"sklookupctl-ruleset"
 VERSION = 1
 CHUNK = 4096  # bytes per map entry
-_LEN = struct.Struct("<Q")
+LEN = struct.Struct("<Q")
 
 Targets = dict[str, tuple[str, IPAddress, int, bool]]  # name -> (protocol, address, port, exact)
 
@@ -68,11 +68,11 @@ def decode(blob: bytes) -> tuple[RuleSet, Targets]:
 
 def chunks(blob: bytes) -> tuple[int, bytes]:
     """(map entries, their contents): the length first, then the record, in CHUNK-byte values."""
-    data = _LEN.pack(len(blob)) + blob
+    data = LEN.pack(len(blob)) + blob
     n = -(-len(data) // CHUNK)
     return n, data.ljust(n * CHUNK, b"\0")
 
 
 def unchunk(data: bytes) -> bytes:
-    (n,) = _LEN.unpack_from(data)
-    return data[_LEN.size : _LEN.size + n]
+    (n,) = LEN.unpack_from(data)
+    return data[LEN.size : LEN.size + n]

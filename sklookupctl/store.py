@@ -284,7 +284,7 @@ class Generation:
 
     def counters(self) -> list[tuple[int, ...]]:
         """Each rule's counters as layout.COUNTER_NAMES (entry 0 is rule number 1)."""
-        return [(st + dr + pa, st, dr, mi, er) for st, dr, pa, mi, er in self.raw_counters()]
+        return [image.counter_view(c) for c in self.raw_counters()]
 
     def memlock(self) -> int:
         return sum(m.memlock() for m in self.maps.values())
@@ -298,7 +298,7 @@ class Generation:
             return None
         size = ctypes.sizeof(layout.RecordChunk)
         first = _read_array(m, 1, size)
-        total = record._LEN.unpack_from(first)[0] + record._LEN.size
+        total = record.LEN.unpack_from(first)[0] + record.LEN.size
         return record.decode(record.unchunk(_read_array(m, -(-total // size), size)))
 
     def add_counters(self, carried: dict[Any, tuple[int, ...]]) -> None:

@@ -121,7 +121,7 @@ def test_a_new_dispatcher_of_the_same_layout_goes_live_with_upgrade(
     assert st["program_current"] is True and st["written_by"] == "v0.1.0"
     assert json.loads(ns.ok("upgrade", "--json").stdout)["changed"] is False
     # a later version whose dispatcher differs (a fix in bpf/dispatcher.c, same layout)
-    monkeypatch.setattr(program, "tags", lambda: {"0" * 16})
+    monkeypatch.setattr(program, "tags", lambda compile_=True: {"0" * 16})
     assert ns.status()["program_current"] is False
     assert "`sklookupctl upgrade` loads it" in ns.ok("status").stdout
     doc = json.loads(ns.ok("upgrade", "--json").stdout)
@@ -196,3 +196,13 @@ def test_an_upgrade_cut_short_is_finished_and_never_wedges(
     assert [p.returncode for p in both] == [0, 0], outs
     assert sum(json.loads(o)["changed"] for o in outs) >= 1
     assert ns.dial("tcp", "192.0.2.1", 80) == "192.0.2.1 80 web"
+
+
+def test_status_never_compiles_to_compare_programs(
+    ns: NS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns.ok("attach", "tcp", "192.0.2.0/24", "80", "--drop")
+    empty = tmp_path / "cache"
+    monkeypatch.setenv("SKLOOKUPCTL_CACHE_DIR", str(empty))
+    assert ns.status()["program_current"] is None  # cannot tell without a compiled image
+    assert not [p for p in empty.iterdir() if p.name.startswith("dispatcher-")]

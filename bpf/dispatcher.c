@@ -23,6 +23,12 @@
  * Every lookup here is an ARRAY lookup, which the verifier inlines: the cost does not grow with
  * the number of rules, only with the depth of the trie (bounded by NODE_STEPS).
  * Every struct is mirrored in sklookupctl/layout.py; keep the two in step.
+ *
+ * Every decision ends in DECIDE(verdict, why, rule, slot). The program the link runs is
+ * compiled without SKL_TRACE, where DECIDE is `return verdict` and nothing else: the same
+ * instructions as a program that never heard of tracing. `sklookupctl trace` swaps in the
+ * variant compiled with SKL_TRACE, which also writes each decision to the `events` ring
+ * buffer (sklookupctl/trace.py), and swaps the plain one back when it ends.
  */
 
 #define SKL_AF_INET 2
@@ -49,6 +55,14 @@
 #define SKL_TARGET_EXACT 1 /* this socket only: BPF_SK_LOOKUP_F_NO_REUSEPORT */
 /* members of a reuseport group registered for one target */
 #define SKL_MAX_MEMBERS 16
+
+/* why a lookup ended as it did (the traced variant reports it; layout.WHY mirrors it) */
+#define SKL_WHY_NO_RULE 0       /* no rule covers this address and port: normal lookup */
+#define SKL_WHY_STEERED 1       /* handed to the rule's target socket */
+#define SKL_WHY_DROP_RULE 2     /* a drop rule */
+#define SKL_WHY_MISSING 3       /* the target has no live socket: on_missing decided */
+#define SKL_WHY_ASSIGN_ERROR 4  /* the socket refused the lookup: on_missing decided */
+#define SKL_WHY_NOT_STEERABLE 5 /* port 0, a family sklookupctl does not steer, bad tables */
 
 /* mirrored by layout.Node (ARRAY elements are 8-byte aligned: no padding is wasted) */
 struct node {
@@ -91,6 +105,70 @@ BPF_ARRAY(entries, u64, 1);
 BPF_ARRAY(segments, struct segment, 1);
 BPF_PERCPU_ARRAY(counters, struct counters, 1);
 
+#ifdef SKL_TRACE
+/* mirrored by layout.Event: one decision, as the traced variant reports it */
+struct event {
+	u64 time;   /* bpf_ktime_get_ns */
+	u32 rule;   /* 0: none */
+	u32 slot;   /* the SOCKMAP slot assigned (steered only) */
+	u8 family;
+	u8 protocol;
+	u8 verdict; /* SK_DROP 0, SK_PASS 1 */
+	u8 why;     /* SKL_WHY_* */
+	u16 local_port;
+	u16 remote_port;
+	u32 local[4];  /* network order; IPv4 in local[0] */
+	u32 remote[4];
+};
+
+/* the size here is only that of BCC's throwaway copy at compile time (a multiple of any page
+ * size); userspace chooses the real one when it creates the map */
+#ifndef PAGE_SIZE
+#define PAGE_SIZE 65536
+#endif
+BPF_RINGBUF_OUTPUT(events, 1);
+/* decisions the ring buffer had no room for */
+BPF_PERCPU_ARRAY(lost, u64, 1);
+
+static __always_inline int traced(struct bpf_sk_lookup *ctx, int verdict, u8 why, u32 rule,
+				  u32 slot)
+{
+	struct event ev = {};
+	ev.time = bpf_ktime_get_ns();
+	ev.rule = rule;
+	ev.slot = slot;
+	ev.family = ctx->family;
+	ev.protocol = ctx->protocol;
+	ev.verdict = verdict;
+	ev.why = why;
+	ev.local_port = ctx->local_port;
+	ev.remote_port = bpf_ntohs((u16)ctx->remote_port);
+	if (ev.family == SKL_AF_INET6) {
+		ev.local[0] = ctx->local_ip6[0];
+		ev.local[1] = ctx->local_ip6[1];
+		ev.local[2] = ctx->local_ip6[2];
+		ev.local[3] = ctx->local_ip6[3];
+		ev.remote[0] = ctx->remote_ip6[0];
+		ev.remote[1] = ctx->remote_ip6[1];
+		ev.remote[2] = ctx->remote_ip6[2];
+		ev.remote[3] = ctx->remote_ip6[3];
+	} else {
+		ev.local[0] = ctx->local_ip4;
+		ev.remote[0] = ctx->remote_ip4;
+	}
+	if (events.ringbuf_output(&ev, sizeof(ev), 0)) {
+		u32 zero = 0;
+		u64 *n = lost.lookup(&zero);
+		if (n)
+			(*n)++;
+	}
+	return verdict;
+}
+#define DECIDE(verdict, why, rule, slot) return traced(ctx, (verdict), (why), (rule), (slot))
+#else
+#define DECIDE(verdict, why, rule, slot) return (verdict)
+#endif
+
 static __always_inline void release_sock(struct bpf_sock **sk)
 {
 	if (*sk)
@@ -132,7 +210,7 @@ int dispatch(struct bpf_sk_lookup *ctx)
 	u32 port = ctx->local_port;
 	if (!port)
 		/* rules cover ports 1-65535: a run's first segment starts at port 1 */
-		return SK_PASS;
+		DECIDE(SK_PASS, SKL_WHY_NOT_STEERABLE, 0, 0);
 	u64 hi, lo;
 	if (family == SKL_AF_INET) {
 		hi = (u64)bpf_ntohl(ctx->local_ip4) << 32;
@@ -142,7 +220,7 @@ int dispatch(struct bpf_sk_lookup *ctx)
 		lo = ((u64)bpf_ntohl(ctx->local_ip6[2]) << 32) | bpf_ntohl(ctx->local_ip6[3]);
 	} else {
 		/* not a family we steer: leave it to the normal lookup */
-		return SK_PASS;
+		DECIDE(SK_PASS, SKL_WHY_NOT_STEERABLE, 0, 0);
 	}
 
 	/* roots: 0 tcp/v4, 1 tcp/v6, 2 udp/v4, 3 udp/v6 */
@@ -153,7 +231,7 @@ int dispatch(struct bpf_sk_lookup *ctx)
 		struct node *n = nodes.lookup(&idx);
 		if (!n)
 			/* a corrupt trie (userspace bug): do not guess, keep the normal lookup */
-			return SK_PASS;
+			DECIDE(SK_PASS, SKL_WHY_NOT_STEERABLE, 0, 0);
 		u32 skip = n->skip;
 		if (skip) {
 			if (address_bits(hi, lo, pos, skip) != n->skip_bits) {
@@ -173,7 +251,7 @@ int dispatch(struct bpf_sk_lookup *ctx)
 		pos += stride;
 		u64 *entry = entries.lookup(&e);
 		if (!entry)
-			return SK_PASS;
+			DECIDE(SK_PASS, SKL_WHY_NOT_STEERABLE, 0, 0);
 		u64 v = *entry;
 		if (!(v & SKL_NODE_FLAG)) {
 			leaf = v;
@@ -185,7 +263,7 @@ int dispatch(struct bpf_sk_lookup *ctx)
 	u32 count = leaf >> 32;
 	if (!count)
 		/* no rule for this protocol and address: the normal socket lookup goes on */
-		return SK_PASS;
+		DECIDE(SK_PASS, SKL_WHY_NO_RULE, 0, 0);
 
 	/* binary search for the last segment with lo <= port */
 	for (int i = 0; i < SKL_SEARCH_STEPS; i++) {
@@ -195,7 +273,7 @@ int dispatch(struct bpf_sk_lookup *ctx)
 		u32 mid = first + half;
 		struct segment *probe = segments.lookup(&mid);
 		if (!probe)
-			return SK_PASS;
+			DECIDE(SK_PASS, SKL_WHY_NOT_STEERABLE, 0, 0);
 		if (probe->lo <= port)
 			first = mid;
 		count -= half;
@@ -203,7 +281,7 @@ int dispatch(struct bpf_sk_lookup *ctx)
 	struct segment *seg = segments.lookup(&first);
 	if (!seg || seg->action == SKL_ACTION_NONE)
 		/* no rule covers this port at this address: the normal socket lookup goes on */
-		return SK_PASS;
+		DECIDE(SK_PASS, SKL_WHY_NO_RULE, 0, 0);
 
 	u32 rule = seg->rule;
 	struct counters *c = counters.lookup(&rule);
@@ -212,7 +290,7 @@ int dispatch(struct bpf_sk_lookup *ctx)
 		/* the operator asked for these connections to be refused */
 		if (c)
 			c->dropped++;
-		return SK_DROP;
+		DECIDE(SK_DROP, SKL_WHY_DROP_RULE, rule, 0);
 	}
 
 	u32 slot = seg->slot;
@@ -242,16 +320,16 @@ int dispatch(struct bpf_sk_lookup *ctx)
 			 * as missing, for the reason below */
 			if (c)
 				c->errors++;
-			return not_steered(c, on_missing);
+			DECIDE(not_steered(c, on_missing), SKL_WHY_ASSIGN_ERROR, rule, k);
 		}
 		/* steered */
 		if (c)
 			c->steered++;
-		return SK_PASS;
+		DECIDE(SK_PASS, SKL_WHY_STEERED, rule, k);
 	}
 	/* every socket of the target is gone (proxy down?): drop by default, so connections do not
 	 * land in some other socket; pass only when the rule says so */
 	if (c)
 		c->missing++;
-	return not_steered(c, on_missing);
+	DECIDE(not_steered(c, on_missing), SKL_WHY_MISSING, rule, 0);
 }

@@ -123,8 +123,8 @@ MUTANTS = [
     (
         "program.py",
         "the cache checksum is not checked",
-        "if hashlib.sha256(insns).digest() != digest or not _valid(insns):",
-        "if not _valid(insns):",
+        "if hashlib.sha256(insns).digest() != digest or not _valid(insns, maps):",
+        "if not _valid(insns, maps):",
     ),
     (
         "program.py",

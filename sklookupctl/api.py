@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, image, layout, sockets, store, validate
+from . import __version__, image, layout, sockets, store, trust, validate
 from .bpfsys import BpfError, query_netns_programs
 from .errors import (
     EnvironmentProblem,
@@ -1036,6 +1036,7 @@ def _status_of(ns: Netns, s: store.Session, bpffs: str) -> tuple[dict[str, Any],
         position=attached.index(prog_id) + 1 if prog_id in attached else None,
         other_programs=[p for p in attached if p != prog_id],
         generation=live.generation,
+        tracing=_tracing_json(d),
         memlock=gen.memlock(),
         sockmap={"capacity": live.capacity, "filled": len(live.filled)},
         rules=[
@@ -1045,6 +1046,14 @@ def _status_of(ns: Netns, s: store.Session, bpffs: str) -> tuple[dict[str, Any],
         targets=[],
     )
     return out, live
+
+
+def _tracing_json(d: store.Dispatcher) -> dict[str, Any] | None:
+    """The trace running on the namespace (the link runs its traced copy), or None."""
+    if d.tracing is None:
+        return None
+    pid = store.tracer_pid(d.tracing)
+    return {"pid": pid, "tracer": trust.describe_pid(pid) if pid else None, "path": d.tracing}
 
 
 def _name(t: Slotted) -> str:

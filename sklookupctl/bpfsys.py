@@ -52,6 +52,7 @@ BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_SOCKMAP = 15
+BPF_MAP_TYPE_RINGBUF = 27
 
 BPF_F_MMAPABLE = 1 << 10
 BPF_F_RDONLY = 1 << 3  # BPF_OBJ_GET: a read-only fd (maps and programs; the kernel has no
@@ -465,6 +466,66 @@ class Map(Fd, Generic[K, V]):
             v = self.lookup(k)
             if v is not None:
                 yield k, v
+
+
+class RingBuffer(Fd):
+    """A BPF ring buffer map, read from userspace: the consumer position is a page mapped
+    read-write, the producer position and the data (mapped twice in a row, so that a record
+    that wraps reads in one piece) are mapped read-only after it."""
+
+    BUSY = 1 << 31  # the record is still being written
+    DISCARD = 1 << 30  # the record was dropped by its writer
+    HEADER = 8  # u32 length and flags, u32 page offset
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd)
+        self.size = int(_get_info(fd, MapInfo()).max_entries)
+        page = mmap.PAGESIZE
+        self._consumer = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._data = mmap.mmap(
+            fd, page + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
+        )
+
+    @classmethod
+    def create(cls, size: int, name: str) -> RingBuffer:
+        """`size`: a power of two, a multiple of the page size."""
+        attr = _MapCreateAttr(
+            map_type=BPF_MAP_TYPE_RINGBUF, max_entries=size, map_name=name.encode()[:15]
+        )
+        return cls(_bpf(BPF_MAP_CREATE, attr, f"create ring buffer {name}"))
+
+    def close(self) -> None:
+        for m in (getattr(self, "_consumer", None), getattr(self, "_data", None)):
+            if m is not None and not m.closed:
+                m.close()
+        super().close()
+
+    def wait(self, timeout: float) -> None:
+        """Until the kernel says there is data, or `timeout` seconds."""
+        import select
+
+        p = select.poll()
+        p.register(self.fd, select.POLLIN)
+        p.poll(max(0, int(timeout * 1000)))
+
+    def drain(self, limit: int = 4096) -> list[bytes]:
+        """The records written since the last drain (at most `limit`), consumed."""
+        out: list[bytes] = []
+        page = mmap.PAGESIZE
+        cons = int.from_bytes(self._consumer[:8], "little")
+        prod = int.from_bytes(self._data[:8], "little")
+        mask = self.size - 1
+        while cons < prod and len(out) < limit:
+            at = page + (cons & mask)
+            head = int.from_bytes(self._data[at : at + 4], "little")
+            if head & self.BUSY:
+                break
+            length = head & ~(self.BUSY | self.DISCARD)
+            if not head & self.DISCARD:
+                out.append(self._data[at + self.HEADER : at + self.HEADER + length])
+            cons += (length + self.HEADER + 7) & ~7
+            self._consumer[:8] = cons.to_bytes(8, "little")
+        return out
 
 
 class Program(Fd):

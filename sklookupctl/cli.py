@@ -16,8 +16,11 @@ from typing import Any
 import click
 
 from . import __version__, api, compiler, errors, interrupts, notices, render, store, validate
+from . import rules as rules_mod
+from . import trace as trace_mod
 from .bpfsys import BpfError
 from .errors import CompileError, SklookupError
+from .netns import open_netns
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 MESSAGE_MAX = 2000  # characters of an error line: a message quoting a huge input is cut
@@ -744,6 +747,90 @@ def gc(obj: Obj, as_json: bool) -> None:
         render.say(render.gc_line(e))
     if not done:
         render.say("nothing to remove")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--count", type=Number(), metavar="N", help="End after N decisions shown.")
+@click.option("--seconds", type=Seconds(), metavar="S", help="End after S seconds.")
+@click.option(
+    "--prefix",
+    "prefixes",
+    multiple=True,
+    metavar="PREFIX",
+    help="Only lookups for a destination address in PREFIX (repeatable).",
+)
+@click.option(
+    "--port",
+    "ports",
+    multiple=True,
+    metavar="PORTS",
+    help="Only lookups for a destination port in PORTS: 443, 8000-8999 (repeatable).",
+)
+@click.option(
+    "--verdict",
+    "verdicts",
+    multiple=True,
+    type=click.Choice(trace_mod.VERDICTS),
+    help="Only these verdicts (repeatable).",
+)
+@json_option
+@click.pass_obj
+def trace(
+    obj: Obj,
+    count: int | None,
+    seconds: float | None,
+    prefixes: tuple[str, ...],
+    ports: tuple[str, ...],
+    verdicts: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Show the dispatcher's decisions as they happen, one line each (JSON lines with --json):
+    time, protocol, source and destination, verdict (steer, drop, pass), target, rule.
+
+    \b
+    Example:
+      sklookupctl -n edge trace --count 20 --port 443 --verdict drop
+
+    Tracing costs nothing until it starts: it swaps a traced copy of the live program in
+    (one atomic link update; every lookup is decided as before and counted as before) and the
+    plain one back when it ends, after --count decisions, after --seconds, on Ctrl-C or on
+    SIGTERM (exit 0). If trace is killed, the next sklookupctl command (status, say) puts the
+    plain program back. A rule-set change during a trace is followed: the new rules are traced
+    from then on (a note says so). Filters apply in this process; every decision is still
+    written by the kernel, and any the buffer had no room for are counted (a note at the end).
+    One trace per namespace at a time.
+    """
+    if count is not None and count < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--count")
+    flt = trace_mod.Filter(
+        prefixes=[rules_mod.parse_prefix(p) for p in prefixes],
+        ports=[rules_mod.parse_ports(p) for p in ports],
+        verdicts=set(verdicts),
+    )
+    api.require_privileges()
+    shown = 0
+    ended = ""
+    with open_netns(obj.netns) as ns, trace_mod.Trace(ns, obj.bpffs, obj.wait) as tr:
+        if not as_json:
+            notices.emit(f"tracing {ns.label} (generation {tr.generation}); Ctrl-C ends")
+        try:
+            for d in tr.decisions(seconds, flt):
+                if isinstance(d, str):
+                    notices.emit(d)
+                    continue
+                if as_json:
+                    render.json_line(d.to_json())
+                else:
+                    render.trace_line(d.to_json())
+                shown += 1
+                if render.output_stopped() or (count is not None and shown >= count):
+                    break
+        except KeyboardInterrupt as e:  # the usual way to end a trace, like SIGTERM
+            ended = "SIGTERM" if isinstance(e, errors.Terminated) else "SIGINT"
+    if tr.lost:
+        notices.emit(f"{tr.lost} decisions were not traced: the buffer was full")
+    if ended and not as_json:
+        notices.emit(f"trace ended ({ended}): {shown} decisions shown")
 
 
 @cli.group(context_settings=CONTEXT)

@@ -250,9 +250,10 @@ BPF_LD_IMM64 = 0x18
 BPF_PSEUDO_MAP_FD = 1
 
 
-def compile_image(source: str | None = None) -> bytes:
+def compile_image(source: str | None = None, maps: tuple[str, ...] = layout.PROGRAM_MAPS) -> bytes:
     """Compile the dispatcher with BCC and return its instructions, each map reference
-    replaced by the map's index in layout.PROGRAM_MAPS (see program.py, which loads it)."""
+    replaced by the map's index in `maps` (layout.PROGRAM_MAPS, or layout.TRACE_MAPS for the
+    traced variant; see program.py, which loads it)."""
     try:
         import bcc
     except ImportError:
@@ -263,7 +264,7 @@ def compile_image(source: str | None = None) -> bytes:
         ) from None
     src = source if source is not None else read_source()
     with kernel_source() as ksrc:
-        return _compile(bcc, src, ksrc)
+        return _compile(bcc, src, ksrc, maps)
 
 
 # the whole environment BCC and clang see while compiling: nothing of the caller's (ARCH,
@@ -284,6 +285,9 @@ def _fixed_env(ksrc: str) -> Iterator[None]:
     os.environ.update(COMPILE_ENV)
     os.environ["TMPDIR"] = tmp
     os.environ["BCC_KERNEL_SOURCE"] = ksrc
+    # tempfile caches the directory it chose first: without this, a second compile in the same
+    # process (the plain program, then its traced variant) would look in the removed one
+    saved_tempdir, tempfile.tempdir = tempfile.tempdir, tmp
     try:
         os.chdir("/")
         yield
@@ -292,15 +296,16 @@ def _fixed_env(ksrc: str) -> Iterator[None]:
         os.close(cwd)
         os.environ.clear()
         os.environ.update(saved)
+        tempfile.tempdir = saved_tempdir
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _compile(bcc: Any, src: str, ksrc: str) -> bytes:
+def _compile(bcc: Any, src: str, ksrc: str, maps: tuple[str, ...]) -> bytes:
     with _fixed_env(ksrc):
-        return _compile_here(bcc, src)
+        return _compile_here(bcc, src, maps)
 
 
-def _compile_here(bcc: Any, src: str) -> bytes:
+def _compile_here(bcc: Any, src: str, maps: tuple[str, ...]) -> bytes:
     with _capture_stderr() as log:
         try:
             mod = bcc.BPF(text=src.encode(), cflags=["-w"])
@@ -315,9 +320,7 @@ def _compile_here(bcc: Any, src: str) -> bytes:
         if not start or not size:
             raise CompileError("the compiled dispatcher has no function `dispatch`", "")
         insns = bytearray(ctypes.string_at(start, size))
-        index = {
-            lib.bpf_table_fd(mod.module, n.encode()): i for i, n in enumerate(layout.PROGRAM_MAPS)
-        }
+        index = {lib.bpf_table_fd(mod.module, n.encode()): i for i, n in enumerate(maps)}
         for off in range(0, len(insns), 8):
             code, regs, _off, imm = _INSN.unpack_from(insns, off)
             if code != BPF_LD_IMM64 or regs >> 4 == 0:
@@ -326,7 +329,7 @@ def _compile_here(bcc: Any, src: str) -> bytes:
                 raise CompileError(
                     "the compiled dispatcher refers to a map sklookupctl does not know",
                     f"instruction {off // 8}: src {regs >> 4}, imm {imm}; every map must "
-                    "be one of layout.PROGRAM_MAPS",
+                    f"be one of {', '.join(maps)}",
                 )
             _INSN.pack_into(insns, off, code, regs, _off, index[imm])
         return bytes(insns)

@@ -143,3 +143,28 @@ U64 = ctypes.c_uint64
 
 # The maps the program reads, in the order of the placeholders in its cached instructions.
 PROGRAM_MAPS = ("sockets", "nodes", "entries", "segments", "counters")
+
+# The traced variant (compiled with SKL_TRACE, run only while `sklookupctl trace` runs) reads
+# these maps too: the ring buffer its decisions go to, and a per-CPU count of those it lost.
+TRACE_MAPS = (*PROGRAM_MAPS, "events", "lost")
+
+# SKL_WHY_*: why a lookup ended as it did
+WHY = ("no-rule", "steered", "drop-rule", "missing-socket", "assign-error", "not-steerable")
+
+
+class Event(ctypes.Structure):
+    """mirrors struct event (the traced variant's ring buffer records)"""
+
+    _fields_ = [
+        ("time", ctypes.c_uint64),
+        ("rule", ctypes.c_uint32),
+        ("slot", ctypes.c_uint32),
+        ("family", ctypes.c_uint8),
+        ("protocol", ctypes.c_uint8),
+        ("verdict", ctypes.c_uint8),
+        ("why", ctypes.c_uint8),
+        ("local_port", ctypes.c_uint16),
+        ("remote_port", ctypes.c_uint16),
+        ("local", ctypes.c_uint8 * 16),
+        ("remote", ctypes.c_uint8 * 16),
+    ]

@@ -48,12 +48,24 @@ def cache_key(source: str) -> str:
     return h.hexdigest()[:32]
 
 
+TRACE_DEFINE = "#define SKL_TRACE 1\n"
+
+
+def source(traced: bool = False) -> str:
+    """The C source of the dispatcher, or of its traced variant (see bpf/dispatcher.c)."""
+    return (TRACE_DEFINE if traced else "") + compiler.read_source()
+
+
+def maps_of(traced: bool) -> tuple[str, ...]:
+    return layout.TRACE_MAPS if traced else layout.PROGRAM_MAPS
+
+
 def _cache_path(source: str) -> str | None:
     d = compiler.cache_dir()
     return None if d is None else os.path.join(d, f"dispatcher-{cache_key(source)}.img")
 
 
-def _valid(insns: bytes) -> bool:
+def _valid(insns: bytes, maps: tuple[str, ...]) -> bool:
     if not insns or len(insns) % 8:
         return False
     for off in range(0, len(insns), 8):
@@ -61,12 +73,12 @@ def _valid(insns: bytes) -> bool:
         src = regs >> 4
         if code != compiler.BPF_LD_IMM64 or not src:
             continue
-        if src != compiler.BPF_PSEUDO_MAP_FD or not 0 <= imm < len(layout.PROGRAM_MAPS):
+        if src != compiler.BPF_PSEUDO_MAP_FD or not 0 <= imm < len(maps):
             return False
     return True
 
 
-def _read_cache(path: str) -> bytes | None:
+def _read_cache(path: str, maps: tuple[str, ...] = layout.PROGRAM_MAPS) -> bytes | None:
     fd = trust.open_cache_file(path)  # ours, and writable by nobody else; else not used
     if fd is None:
         return None
@@ -78,7 +90,7 @@ def _read_cache(path: str) -> bytes | None:
     if not data.startswith(MAGIC):
         return None
     digest, insns = data[len(MAGIC) : len(MAGIC) + 32], data[len(MAGIC) + 32 :]
-    if hashlib.sha256(insns).digest() != digest or not _valid(insns):
+    if hashlib.sha256(insns).digest() != digest or not _valid(insns, maps):
         return None
     return insns
 
@@ -98,29 +110,31 @@ def _write_cache(path: str | None, insns: bytes) -> None:
                 os.unlink(tmp)
 
 
-def image(fresh: bool = False) -> tuple[bytes, bool]:
-    """The program's instructions with map placeholders; True when they came from the cache."""
-    source = compiler.read_source()
-    path = _cache_path(source)
+def image(fresh: bool = False, traced: bool = False) -> tuple[bytes, bool]:
+    """The program's instructions with map placeholders (indexes in `maps_of(traced)`); True
+    when they came from the cache."""
+    src = source(traced)
+    maps = maps_of(traced)
+    path = _cache_path(src)
     if not fresh and path is not None:
-        insns = _read_cache(path)
+        insns = _read_cache(path, maps)
         if insns is not None:
             return insns, True
-    insns = compiler.compile_image(source)
+    insns = compiler.compile_image(src, maps)
     _write_cache(path, insns)
     return insns, False
 
 
-def tags(compile_: bool = True) -> set[str] | None:
+def tags(compile_: bool = True, traced: bool = False) -> set[str] | None:
     """The tags the kernel gives this version's dispatcher: the first 8 bytes of a digest over
     the instructions with map references zeroed (SHA-256 on newer kernels, SHA-1 before).
     Without `compile_`, from the cache only (None when it has no image): `status` never
     compiles."""
     if compile_:
-        insns, _ = image()
+        insns, _ = image(traced=traced)
     else:
-        path = _cache_path(compiler.read_source())
-        cached = _read_cache(path) if path is not None else None
+        path = _cache_path(source(traced))
+        cached = _read_cache(path, maps_of(traced)) if path is not None else None
         if cached is None:
             return None
         insns = cached
@@ -132,20 +146,23 @@ def tags(compile_: bool = True) -> set[str] | None:
     return {hashlib.sha256(out).digest()[:8].hex(), hashlib.sha1(out).digest()[:8].hex()}
 
 
-def _relocate(insns: bytes, fds: dict[str, int]) -> bytes:
+def _relocate(insns: bytes, fds: dict[str, int], maps: tuple[str, ...]) -> bytes:
     out = bytearray(insns)
     for off in range(0, len(out), 8):
         code, regs, o, imm = _INSN.unpack_from(out, off)
         if code == compiler.BPF_LD_IMM64 and regs >> 4 == compiler.BPF_PSEUDO_MAP_FD:
-            _INSN.pack_into(out, off, code, regs, o, fds[layout.PROGRAM_MAPS[imm]])
+            _INSN.pack_into(out, off, code, regs, o, fds[maps[imm]])
     return bytes(out)
 
 
-def load(fds: dict[str, int]) -> Program:
-    """Load the dispatcher bound to the maps in `fds` (one fd per name in PROGRAM_MAPS)."""
-    insns, cached = image()
+def load(fds: dict[str, int], traced: bool = False) -> Program:
+    """Load the dispatcher bound to the maps in `fds` (one fd per name in PROGRAM_MAPS; with
+    `traced`, the traced variant, which also needs TRACE_MAPS' `events` and `lost`)."""
+    maps = maps_of(traced)
+    name = "skl_trace" if traced else "skl_dispatch"
+    insns, cached = image(traced=traced)
     try:
-        return Program.load_sk_lookup(_relocate(insns, fds), "skl_dispatch")
+        return Program.load_sk_lookup(_relocate(insns, fds, maps), name)
     except BpfError as e:
         if not cached:
             raise CompileError(
@@ -153,9 +170,9 @@ def load(fds: dict[str, int]) -> Program:
             ) from None
     # a cached image the kernel refuses (another kernel build with the same release?): once more
     # from source
-    insns, _ = image(fresh=True)
+    insns, _ = image(fresh=True, traced=traced)
     try:
-        return Program.load_sk_lookup(_relocate(insns, fds), "skl_dispatch")
+        return Program.load_sk_lookup(_relocate(insns, fds, maps), name)
     except BpfError as e:
         raise CompileError(
             f"the kernel's verifier rejected the dispatcher ({e.strerror})", e.log.strip()

@@ -44,8 +44,17 @@ class _Stdout:
         return sys.stdout.encoding or "utf-8"
 
 
+_stopped = [False]
+
+
+def output_stopped() -> bool:
+    """Whether the reader of stdout went away (a command that streams, such as trace, ends)."""
+    return _stopped[0]
+
+
 def _stop_output() -> None:
     """Send what is left of the output (and the interpreter's last flush) to /dev/null."""
+    _stopped[0] = True
     with contextlib.suppress(OSError, ValueError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -111,6 +120,31 @@ def write(text: str) -> None:
 
 def emit_json(data: Any) -> None:
     write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def json_line(data: Any) -> None:
+    """One JSON object on one line (streams: trace)."""
+    write(json.dumps(data, sort_keys=True, separators=(",", ":"), default=str) + "\n")
+
+
+def trace_line(d: dict[str, Any]) -> None:
+    """A decision of `trace` (Decision.to_json) as one line of text."""
+    import time as _time
+
+    t = d["time"]
+    stamp = _time.strftime("%H:%M:%S", _time.localtime(t)) + f".{int(t % 1 * 1e6):06d}"
+
+    def ep(addr: str, port: int) -> str:
+        return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+    r = d["rule"]
+    rule = f"rule {r['protocol']} {r['prefix']} {r['ports']}" if r else "no rule"
+    what = d["verdict"] + (f" -> {d['target']}" if d["target"] else "")
+    reason = "" if d["reason"] in ("steered", "drop-rule", "no-rule") else f" ({d['reason']})"
+    say(
+        f"{stamp} {d['protocol']} {ep(d['source'], d['source_port'])} -> "
+        f"{ep(d['destination'], d['destination_port'])}  {what}{reason}  {rule}"
+    )
 
 
 def say(text: str) -> None:

@@ -11,12 +11,19 @@
                                generations, until it has to grow)
                 nodes entries segments counters    what the program reads
                 rules targets base meta            records for userspace (image.py)
+            trace-<program id>/  only while `trace` runs on that generation: the traced
+                program (same maps, plus `events` and `lost`), which the link runs instead;
+                the tracer holds an flock on the directory for as long as it runs
 
 The live generation is the one the link runs. A change builds a new generation beside it, fills
 the new sockets' slots, swaps the link's program with one BPF_LINK_UPDATE (each lookup sees the
 old rule set or the new one), then retires the old generation: counters carried over, its
 slots emptied, its directory removed. A namespace's first generation goes live when its link is
 made and pinned: a directory without a link is what a killed command left, and never steers.
+
+`trace` swaps the link to a traced copy of the live generation's program and back. A writer
+first puts the plain program back (the tracer then traces the new generation); any command puts
+it back when the tracer that swapped it in is gone (killed), and writers remove what it left.
 
 Writers hold an exclusive flock on <bpffs>/sklookupctl and readers a shared one, so whatever a
 writer finds that is not live (a generation beside the live one, a directory without a link)
@@ -29,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 from array import array
 from collections.abc import Callable, Iterator
@@ -45,6 +53,7 @@ from .bpfsys import (
     Link,
     Map,
     Program,
+    RingBuffer,
     is_bpffs,
     possible_cpus,
 )
@@ -56,6 +65,7 @@ TOP = "sklookupctl"
 NS_PREFIX = "ns-"
 GEN_PREFIX = "gen-"
 LINK_NEXT = "link-next"  # bpffs names have no dots
+TRACE_PREFIX = "trace-"
 OTHER_VERSION = (
     "another sklookupctl version made it: `sklookupctl upgrade` moves it to this version in "
     "place (rules, sockets and counters kept, no connection refused); `detach --all` removes it"
@@ -382,12 +392,16 @@ class Dispatcher:
     link: Link | None = None
     gen: Generation | None = None
     stale: list[str] = field(default_factory=list)  # generation directories that are not live
+    tracing: str | None = None  # the trace directory whose program the link runs
+    traced: Program | None = None  # that program
 
     def close(self) -> None:
         if self.link is not None:
             self.link.close()
         if self.gen is not None:
             self.gen.close()
+        if self.traced is not None:
+            self.traced.close()
 
     def __enter__(self) -> Dispatcher:
         return self
@@ -414,7 +428,10 @@ class Dispatcher:
             else:
                 nxt.close()
         try:
-            live = f"{GEN_PREFIX}{d.link.info().prog_id}" if d.link is not None else ""
+            running = int(d.link.info().prog_id) if d.link is not None else 0
+            live = f"{GEN_PREFIX}{running}" if running else ""
+            if live and not os.path.exists(os.path.join(path, live)):
+                live = d._traced_generation(running, readonly=False) or live
             if live:
                 d.gen = Generation.open(os.path.join(path, live))
             d.stale = sorted(
@@ -437,15 +454,113 @@ class Dispatcher:
             pinned = os.path.exists(os.path.join(self.path, "link")) or os.path.exists(
                 os.path.join(self.path, LINK_NEXT)
             )
-            self.link = Link.running(set(gens)) if pinned and gens else None
+            traced = self._traced_programs()
+            ids = set(gens) | set(traced)
+            self.link = Link.running(ids) if pinned and gens else None
             live = int(self.link.info().prog_id) if self.link is not None else 0
-            if live:
+            if live in traced and live not in gens:
+                self.tracing, gen_id = traced[live]
+                self.traced = Program.from_pin(os.path.join(self.tracing, "program"), True)
+                live = gen_id
+            if live in gens:
                 self.gen = Generation.open(gens[live], readonly=True)
             self.stale = sorted(p for i, p in gens.items() if i != live)
         except BaseException:
             self.close()
             raise
         return self
+
+    # -- tracing
+
+    def trace_dirs(self) -> dict[int, str]:
+        """The trace directories here, by the id of the generation's program they trace."""
+        out = {}
+        with contextlib.suppress(FileNotFoundError):
+            for n in os.listdir(self.path):
+                if n.startswith(TRACE_PREFIX) and n[len(TRACE_PREFIX) :].isdigit():
+                    out[int(n[len(TRACE_PREFIX) :])] = os.path.join(self.path, n)
+        return out
+
+    def _traced_programs(self) -> dict[int, tuple[str, int]]:
+        """traced program id -> (its trace directory, the id of the program it copies)"""
+        out = {}
+        for gen_id, tdir in self.trace_dirs().items():
+            try:
+                with Program.from_pin(os.path.join(tdir, "program"), readonly=True) as p:
+                    out[int(p.info().id)] = (tdir, gen_id)
+            except OSError:
+                continue  # half made or half removed: it runs nowhere
+        return out
+
+    def _traced_generation(self, running: int, readonly: bool) -> str:
+        """The generation whose traced copy the link runs (`running`), or ""."""
+        found = self._traced_programs().get(running)
+        if found is None:
+            return ""
+        self.tracing = found[0]
+        self.traced = Program.from_pin(os.path.join(found[0], "program"), readonly)
+        return f"{GEN_PREFIX}{found[1]}"
+
+    def untrace(self, force: bool) -> bool:
+        """Put the plain program back where the link runs a traced copy whose tracer is gone
+        (killed), or with `force`, whatever the tracer (a writer about to change the rule set:
+        the tracer then traces the new generation). True when it did."""
+        if self.tracing is None or self.traced is None or self.link is None or self.gen is None:
+            return False
+        if not force and tracer_alive(self.tracing):
+            return False
+        with contextlib.suppress(BpfError):  # no longer runs it: someone else did this
+            self.link.update(self.gen.program, self.traced)
+        self.traced.close()
+        self.tracing, self.traced = None, None
+        return True
+
+    def dead_traces(self) -> list[str]:
+        """Trace directories whose tracer is gone and whose program no longer runs."""
+        return [t for t in self.trace_dirs().values() if t != self.tracing and not tracer_alive(t)]
+
+    def trace(self, size: int) -> Tracing:
+        """Swap the link to a traced copy of the live generation's program (see Tracing)."""
+        gen, link = self.gen, self.link
+        assert gen is not None and link is not None and gen.path is not None
+        gen_id = int(gen.program.info().id)
+        tdir = os.path.join(self.path, f"{TRACE_PREFIX}{gen_id}")
+        events = RingBuffer.create(size, "skl_events")
+        lost: Map[Any, Any] | None = None
+        prog: Program | None = None
+        lock = -1
+        try:
+            lost = _create_map(BPF_MAP_TYPE_PERCPU_ARRAY, U64, 1, "lost", 0)
+            from . import program
+
+            fds = {name: gen.maps[name].fd for name in layout.PROGRAM_MAPS}
+            prog = program.load({**fds, "events": events.fd, "lost": lost.fd}, traced=True)
+            os.mkdir(tdir, 0o700)
+            lock = os.open(tdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            prog.pin(os.path.join(tdir, "program"))
+            events.pin(os.path.join(tdir, "events"))
+            lost.pin(os.path.join(tdir, "lost"))
+            faults.point("trace.pinned")
+            link.update(prog, gen.program)
+        except BaseException:
+            for fd in (events, lost, prog):
+                if fd is not None:
+                    fd.close()
+            if lock >= 0:
+                unpin_dir(tdir)
+                os.close(lock)
+            raise
+        return Tracing(
+            tdir,
+            lock,
+            prog,
+            events,
+            lost,
+            Program(os.dup(gen.program.fd)),
+            Link(os.dup(link.fd)),
+            gen_id,
+        )
 
     @property
     def state(self) -> str:
@@ -643,6 +758,9 @@ class Dispatcher:
                 os.rename(nxt, os.path.join(self.path, "link"))
             else:
                 os.unlink(nxt)
+        self.untrace(force=False)
+        for tdir in self.dead_traces():
+            unpin_dir(tdir)
         if not self.stale:
             return True
         live = self.gen
@@ -712,6 +830,7 @@ class Entry:
     targets: int = 0
     stale: int = 0  # generation directories beside the live one
     problem: str = ""
+    dead_traces: int = 0  # left by a `trace` that was killed
 
 
 class Store:
@@ -762,15 +881,31 @@ class Store:
                 f"{path} is not a directory made by root",
                 "check who made it; `sklookupctl detach --all` removes it",
             )
-        return Dispatcher.open(path, ns.cookie(), readonly=not self.exclusive)
+        d = Dispatcher.open(path, ns.cookie(), readonly=not self.exclusive)
+        if not self.exclusive:
+            # a trace that was killed left its traced copy running: any command ends it
+            with contextlib.suppress(OSError):
+                d.untrace(force=False)
+        return d
 
-    def open_for_write(self, ns: Netns, legacy_ok: bool = False) -> Dispatcher | None:
+    def open_for_write(
+        self, ns: Netns, legacy_ok: bool = False, untrace: bool = True
+    ) -> Dispatcher | None:
         """The namespace's dispatcher, repaired; None when there is none (what a killed first
-        commit left is removed)."""
+        commit left is removed). A traced copy the link runs is replaced by the plain program
+        (`untrace`: this writer is about to change it; the tracer follows), or only when its
+        tracer is gone."""
         assert self.exclusive
         d = self.open(ns, legacy_ok)
-        if d is not None and not d.repair():
+        if d is None:
             return None
+        try:
+            d.untrace(force=untrace)
+            if not d.repair():
+                return None
+        except BaseException:
+            d.close()
+            raise
         return d
 
     def create(self, ns: Netns) -> Dispatcher:
@@ -841,6 +976,9 @@ class Store:
             return e
         with d:
             e.state, e.stale = d.state, len(d.stale)
+            e.dead_traces = len(d.dead_traces()) + (
+                d.tracing is not None and not tracer_alive(d.tracing)
+            )
             if d.gen is not None:
                 meta = d.gen.meta()
                 e.inode, e.label = int(meta.netns_inode), meta.label.decode(errors="replace")
@@ -869,10 +1007,17 @@ class Store:
                 # `detach --all` that was killed
                 unpin_dir(e.path)
                 done.append(e)
-            elif e.state in ("steering", "detached") and e.stale:
+            elif e.state in ("steering", "detached") and (e.stale or e.dead_traces):
                 with Dispatcher.open(e.path, e.cookie) as d:
                     d.repair()
-                e.problem = "stale generations retired"
+                e.problem = ", ".join(
+                    what
+                    for n, what in (
+                        (e.stale, "stale generations retired"),
+                        (e.dead_traces, "a killed trace ended"),
+                    )
+                    if n
+                )
                 done.append(e)
         return done
 
@@ -939,6 +1084,7 @@ def session(
     damaged_ok: bool = False,
     wait: float = DEFAULT_WAIT,
     legacy_ok: bool = False,
+    untrace: bool = True,
 ) -> Iterator[Session]:
     """Hold the namespace's state for one command: the lock (exclusive for writers, shared for
     readers), and its dispatcher if it has one. Writers first remove dead namespaces' state and
@@ -948,7 +1094,7 @@ def session(
         if write:
             store.gc()
         try:
-            d = store.open_for_write(ns, legacy_ok) if write else store.open(ns, legacy_ok)
+            d = store.open_for_write(ns, legacy_ok, untrace) if write else store.open(ns, legacy_ok)
         except EnvironmentProblem as e:
             if not damaged_ok:
                 raise
@@ -961,6 +1107,69 @@ def session(
         finally:
             if s.dispatcher is not None:
                 s.dispatcher.close()
+
+
+def tracer_alive(path: str) -> bool:
+    """Whether the `trace` that made this trace directory still runs: it holds an flock on the
+    directory for as long as it does (the kernel drops it when the process dies, however)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def tracer_pid(path: str) -> int | None:
+    """The pid of the `trace` running on this trace directory, if it can be found."""
+    try:
+        pids = trust.lock_holders(os.stat(path))
+    except OSError:
+        return None
+    return pids[0] if pids else None
+
+
+@dataclass
+class Tracing:
+    """A traced copy of a generation's program, swapped in by Dispatcher.trace. `stop` swaps
+    the plain program back (needing no lock: the swap is one BPF_LINK_UPDATE that only happens
+    while the link still runs the traced copy) and removes the trace directory."""
+
+    path: str  # the trace directory (flocked by `lock` until stop)
+    lock: int
+    program: Program
+    events: RingBuffer
+    lost: Map[Any, Any]
+    plain: Program
+    link: Link
+    gen_id: int
+
+    def running(self) -> bool:
+        """Whether the link still runs the traced copy (a writer puts the plain one back)."""
+        try:
+            return bool(self.link.info().prog_id == self.program.info().id)
+        except OSError:
+            return False
+
+    def lost_count(self) -> int:
+        raw = self.lost.lookup_batch_raw(1, 8 * possible_cpus())
+        return sum(int.from_bytes(raw[i : i + 8], "little") for i in range(0, len(raw), 8))
+
+    def stop(self) -> None:
+        if self.lock < 0:
+            return
+        with contextlib.suppress(BpfError):  # it no longer runs the traced copy
+            self.link.update(self.plain, self.program)
+        unpin_dir(self.path)
+        os.close(self.lock)
+        self.lock = -1
+        for fd in (self.program, self.events, self.lost, self.plain, self.link):
+            fd.close()
 
 
 def _open_link(pin: str) -> Link | None:

@@ -76,7 +76,7 @@ def test_a_missing_or_unreadable_file_is_no_cache(tmp_path: Path) -> None:
 
 def test_relocation_puts_each_map_fd_at_its_reference() -> None:
     fds = {name: 100 + i for i, name in enumerate(layout.PROGRAM_MAPS)}
-    out = program._relocate(GOOD, fds)
+    out = program._relocate(GOOD, fds, layout.PROGRAM_MAPS)
     assert INSN.unpack_from(out, 0)[3] == 100
     assert INSN.unpack_from(out, 16)[3] == 100 + len(layout.PROGRAM_MAPS) - 1
     assert out[32:] == GOOD[32:]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import stat
+import tempfile
 import string
 import subprocess
 import sys
@@ -429,8 +430,8 @@ def test_bcc_compiles_with_a_fixed_environment_a_kernel_tree_and_a_private_tmpdi
 
     seen: dict[str, object] = {}
 
-    def fake(bcc: object, src: str) -> bytes:
-        seen.update(env=dict(os.environ), cwd=os.getcwd())
+    def fake(bcc: object, src: str, maps: tuple[str, ...]) -> bytes:
+        seen.update(env=dict(os.environ), cwd=os.getcwd(), tempdir=tempfile.gettempdir())
         tmp = os.environ["TMPDIR"]
         seen["tmp"] = (tmp, stat.S_IMODE(os.stat(tmp).st_mode), os.stat(tmp).st_uid)
         return b""
@@ -439,7 +440,8 @@ def test_bcc_compiles_with_a_fixed_environment_a_kernel_tree_and_a_private_tmpdi
     for k, v in {"ARCH": "../evil", "CPATH": "/evil", "TMPDIR": str(tmp_path), "X": "y"}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(tmp_path)
-    compiler._compile(None, "", "/the/tree")
+    before = tempfile.gettempdir()
+    compiler._compile(None, "", "/the/tree", ())
     env = seen["env"]
     assert isinstance(env, dict)
     assert set(env) == {*compiler.COMPILE_ENV, "TMPDIR", "BCC_KERNEL_SOURCE"}
@@ -447,6 +449,9 @@ def test_bcc_compiles_with_a_fixed_environment_a_kernel_tree_and_a_private_tmpdi
     tmp, mode, uid = seen["tmp"]  # type: ignore[misc]
     assert mode == 0o700 and uid == os.geteuid() and not tmp.startswith(str(tmp_path))
     assert not os.path.exists(tmp)  # removed after
+    # tempfile used the private directory too (it caches the first it sees: a second compile
+    # in one process would otherwise use the first one's, removed), and is restored after
+    assert seen["tempdir"] == tmp and tempfile.gettempdir() == before
     assert os.environ["ARCH"] == "../evil" and os.getcwd() == str(tmp_path)  # restored
 
 

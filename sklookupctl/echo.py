@@ -27,6 +27,7 @@ IPV6_RECVORIGDSTADDR = 74
 IPV6_ORIGDSTADDR = 74
 CLONE_NEWNET = 0x40000000
 IP_FREEBIND = 15
+IP_PKTINFO = 8
 
 
 def parse(endpoint: str) -> tuple[str, int]:
@@ -133,6 +134,11 @@ def _reply_from(dst: str, peer: tuple[str, int], payload: bytes, fallback: socke
     if isinstance(peer_addr, ipaddress.IPv6Address) and peer_addr.ipv4_mapped:
         peer_addr = peer_addr.ipv4_mapped
     try:
+        if int(port) == fallback.getsockname()[1]:
+            # addressed to the port this socket is bound to (a wildcard, say): it answers
+            # itself, from that address (a second socket could not bind there)
+            _reply_as(fallback, host, peer, payload)
+            return
         with socket.socket(_family(host), socket.SOCK_DGRAM) as r:
             r.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             r.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
@@ -140,6 +146,21 @@ def _reply_from(dst: str, peer: tuple[str, int], payload: bytes, fallback: socke
             r.sendto(payload, (str(peer_addr), peer[1]))
     except (OSError, ValueError):
         fallback.sendto(payload, peer)
+
+
+def _reply_as(s: socket.socket, host: str, peer: tuple[str, int], payload: bytes) -> None:
+    """Send from `s` with `host` as the source address (IP_PKTINFO / IPV6_PKTINFO; an IPv4
+    source of a dual-stack socket as its v4-mapped form)."""
+    src = ipaddress.ip_address(host)
+    # an AnyIP address is no interface's: IPv6 takes it as a source only from a free-bind
+    # socket
+    s.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+    if s.family == socket.AF_INET6:
+        a6 = src if src.version == 6 else ipaddress.IPv6Address(f"::ffff:{src}")
+        info = (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, a6.packed + struct.pack("=I", 0))
+    else:
+        info = (socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=I", 0) + src.packed + bytes(4))
+    s.sendmsg([payload], [info], 0, peer)
 
 
 def serve_udp(s: socket.socket) -> None:

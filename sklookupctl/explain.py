@@ -1,0 +1,328 @@
+"""Why a lookup goes where it goes (`explain`): the kernel's own answer, not a model's.
+
+The dispatcher is run on a made-up lookup with BPF_PROG_TEST_RUN: the live generation's program
+(the same instructions: its tag is compared), bound to the live maps, except that it counts into
+a private, zeroed counters map rather than the live one, so explaining changes no counter and
+the counter it moved says which rule decided and why (steered, dropped, passed, missing
+socket, assign error). The socket the kernel selected comes back as its cookie.
+
+Every other sk_lookup program attached to the namespace is run on the same lookup too, and the
+verdicts are combined as the kernel combines them (BPF_PROG_SK_LOOKUP_RUN_ARRAY): programs run
+in attach order; the last one that passes with a socket selected decides; otherwise any drop
+drops; otherwise the normal socket lookup goes on. Each program is run on its own, so one that
+acts on an earlier program's selection (ctx->sk) may do otherwise in the real run; and a
+foreign program's own maps (counters, say) see the made-up lookup.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from array import array
+from dataclasses import dataclass
+from typing import Any
+
+from . import image, layout, store, testrun, validate
+from .bpfsys import (
+    BPF_MAP_TYPE_PERCPU_ARRAY,
+    BpfError,
+    Program,
+    possible_cpus,
+    query_netns_programs,
+)
+from .errors import EnvironmentProblem, InvalidArgument
+from .netns import Netns
+from .plan import Slotted
+from .rules import IPAddress, Rule, format_ports, parse_port, parse_protocol
+from .sockets import Discovery, choose
+
+# the counter the decision moved -> its reason (layout.WHY)
+REASONS = {
+    "steered": "steered",
+    "errors": "assign-error",
+    "missing": "missing-socket",
+    "dropped": "drop-rule",
+    "passed": "passed",  # only with missing or errors
+}
+
+
+@dataclass
+class Run:
+    """One program's verdict on the lookup."""
+
+    prog_id: int
+    name: str
+    ours: bool
+    verdict: str  # pass | drop
+    cookie: int  # the socket it selected; 0: none
+
+
+def parse_address(text: str) -> IPAddress:
+    validate.address_text(text, "address", "give an address such as 192.0.2.1 or 2001:db8::1")
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        raise InvalidArgument(
+            f"{validate.show(text)} is not an IP address",
+            "give an address such as 192.0.2.1 or 2001:db8::1",
+        ) from None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        raise InvalidArgument(
+            f"{addr} is an IPv4-mapped address",
+            f"a lookup for it is one for {addr.ipv4_mapped}",
+        )
+    return addr
+
+
+def _counted(raw: bytes, rules: int) -> tuple[int, str] | None:
+    """The rule whose counters moved in a private counters map, and what moved most tellingly
+    (missing or errors before the dropped or passed it ended in)."""
+    width = len(layout.KERNEL_COUNTERS)
+    ncpu = possible_cpus()
+    per = array("Q", raw.ljust(8 * width * ncpu * (rules + 1), b"\0"))
+    for rule in range(1, rules + 1):
+        sums = [sum(per[(rule * ncpu + c) * width + j] for c in range(ncpu)) for j in range(width)]
+        if any(sums):
+            moved = dict(zip(layout.KERNEL_COUNTERS, sums, strict=True))
+            for name in ("steered", "errors", "missing", "dropped"):
+                if moved[name]:
+                    return rule, name
+            return rule, "passed"
+    return None
+
+
+def _run_ours(d: store.Dispatcher, ctx: testrun.LookupCtx) -> tuple[Run, Any, bool]:
+    """Our program on the lookup: (its run, (rule number, counter moved) or None, whether the
+    copy run is the live program's instructions)."""
+    from . import program
+
+    gen = d.gen
+    assert gen is not None
+    rules = int(gen.meta().rules)
+    live_tag = bytes(d.program.info().tag)
+    scratch = store._create_map(BPF_MAP_TYPE_PERCPU_ARRAY, layout.Counters, rules + 1, "scratch", 0)
+    with scratch:
+        fds = {name: gen.maps[name].fd for name in layout.PROGRAM_MAPS}
+        fds["counters"] = scratch.fd
+        with program.load(fds) as copy:
+            same = bytes(copy.info().tag) == live_tag
+            if same:
+                out = testrun.run(copy, ctx)
+                raw = scratch.lookup_batch_raw(rules + 1, image.COUNTERS.size * possible_cpus())
+                moved = _counted(raw, rules)
+                prog_id = int(d.program.info().id)
+                verdict = "pass" if out.verdict == testrun.SK_PASS else "drop"
+                return Run(prog_id, "skl_dispatch", True, verdict, out.cookie), moved, True
+    # another version's instructions run live (an upgrade is due): run the live program itself
+    # (its counters count this lookup); which rule decided comes from the rule set
+    out = testrun.run(d.program, ctx)
+    verdict = "pass" if out.verdict == testrun.SK_PASS else "drop"
+    return Run(int(d.program.info().id), "skl_dispatch", True, verdict, out.cookie), None, False
+
+
+def _run_other(prog_id: int, ctx: testrun.LookupCtx) -> Run:
+    try:
+        with Program.from_id(prog_id) as p:
+            name = bytes(p.info().name).rstrip(b"\0").decode(errors="replace")
+            out = testrun.run(p, ctx)
+    except BpfError as e:
+        raise EnvironmentProblem(
+            f"cannot run sk_lookup program {prog_id} of the namespace: {e.strerror}"
+        ) from None
+    verdict = "pass" if out.verdict == testrun.SK_PASS else "drop"
+    return Run(prog_id, name, False, verdict, out.cookie)
+
+
+def combine(runs: list[Run]) -> tuple[str, Run | None]:
+    """The kernel's combination of the programs' verdicts, in run order: (steer | drop | pass,
+    the run whose selection counts)."""
+    selected: Run | None = None
+    dropped = False
+    for r in runs:
+        if r.verdict == "pass" and r.cookie:
+            selected = r
+        elif r.verdict == "drop":
+            dropped = True
+    if selected is not None:
+        return "steer", selected
+    return ("drop" if dropped else "pass"), None
+
+
+def _rule_json(r: Rule) -> dict[str, Any]:
+    return {
+        "protocol": r.key.proto,
+        "prefix": str(r.key.prefix),
+        "ports": format_ports(r.key.lo, r.key.hi),
+        "action": r.action,
+        "target": r.target,
+        "on_missing": r.on_missing,
+    }
+
+
+def _socket_json(disc: Discovery, cookie: int, proto: str) -> dict[str, Any]:
+    e = disc.by_cookie(cookie, proto)
+    holders = (
+        [{"pid": h.pid, "comm": h.comm, "fd": h.fd} for h in disc.holders(e.inode)]
+        if e is not None
+        else []
+    )
+    return {
+        "cookie": cookie,
+        "address": e.endpoint if e is not None else None,
+        "holders": holders,
+    }
+
+
+def explain(
+    ns: Netns,
+    proto: str,
+    address: str,
+    port: str | int,
+    *,
+    bpffs: str,
+    wait: float,
+    source: str | None = None,
+    source_port: int = 40000,
+) -> dict[str, Any]:
+    """What the kernel does with a new connection (TCP) or datagram (UDP) to address:port in
+    the namespace, and why. See the module's docstring."""
+    proto = parse_protocol(proto)
+    addr = parse_address(address)
+    dport = parse_port(str(port))
+    remote = parse_address(source) if source else None
+    if remote is not None and remote.version != addr.version:
+        raise InvalidArgument(
+            f"source {remote} and destination {addr} are of different families",
+            "give a source of the same IP version",
+        )
+    ctx = testrun.lookup_ctx(proto, addr, dport, str(remote or ""), source_port)
+    out: dict[str, Any] = {
+        "netns": ns.label,
+        "protocol": proto,
+        "address": str(addr),
+        "port": dport,
+        "source": str(remote) if remote else None,
+    }
+    notes: list[str] = []
+    ours: Run | None = None
+    moved: tuple[int, str] | None = None
+    rule: Rule | None = None
+    target: Slotted | None = None
+    running = 0
+    with store.session(bpffs, ns, write=False, wait=wait) as s:
+        d = s.dispatcher
+        loaded = d is not None and d.gen is not None and d.state == "steering"
+        attached = query_netns_programs(ns.fd)
+        if loaded:
+            assert d is not None and d.gen is not None
+            gen = d.gen
+            targets = gen.targets()
+            effects = gen.effects([t.name for t in targets])
+            by_number = [Rule(k, *eff) for k, eff in effects.items()]
+            ours, moved, exact = _run_ours(d, ctx)
+            if not exact:
+                notes.append(
+                    "the live program is another version's (`sklookupctl upgrade` reloads it):"
+                    " it was run itself, and its counters count this lookup"
+                )
+                from .rules import RuleSet
+
+                rs = RuleSet()
+                for r in by_number:
+                    rs.add(r)
+                rule = rs.match(proto, addr, dport)
+            elif moved is not None:
+                rule = by_number[moved[0] - 1]
+            if rule is not None and rule.target is not None:
+                target = next((t for t in targets if t.name == rule.target), None)
+            if d.link is not None:
+                running = int(d.link.info().prog_id)  # the traced copy while a trace runs
+            out["generation"] = int(gen.meta().generation)
+            out["program_tag"] = bytes(d.program.info().tag).hex()
+        runs: list[Run] = []
+        for pid in attached:
+            if ours is not None and pid == running:
+                runs.append(ours)
+            else:
+                runs.append(_run_other(pid, ctx))
+    verdict, chosen = combine(runs)
+    reason = _reason(ours, moved, rule, loaded)
+    if ours is not None and chosen is not None and chosen is not ours:
+        reason = "overridden"
+    elif ours is not None and verdict == "drop" and ours.verdict == "pass":
+        reason = "dropped-by-other-program"
+    with Discovery(ns) as disc:
+        socket = _socket_json(disc, chosen.cookie, proto) if chosen is not None else None
+        normal = None
+        if verdict == "pass":
+            found = choose(disc.entries(proto), addr, dport)
+            normal = _socket_json(disc, found[0].cookie, proto) if found else None
+    out.update(
+        verdict=verdict,
+        target=target.name if target is not None else None,
+        rule=_rule_json(rule) if rule is not None else None,
+        socket=socket,
+        reason=reason,
+        dispatcher=None
+        if ours is None
+        else {"verdict": "steer" if ours.cookie and ours.verdict == "pass" else ours.verdict},
+        programs=[
+            {
+                "id": r.prog_id,
+                "name": r.name,
+                "position": i,
+                "ours": r.ours,
+                "verdict": "steer" if r.cookie and r.verdict == "pass" else r.verdict,
+                "socket": r.cookie or None,
+            }
+            for i, r in enumerate(runs, 1)
+        ],
+        normal_lookup=normal,
+        notes=notes,
+    )
+    out["explanation"] = describe(out)
+    return out
+
+
+def _reason(
+    ours: Run | None, moved: tuple[int, str] | None, rule: Rule | None, loaded: bool
+) -> str:
+    if not loaded or ours is None:
+        return "no-dispatcher"
+    if moved is not None:
+        return REASONS[moved[1]]
+    if rule is None:
+        return "no-rule"
+    # the live program of another version: what the rule says, with the verdict it gave
+    if rule.action == "drop":
+        return "drop-rule"
+    return "steered" if ours.cookie else "missing-socket"
+
+
+def describe(e: dict[str, Any]) -> str:
+    """The explanation in one sentence (text output)."""
+    r = e["rule"]
+    rule = f"rule {r['protocol']} {r['prefix']} {r['ports']}" if r else ""
+    what = {
+        "no-dispatcher": "sklookupctl steers nothing in this namespace",
+        "no-rule": f"no rule covers {e['protocol']} {e['address']} port {e['port']}",
+        "steered": f"{rule} steers it to target {r['target'] if r else '?'}",
+        "drop-rule": f"{rule} drops it",
+        "missing-socket": f"{rule} steers to target {r['target'] if r else '?'}, which has no "
+        f"live socket: on-missing {r['on_missing'] if r else '?'}",
+        "assign-error": f"{rule} steers to target {r['target'] if r else '?'}, whose socket "
+        f"refused it (family or protocol): on-missing {r['on_missing'] if r else '?'}",
+        "passed": f"{rule} passes it",
+        "overridden": f"{rule or 'sklookupctl'} decided otherwise, but another sk_lookup program "
+        "running after it selected a socket, and the last selection counts",
+        "dropped-by-other-program": "another sk_lookup program of the namespace drops it "
+        "(and no program selected a socket)",
+    }.get(e["reason"], e["reason"])
+    end = {
+        "steer": "it goes to the socket selected",
+        "drop": "no socket gets it (TCP answers with a reset, UDP with an ICMP port unreachable)",
+        "pass": "the kernel's normal socket lookup goes on",
+    }[e["verdict"]]
+    if e["verdict"] == "pass":
+        n = e["normal_lookup"]
+        end += f", which finds {n['address']}" if n else ", which finds no socket: refused"
+    return f"{what}; {end}"

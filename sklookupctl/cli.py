@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from . import __version__, api, compiler, errors, interrupts, notices, render, store, validate
+from . import explain as explain_mod
 from . import rules as rules_mod
 from . import trace as trace_mod
 from .bpfsys import BpfError
@@ -747,6 +748,94 @@ def gc(obj: Obj, as_json: bool) -> None:
         render.say(render.gc_line(e))
     if not done:
         render.say("nothing to remove")
+
+
+@cli.command(context_settings=CONTEXT)
+@json_option
+@click.pass_obj
+def doctor(obj: Obj, as_json: bool) -> None:
+    """Check this machine and sklookupctl's state, and say how to fix what is wrong.
+
+    \b
+    Each check is ok, warn or FAIL, with what was found and the fix:
+      kernel      release 5.9+, and a trivial sk_lookup program loads (attached nowhere)
+      btf         /sys/kernel/btf/vmlinux (warn only: sklookupctl works without it)
+      bpffs       --bpffs is a bpffs mount point; it and <bpffs>/sklookupctl pass the
+                  trust checks every command applies (owner, mode, no symlink)
+      privileges  root, or CAP_SYS_ADMIN, CAP_NET_ADMIN and CAP_BPF (and CAP_SYS_PTRACE)
+      compiler    BCC importable, or a cached program image of this version
+      cache       the program cache is trusted (else every load compiles afresh)
+      memlock     RLIMIT_MEMLOCK, which matters only before kernel 5.11
+      netns ...   every namespace with state in this bpffs: steering, detached, dead,
+                  unfinished, damaged, an earlier version's; other sk_lookup programs
+                  attached beside ours; a running dispatcher of another version
+
+    doctor only reads: it creates no state directory, cache or mount (without root, it
+    checks what it can). The report goes to stdout, also when something fails.
+
+    \b
+    Exit codes:
+      0  no check failed (warnings are fine)
+      4  at least one check failed (the report says which, and how to fix it)
+
+    \b
+    Examples:
+      sklookupctl doctor
+      sklookupctl --bpffs /run/my-bpffs doctor --json
+    """
+    from . import doctor as doctor_mod
+
+    report = doctor_mod.run(obj.bpffs, obj.wait)
+    if as_json:
+        render.emit_json(report.to_json())
+    else:
+        for text in report.lines():
+            render.say(text)
+    if not report.ok:
+        sys.exit(report.exit_code)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("proto", metavar="PROTO")
+@click.argument("address", metavar="ADDRESS")
+@click.argument("port", metavar="PORT")
+@click.option(
+    "--from",
+    "source",
+    metavar="ADDRESS",
+    help="The client's address (default: 203.0.113.254 or 2001:db8:ffff::1; the dispatcher "
+    "does not look at it, other programs may).",
+)
+@json_option
+@click.pass_obj
+def explain(
+    obj: Obj, proto: str, address: str, port: str, source: str | None, as_json: bool
+) -> None:
+    """Say what happens to a new connection (tcp) or datagram (udp) to ADDRESS PORT in the
+    namespace, and why: the verdict (steer, drop, pass), the rule that decided, the target
+    and the socket selected (address, holder), and what every other sk_lookup program attached
+    to the namespace does with it.
+
+    \b
+    Example:
+      sklookupctl -n edge explain tcp 192.0.2.10 443
+
+    It is the kernel's answer, not a model's: the live program is run on a made-up lookup
+    (BPF_PROG_TEST_RUN) against the live maps and sockets, counting into a private map (the
+    live counters do not move). Other programs are run the same way and combined as the kernel
+    combines them (attach order; the last socket selected wins; else any drop drops; else the
+    normal lookup goes on), each on its own: their own maps see the made-up lookup.
+    Nothing is changed. Exit 0 whatever the verdict.
+    """
+    api.require_privileges()
+    with open_netns(obj.netns) as ns:
+        out = explain_mod.explain(
+            ns, proto, address, port, bpffs=obj.bpffs, wait=obj.wait, source=source
+        )
+    if as_json:
+        render.emit_json(out)
+    else:
+        render.explanation(out)
 
 
 @cli.command(context_settings=CONTEXT)

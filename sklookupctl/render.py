@@ -147,6 +147,36 @@ def trace_line(d: dict[str, Any]) -> None:
     )
 
 
+def explanation(e: dict[str, Any]) -> None:
+    """`explain` as text: the verdict and why, then the details."""
+
+    def sock(x: dict[str, Any] | None) -> str:
+        if x is None:
+            return "none"
+        held = ", ".join(f"pid {h['pid']} ({h['comm']}) fd {h['fd']}" for h in x["holders"])
+        where = f"{x['address'] or '?'} (cookie {x['cookie']})"
+        return where + (f", held by {held}" if held else "")
+
+    say(f"{e['protocol']} {e['address']} port {e['port']} in {e['netns']}: {e['verdict']}")
+    say(f"  why:      {e['explanation']}")
+    r = e["rule"]
+    if r:
+        miss = f"(on missing: {r['on_missing']})"
+        act = "drop" if r["action"] == "drop" else f"-> {r['target']} {miss}"
+        say(f"  rule:     {r['protocol']} {r['prefix']} {r['ports']} {act}")
+    if e["socket"] is not None:
+        say(f"  socket:   {sock(e['socket'])}")
+    if e["verdict"] == "pass":
+        say(f"  normally: {sock(e['normal_lookup'])}")
+    progs = e["programs"]
+    for p in progs:
+        who = "sklookupctl" if p["ours"] else "another tool's"
+        at = f"{p['position']}/{len(progs)}"
+        say(f"  program {at}: id {p['id']} {p['name']} ({who}): {p['verdict']}")
+    for n in e["notes"]:
+        say(f"  note:     {n}")
+
+
 def say(text: str) -> None:
     """One plain line (no markup: addresses such as [::1] stay as they are; cleaned)."""
     write(clean(text) + "\n")

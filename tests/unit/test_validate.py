@@ -7,10 +7,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import stat
-import tempfile
 import string
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path

@@ -5,6 +5,7 @@ Noun commands read; verb commands change state. Library errors become one-line m
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -836,6 +837,71 @@ def explain(
         render.emit_json(out)
     else:
         render.explanation(out)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option(
+    "--listen",
+    metavar="ADDR:PORT",
+    help="Serve /metrics there until SIGTERM or Ctrl-C, read afresh at each scrape: "
+    "127.0.0.1:9848, [::1]:9848, :9848 (every address).",
+)
+@click.option(
+    "--output",
+    "output",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="Write them to FILE in one rename (for node_exporter's textfile collector).",
+)
+@click.option(
+    "--per-rule",
+    is_flag=True,
+    help="Also a series per rule (labels protocol, prefix, ports, action, target): one per "
+    "rule, so mind the cardinality of large rule sets.",
+)
+@click.pass_obj
+def metrics(obj: Obj, listen: str | None, output: str | None, per_rule: bool) -> None:
+    """Print the metrics once in the Prometheus text format, write them to a file, or serve
+    them (--listen).
+
+    \b
+    Per namespace (label namespace): sklookupctl_steering, _rules, _targets, _generation,
+    _memory_bytes, _tracing, and sklookupctl_drop_rule_drops_total{protocol}.
+    Per target (labels namespace, target, protocol): sklookupctl_target_lookups_total,
+    _steered_total, _dropped_total, _passed_total, _missing_socket_total,
+    _assign_errors_total, and the gauges _socket_alive (0 or 1) and _sockets (live members).
+
+    Every namespace sklookupctl has state for, or only --netns when given. Target counters
+    grow across every rule-set change for as long as the target exists (a rule moved or
+    removed keeps what it counted for its target); per-rule counters follow their rule.
+
+    \b
+    Examples:
+      sklookupctl metrics --output /var/lib/prometheus/node-exporter/sklookupctl.prom
+      sklookupctl metrics --listen 127.0.0.1:9848      # docs/systemd: a unit for it
+    """
+    from . import metrics as metrics_mod
+
+    api.require_privileges()
+    if listen and output:
+        raise click.UsageError("give --listen or --output, not both")
+    with contextlib.ExitStack() as stack:
+        only = stack.enter_context(open_netns(obj.netns)) if obj.netns is not None else None
+        if listen:
+            metrics_mod.serve(
+                listen,
+                obj.bpffs,
+                obj.wait,
+                only,
+                per_rule,
+                ready=lambda where: notices.emit(f"serving /metrics on {where[0]} port {where[1]}"),
+            )
+            return
+        out = metrics_mod.text(obj.bpffs, obj.wait, only, per_rule)
+    if output:
+        metrics_mod.write_file(output, out)
+    else:
+        render.write(out)
 
 
 @cli.command(context_settings=CONTEXT)

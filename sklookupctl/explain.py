@@ -16,6 +16,7 @@ foreign program's own maps (counters, say) see the made-up lookup.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 from array import array
 from dataclasses import dataclass
@@ -53,7 +54,32 @@ class Run:
     name: str
     ours: bool
     verdict: str  # pass | drop
-    cookie: int  # the socket it selected; 0: none
+    cookie: int  # the socket it selected; 0: none (or a reuseport group's: see `group`)
+    # it selected a socket of a SO_REUSEPORT group and left the pick within the group to the
+    # kernel, which a test run cannot make (EOPNOTSUPP): which member is not known
+    group: bool = False
+
+    @property
+    def selected(self) -> bool:
+        return self.verdict == "pass" and (self.cookie != 0 or self.group)
+
+    @property
+    def shown(self) -> str:
+        return "steer" if self.selected else self.verdict
+
+
+def _test_run(prog: Program, ctx: testrun.LookupCtx) -> tuple[str, int, bool]:
+    """(pass | drop, the selected socket's cookie, whether it is a reuseport group's)."""
+    try:
+        out = testrun.run(prog, ctx)
+    except BpfError as e:
+        if e.errno != errno.EOPNOTSUPP:
+            raise
+        # the program ran and selected a socket of a reuseport group without
+        # BPF_SK_LOOKUP_F_NO_REUSEPORT: the kernel would pick a member by the flow's hash,
+        # which a test run refuses to do
+        return "pass", 0, True
+    return ("pass" if out.verdict == testrun.SK_PASS else "drop"), out.cookie, False
 
 
 def parse_address(text: str) -> IPAddress:
@@ -106,30 +132,28 @@ def _run_ours(d: store.Dispatcher, ctx: testrun.LookupCtx) -> tuple[Run, Any, bo
         with program.load(fds) as copy:
             same = bytes(copy.info().tag) == live_tag
             if same:
-                out = testrun.run(copy, ctx)
+                verdict, cookie, group = _test_run(copy, ctx)
                 raw = scratch.lookup_batch_raw(rules + 1, image.COUNTERS.size * possible_cpus())
                 moved = _counted(raw, rules)
                 prog_id = int(d.program.info().id)
-                verdict = "pass" if out.verdict == testrun.SK_PASS else "drop"
-                return Run(prog_id, "skl_dispatch", True, verdict, out.cookie), moved, True
+                return Run(prog_id, "skl_dispatch", True, verdict, cookie, group), moved, True
     # another version's instructions run live (an upgrade is due): run the live program itself
     # (its counters count this lookup); which rule decided comes from the rule set
-    out = testrun.run(d.program, ctx)
-    verdict = "pass" if out.verdict == testrun.SK_PASS else "drop"
-    return Run(int(d.program.info().id), "skl_dispatch", True, verdict, out.cookie), None, False
+    verdict, cookie, group = _test_run(d.program, ctx)
+    prog_id = int(d.program.info().id)
+    return Run(prog_id, "skl_dispatch", True, verdict, cookie, group), None, False
 
 
 def _run_other(prog_id: int, ctx: testrun.LookupCtx) -> Run:
     try:
         with Program.from_id(prog_id) as p:
             name = bytes(p.info().name).rstrip(b"\0").decode(errors="replace")
-            out = testrun.run(p, ctx)
+            verdict, cookie, group = _test_run(p, ctx)
     except BpfError as e:
         raise EnvironmentProblem(
             f"cannot run sk_lookup program {prog_id} of the namespace: {e.strerror}"
         ) from None
-    verdict = "pass" if out.verdict == testrun.SK_PASS else "drop"
-    return Run(prog_id, name, False, verdict, out.cookie)
+    return Run(prog_id, name, False, verdict, cookie, group)
 
 
 def combine(runs: list[Run]) -> tuple[str, Run | None]:
@@ -138,7 +162,7 @@ def combine(runs: list[Run]) -> tuple[str, Run | None]:
     selected: Run | None = None
     dropped = False
     for r in runs:
-        if r.verdict == "pass" and r.cookie:
+        if r.selected:
             selected = r
         elif r.verdict == "drop":
             dropped = True
@@ -208,6 +232,7 @@ def explain(
     rule: Rule | None = None
     target: Slotted | None = None
     running = 0
+    live_alive: dict[str, list[int]] = {}
     with store.session(bpffs, ns, write=False, wait=wait) as s:
         d = s.dispatcher
         loaded = d is not None and d.gen is not None and d.state == "steering"
@@ -218,6 +243,8 @@ def explain(
             targets = gen.targets()
             effects = gen.effects([t.name for t in targets])
             by_number = [Rule(k, *eff) for k, eff in effects.items()]
+            live = d.snapshot()
+            live_alive = {t.name: live.alive(t) for t in targets}
             ours, moved, exact = _run_ours(d, ctx)
             if not exact:
                 notes.append(
@@ -251,7 +278,19 @@ def explain(
     elif ours is not None and verdict == "drop" and ours.verdict == "pass":
         reason = "dropped-by-other-program"
     with Discovery(ns) as disc:
-        socket = _socket_json(disc, chosen.cookie, proto) if chosen is not None else None
+        if chosen is None:
+            socket = None
+        elif chosen.group:
+            # the pick within a reuseport group is the kernel's, by the flow's hash: the group
+            alive = live_alive.get(target.name, []) if chosen.ours and target else []
+            socket = {
+                "cookie": None,
+                "address": target.endpoint if chosen.ours and target else None,
+                "group": [_socket_json(disc, c, proto) for c in alive],
+                "holders": [],
+            }
+        else:
+            socket = _socket_json(disc, chosen.cookie, proto)
         normal = None
         if verdict == "pass":
             found = choose(disc.entries(proto), addr, dport)
@@ -262,17 +301,16 @@ def explain(
         rule=_rule_json(rule) if rule is not None else None,
         socket=socket,
         reason=reason,
-        dispatcher=None
-        if ours is None
-        else {"verdict": "steer" if ours.cookie and ours.verdict == "pass" else ours.verdict},
+        dispatcher=None if ours is None else {"verdict": ours.shown},
         programs=[
             {
                 "id": r.prog_id,
                 "name": r.name,
                 "position": i,
                 "ours": r.ours,
-                "verdict": "steer" if r.cookie and r.verdict == "pass" else r.verdict,
+                "verdict": r.shown,
                 "socket": r.cookie or None,
+                "reuseport_group": r.group,
             }
             for i, r in enumerate(runs, 1)
         ],
@@ -295,7 +333,7 @@ def _reason(
     # the live program of another version: what the rule says, with the verdict it gave
     if rule.action == "drop":
         return "drop-rule"
-    return "steered" if ours.cookie else "missing-socket"
+    return "steered" if ours.selected else "missing-socket"
 
 
 def describe(e: dict[str, Any]) -> str:

@@ -93,6 +93,7 @@ def encode(rules: RuleSet, targets: dict[str, Slotted], meta: MetaInfo) -> Image
             "counters": (n + 1, b""),
             "rules": (n + 1, b"".join(records)),
             "base": (n + 1, b""),
+            "tbase": (len(names) + len(DROP_GROUPS), b""),
             "targets": (max(1, len(names)), b"".join(target_records)),
             "meta": (1, bytes(m)),
             "record": record.chunks(
@@ -176,6 +177,29 @@ def decode_rules(raw: bytes, count: int, names: list[str]) -> dict[RuleKey, Effe
         else:
             out[key] = (_ACTIONS[action], names[target], _MISSING[miss])
     return out
+
+
+# Counters are also kept per group of rules, for totals that only grow (metrics): a target's
+# rules, or the drop rules of a protocol. A group's total is the sum of its rules' counters plus
+# the generation's `tbase` entry for it (mod 2**64: it may stand for a negative number), which
+# holds what rules no longer in the group counted (see store._carry_counters). `tbase` entries:
+# one per target, by target index, then one per DROP_GROUPS.
+DROP_GROUPS = ("tcp", "udp")
+Group = tuple[str, str]  # ("target", name) or ("drop", protocol)
+
+
+def groups(names: list[str]) -> list[Group]:
+    """The groups of a generation, in `tbase` order (`names`: its targets by index)."""
+    return [("target", n) for n in names] + [("drop", p) for p in DROP_GROUPS]
+
+
+def rule_groups(raw: bytes, count: int, names: list[str]) -> list[Group]:
+    """The group of each rule, by rule number from 1 (`raw`: the rules map)."""
+    body = raw[RULE.size : (count + 1) * RULE.size]
+    return [
+        ("drop", PROTO_NAMES[p]) if a == layout.ACTION_DROP else ("target", names[t])
+        for p, _f, _pl, a, _m, _lo, _hi, t, _addr in RULE.iter_unpack(body)
+    ]
 
 
 def counter_view(kernel: tuple[int, ...]) -> tuple[int, ...]:

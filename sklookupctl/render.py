@@ -153,6 +153,11 @@ def explanation(e: dict[str, Any]) -> None:
     def sock(x: dict[str, Any] | None) -> str:
         if x is None:
             return "none"
+        if "group" in x:
+            return (
+                f"{x['address'] or '?'}: a reuseport group of {len(x['group'])} live sockets; "
+                "the kernel picks one by the flow's hash"
+            )
         held = ", ".join(f"pid {h['pid']} ({h['comm']}) fd {h['fd']}" for h in x["holders"])
         where = f"{x['address'] or '?'} (cookie {x['cookie']})"
         return where + (f", held by {held}" if held else "")

@@ -83,12 +83,15 @@ GEN_MAPS: dict[str, tuple[int, type[Any], int]] = {
     "counters": (BPF_MAP_TYPE_PERCPU_ARRAY, layout.Counters, 0),
     "rules": (BPF_MAP_TYPE_ARRAY, layout.RuleRecord, BPF_F_MMAPABLE),
     "base": (BPF_MAP_TYPE_ARRAY, layout.Counters, BPF_F_MMAPABLE),
+    # per group of rules (a target's, a protocol's drop rules): what rules no longer in the
+    # group counted, so that a group's total only grows (image.groups)
+    "tbase": (BPF_MAP_TYPE_ARRAY, layout.Counters, BPF_F_MMAPABLE),
     "targets": (BPF_MAP_TYPE_ARRAY, layout.TargetRecord, BPF_F_MMAPABLE),
     "meta": (BPF_MAP_TYPE_ARRAY, layout.Meta, BPF_F_MMAPABLE),
     # the rule set in a layout-independent, versioned record (record.py), for later versions
     "record": (BPF_MAP_TYPE_ARRAY, layout.RecordChunk, BPF_F_MMAPABLE),
 }
-OPTIONAL_MAPS = {"record"}  # generations written before it have none
+OPTIONAL_MAPS = {"record", "tbase"}  # generations written before them have none
 
 
 def base_dir(bpffs: str) -> str:
@@ -268,11 +271,46 @@ class Generation:
         return image.rule_identities(self._rule_bytes(), self.meta().rules)
 
     def counted(self) -> bool:
-        """Whether any counter of any rule is non-zero (cheap: two bulk reads)."""
+        """Whether any counter of any rule or group is non-zero (cheap: bulk reads)."""
         n = self.meta().rules
         base = _read_array(self.maps["base"], n + 1, image.COUNTERS.size)
         raw = self.maps["counters"].lookup_batch_raw(n + 1, image.COUNTERS.size * possible_cpus())
-        return base.count(0) != len(base) or raw.count(0) != len(raw)
+        tbase = self._tbase()
+        return any(b.count(0) != len(b) for b in (base, raw, tbase))
+
+    def _tbase(self) -> bytes:
+        m = self.maps.get("tbase")
+        if m is None:
+            return b""
+        return _read_array(m, self.meta().targets + len(image.DROP_GROUPS), image.COUNTERS.size)
+
+    def groups(self) -> list[image.Group]:
+        """Each rule's group (image.groups), by rule number from 1."""
+        names = [t.name for t in self.targets()]
+        return image.rule_groups(self._rule_bytes(), self.meta().rules, names)
+
+    def group_totals(
+        self, raw: list[tuple[int, ...]] | None = None
+    ) -> dict[image.Group, tuple[int, ...]]:
+        """Each group's counters (layout.KERNEL_COUNTERS) as they grew since the group was
+        made, across every rule-set change: its rules' counters plus `tbase`. `raw`: the rules'
+        counters, when already read."""
+        names = [t.name for t in self.targets()]
+        keys = image.groups(names)
+        tbase = self._tbase()
+        width = len(layout.KERNEL_COUNTERS)
+        totals = {
+            g: list(image.COUNTERS.unpack_from(tbase, i * image.COUNTERS.size))
+            if tbase
+            else [0] * width
+            for i, g in enumerate(keys)
+        }
+        counts = self.raw_counters() if raw is None else raw
+        for g, c in zip(self.groups(), counts, strict=True):
+            t = totals[g]
+            for j in range(width):
+                t[j] += c[j]
+        return {g: tuple(v % (1 << 64) for v in t) for g, t in totals.items()}
 
     def raw_counters(self) -> list[tuple[int, ...]]:
         """Each rule's counters as the kernel keeps them (layout.KERNEL_COUNTERS): every CPU's,
@@ -377,6 +415,33 @@ def _carry_counters(old: Generation, new: Generation) -> None:
             carried = True
     if carried:
         _write_array(new.maps["base"], bytes(out))
+    _carry_groups(old, new, old_counts, by_key)
+
+
+def _carry_groups(
+    old: Generation,
+    new: Generation,
+    old_counts: list[tuple[int, ...]],
+    by_key: dict[tuple[int, int, int, int, int, bytes], int],
+) -> None:
+    """Each group of the new generation (image.groups) continues the old one's total: its
+    `tbase` is the old total minus what its rules were carried (assigned, like `base`)."""
+    m = new.maps.get("tbase")
+    if m is None:
+        return
+    old_totals = old.group_totals(old_counts)
+    width = len(layout.KERNEL_COUNTERS)
+    names = [t.name for t in new.targets()]
+    adjust = {g: list(old_totals.get(g, (0,) * width)) for g in image.groups(names)}
+    for ident, g in zip(new.identities(), new.groups(), strict=True):
+        i = by_key.get(ident)
+        if i is not None:
+            for j in range(width):
+                adjust[g][j] -= old_counts[i][j]
+    out = b"".join(
+        image.COUNTERS.pack(*(v % (1 << 64) for v in adjust[g])) for g in image.groups(names)
+    )
+    _write_array(m, out)
 
 
 # -- one namespace ----------------------------------------------------------------------------

@@ -248,3 +248,32 @@ def test_explain_while_tracing(ns: NS) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_explain_a_reuseport_group(ns: NS) -> None:
+    """A test run cannot make the kernel's pick within a reuseport group (EOPNOTSUPP): explain
+    says the group, and the connection lands on one of its members."""
+    m1 = ns.proxy(tcp="127.0.0.1:7300", tag="m1", extra=("--reuseport",))
+    ns.proxy(tcp="127.0.0.1:7300", tag="m2", extra=("--reuseport",))
+    ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--to", f"127.0.0.1:{m1.port}", "--name", "g")
+    e = json.loads(ns.ok("explain", "--json", "tcp", "192.0.2.1", "80").stdout)
+    assert (e["verdict"], e["reason"], e["target"]) == ("steer", "steered", "g")
+    assert e["socket"]["cookie"] is None and len(e["socket"]["group"]) == 2
+    assert e["programs"][0]["reuseport_group"] is True
+    assert ns.dial("tcp", "192.0.2.1", 80).rsplit(" ", 1)[1] in ("m1", "m2")
+    assert "reuseport group of 2" in ns.ok("explain", "tcp", "192.0.2.1", "80").stdout
+    # exact: that socket, and a test run can say which
+    ns.ok(
+        "attach",
+        "tcp",
+        "192.0.2.0/24",
+        "all",
+        "--to",
+        "127.0.0.1:7300",
+        "--name",
+        "g",
+        "--no-reuseport",
+        "--replace",
+    )
+    e = json.loads(ns.ok("explain", "--json", "tcp", "192.0.2.1", "80").stdout)
+    assert e["socket"]["cookie"] and "group" not in e["socket"]

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, image, layout, sockets, store, trust, validate
+from . import __version__, image, layout, rulerows, sockets, store, trust, validate
 from .bpfsys import BpfError, query_netns_programs
 from .errors import (
     EnvironmentProblem,
@@ -40,6 +40,7 @@ from .plan import NOTHING, Live, Member, Plan, Slotted, TargetChange, Want, live
 from .rules import (
     ON_MISSING,
     IPAddress,
+    IPNetwork,
     Rule,
     RuleKey,
     RuleSet,
@@ -982,28 +983,87 @@ def upgrade_all(
 # -- reading ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class StatusFilter:
+    """Which rules and targets `status` shows (None: all). The summary counts every rule."""
+
+    protocol: str | None = None
+    prefix: str | None = None  # rules whose prefix overlaps it
+    target: str | None = None  # rules steering to it, and that target only
+
+    def parsed(self) -> tuple[str | None, IPNetwork | None]:
+        proto = parse_protocol(self.protocol) if self.protocol is not None else None
+        prefix = parse_prefix(self.prefix) if self.prefix is not None else None
+        if self.target is not None:
+            validate.target_name(self.target)
+        return proto, prefix
+
+
 def status(
-    netns: str | None, *, bpffs: str = DEFAULT_BPFFS, wait: float = store.DEFAULT_WAIT
+    netns: str | None,
+    *,
+    bpffs: str = DEFAULT_BPFFS,
+    wait: float = store.DEFAULT_WAIT,
+    only: StatusFilter | None = None,
+    lazy: bool = False,
 ) -> dict[str, Any]:
-    """What is loaded in the netns: program, link, rules, targets and their sockets."""
+    """What is loaded in the netns: program, link, a summary, rules, targets with their
+    sockets and counters. `only` narrows the rules and targets shown. With `lazy`, "rules" is a
+    rulerows.RuleRows (streamed by the CLI) rather than a list of dicts."""
     require_privileges()
+    only = only or StatusFilter()
+    proto, prefix = only.parsed()
     with open_netns(netns) as ns:
         old = _legacy(ns, bpffs, wait)
         if old is not None:
             return _legacy_status(ns, old, bpffs)
         # the lock is held while the pins are read, not while sockets are looked for
         with store.session(bpffs, ns, write=False, wait=wait) as s:
-            out, live = _status_of(ns, s, bpffs)
+            out, live, (totals, sizes) = _status_of(ns, s, bpffs)
         if live is not None:
+            rows = out["rules"]
+            shown = rows.filtered(proto, prefix, only.target)
+            counts = out.pop("counted")
+            per_target = {g[1]: n for g, n in sizes.items() if g[0] == "target"}
+            targets = sorted(live.targets.values(), key=_name)
+            if only.target is not None:
+                targets = [t for t in targets if t.name == only.target]
+            if proto is not None:
+                targets = [t for t in targets if t.proto == proto]
             with sockets.Discovery(ns) as disc:
                 out["targets"] = [
-                    _target_json(t, live, disc) for t in sorted(live.targets.values(), key=_name)
+                    _target_json(t, live, disc, totals.get(("target", t.name)), per_target[t.name])
+                    for t in targets
                 ]
+            alive = sum(1 for t in live.targets.values() if live.alive(t))
+            out["summary"] = {
+                "rules": len(rows),
+                "rules_shown": len(shown),
+                "steer_rules": sum(per_target.values()),
+                "drop_rules": len(rows) - sum(per_target.values()),
+                "targets": len(live.targets),
+                "targets_live": alive,
+                "lookups": counts["steered"] + counts["dropped"] + counts["passed"],
+                **{k: counts[k] for k in ("steered", "dropped", "passed", "missing", "errors")},
+            }
+            out["drop_rules"] = {
+                p: _counters_json(totals.get(("drop", p))) for p in image.DROP_GROUPS
+            }
+            out["rules"] = shown if lazy else shown.dicts()
         return out
 
 
-def _status_of(ns: Netns, s: store.Session, bpffs: str) -> tuple[dict[str, Any], Live | None]:
-    """The status of the namespace's pins (no sockets yet) and its live state."""
+def _counters_json(kernel: tuple[int, ...] | None) -> dict[str, int]:
+    c = kernel or (0,) * len(layout.KERNEL_COUNTERS)
+    by = dict(zip(layout.KERNEL_COUNTERS, c, strict=True))
+    return {"lookups": by["steered"] + by["dropped"] + by["passed"], **by}
+
+
+def _status_of(
+    ns: Netns, s: store.Session, bpffs: str
+) -> tuple[dict[str, Any], Live | None, tuple[dict[Any, tuple[int, ...]], dict[Any, int]]]:
+    """The status of the namespace's pins (no sockets yet), its live state (rules as
+    rulerows.RuleRows, not decoded one by one) and the counters of each group of rules."""
     out: dict[str, Any] = {"netns": ns.label, "netns_inode": ns.inode, "bpffs": bpffs}
     try:
         attached = query_netns_programs(ns.fd)
@@ -1014,15 +1074,18 @@ def _status_of(ns: Netns, s: store.Session, bpffs: str) -> tuple[dict[str, Any],
         out.update(loaded=False, other_programs=attached, rules=[], targets=[])
         if d is not None:
             out.update(state="unfinished", path=d.path)
-        return out, None
+        return out, None, ({}, {})
     gen = d.gen
     prog_info = d.program.info()
     prog_id = int(prog_info.id)
     tag = bytes(prog_info.tag).hex()
     link = d.link.info() if d.link else None
-    live = d.snapshot()
-    counts = gen.counters()
-    rules = [Rule(k, *eff) for k, eff in live.rules.items()]
+    live = d.snapshot(rules=False)
+    columns = gen.raw_columns()
+    names = [t.name for t in gen.targets()]
+    rows = rulerows.RuleRows.from_records(
+        gen.rule_records(), gen.meta().rules, names, list(zip(*columns, strict=True))
+    )
     out.update(
         loaded=True,
         state=d.state,
@@ -1039,13 +1102,12 @@ def _status_of(ns: Netns, s: store.Session, bpffs: str) -> tuple[dict[str, Any],
         tracing=_tracing_json(d),
         memlock=gen.memlock(),
         sockmap={"capacity": live.capacity, "filled": len(live.filled)},
-        rules=[
-            _rule_json(r, dict(zip(layout.COUNTER_NAMES, c, strict=True)))
-            for r, c in sorted(zip(rules, counts, strict=True), key=lambda rc: RuleSet.order(rc[0]))
-        ],
+        rules=rows,
         targets=[],
     )
-    return out, live
+    totals, sizes = gen.group_stats(columns)
+    out["counted"] = dict(zip(layout.KERNEL_COUNTERS, map(sum, columns), strict=True))
+    return out, live, (totals, sizes)
 
 
 def _tracing_json(d: store.Dispatcher) -> dict[str, Any] | None:
@@ -1060,7 +1122,13 @@ def _name(t: Slotted) -> str:
     return t.name
 
 
-def _target_json(t: Slotted, live: Live, disc: sockets.Discovery) -> dict[str, Any]:
+def _target_json(
+    t: Slotted,
+    live: Live,
+    disc: sockets.Discovery,
+    totals: tuple[int, ...] | None = None,
+    rules: int = 0,
+) -> dict[str, Any]:
     alive = live.alive(t)
     holders = []
     for c in alive:
@@ -1079,6 +1147,9 @@ def _target_json(t: Slotted, live: Live, disc: sockets.Discovery) -> dict[str, A
         "alive": len(alive),
         "slots": [t.slot, t.slot + t.slots - 1],
         "holders": holders,
+        "rules": rules,
+        # what its rules decided since the target was made (kept across rule-set changes)
+        "counters": _counters_json(totals),
     }
 
 

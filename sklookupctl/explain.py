@@ -101,19 +101,24 @@ def parse_address(text: str) -> IPAddress:
 
 def _counted(raw: bytes, rules: int) -> tuple[int, str] | None:
     """The rule whose counters moved in a private counters map, and what moved most tellingly
-    (missing or errors before the dropped or passed it ended in)."""
+    (missing or errors before the dropped or passed it ended in). One lookup moves one rule's
+    counters: the first byte that is not zero finds it (in C, whatever the number of rules)."""
     width = len(layout.KERNEL_COUNTERS)
     ncpu = possible_cpus()
-    per = array("Q", raw.ljust(8 * width * ncpu * (rules + 1), b"\0"))
-    for rule in range(1, rules + 1):
-        sums = [sum(per[(rule * ncpu + c) * width + j] for c in range(ncpu)) for j in range(width)]
-        if any(sums):
-            moved = dict(zip(layout.KERNEL_COUNTERS, sums, strict=True))
-            for name in ("steered", "errors", "missing", "dropped"):
-                if moved[name]:
-                    return rule, name
-            return rule, "passed"
-    return None
+    per_rule = 8 * width * ncpu
+    first = len(raw) - len(raw.lstrip(b"\0"))
+    if first == len(raw):
+        return None
+    rule = first // per_rule
+    if not 1 <= rule <= rules:
+        return None
+    per = array("Q", raw[rule * per_rule : (rule + 1) * per_rule])
+    sums = [sum(per[c * width + j] for c in range(ncpu)) for j in range(width)]
+    moved = dict(zip(layout.KERNEL_COUNTERS, sums, strict=True))
+    for name in ("steered", "errors", "missing", "dropped"):
+        if moved[name]:
+            return rule, name
+    return rule, "passed"
 
 
 def _run_ours(d: store.Dispatcher, ctx: testrun.LookupCtx) -> tuple[Run, Any, bool]:
@@ -142,6 +147,14 @@ def _run_ours(d: store.Dispatcher, ctx: testrun.LookupCtx) -> tuple[Run, Any, bo
     verdict, cookie, group = _test_run(d.program, ctx)
     prog_id = int(d.program.info().id)
     return Run(prog_id, "skl_dispatch", True, verdict, cookie, group), None, False
+
+
+def _rule(gen: store.Generation, number: int, names: list[str]) -> Rule:
+    """Rule `number` of the generation, decoded alone (not the whole rule set)."""
+    key, action, miss, t = gen.rule(number)
+    if action == layout.ACTION_DROP:
+        return Rule(key, "drop")
+    return Rule(key, "steer", names[t], "pass" if miss == layout.MISSING_PASS else "drop")
 
 
 def _run_other(prog_id: int, ctx: testrun.LookupCtx) -> Run:
@@ -241,10 +254,8 @@ def explain(
             assert d is not None and d.gen is not None
             gen = d.gen
             targets = gen.targets()
-            effects = gen.effects([t.name for t in targets])
-            by_number = [Rule(k, *eff) for k, eff in effects.items()]
-            live = d.snapshot()
-            live_alive = {t.name: live.alive(t) for t in targets}
+            names = [t.name for t in targets]
+            live = d.snapshot(rules=False)
             ours, moved, exact = _run_ours(d, ctx)
             if not exact:
                 notes.append(
@@ -254,13 +265,15 @@ def explain(
                 from .rules import RuleSet
 
                 rs = RuleSet()
-                for r in by_number:
-                    rs.add(r)
+                for k, eff in gen.effects(names).items():
+                    rs.add(Rule(k, *eff))
                 rule = rs.match(proto, addr, dport)
             elif moved is not None:
-                rule = by_number[moved[0] - 1]
+                rule = _rule(gen, moved[0], names)
             if rule is not None and rule.target is not None:
                 target = next((t for t in targets if t.name == rule.target), None)
+                if target is not None:
+                    live_alive[target.name] = live.alive(target)
             if d.link is not None:
                 running = int(d.link.info().prog_id)  # the traced copy while a trace runs
             out["generation"] = int(gen.meta().generation)

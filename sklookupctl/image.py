@@ -193,13 +193,28 @@ def groups(names: list[str]) -> list[Group]:
     return [("target", n) for n in names] + [("drop", p) for p in DROP_GROUPS]
 
 
-def rule_groups(raw: bytes, count: int, names: list[str]) -> list[Group]:
-    """The group of each rule, by rule number from 1 (`raw`: the rules map)."""
+def rule_groups(raw: bytes, count: int, ntargets: int) -> list[int]:
+    """The group of each rule as its index in `groups` (by rule number from 1; `raw`: the
+    rules map, `ntargets`: the generation's targets)."""
     body = raw[RULE.size : (count + 1) * RULE.size]
+    drop = {PROTOCOLS[p]: ntargets + i for i, p in enumerate(DROP_GROUPS)}
+    ad = layout.ACTION_DROP
     return [
-        ("drop", PROTO_NAMES[p]) if a == layout.ACTION_DROP else ("target", names[t])
-        for p, _f, _pl, a, _m, _lo, _hi, t, _addr in RULE.iter_unpack(body)
+        drop[p] if a == ad else t for p, _f, _pl, a, _m, _lo, _hi, t, _a in RULE.iter_unpack(body)
     ]
+
+
+def sum_groups(
+    ids: list[int], columns: list[list[int]], ngroups: int
+) -> tuple[list[list[int]], list[int]]:
+    """Each group's counters added up, and its number of rules, from each rule's group index
+    and the rules' counters as columns (one list per counter, by rule number from 1): one
+    pass to collect each group's rule indexes, then sums over the columns, in C."""
+    members: list[list[int]] = [[] for _ in range(ngroups)]
+    for i, g in enumerate(ids):
+        members[g].append(i)
+    sums = [[sum(map(col.__getitem__, idx)) for col in columns] for idx in members]
+    return sums, [len(idx) for idx in members]
 
 
 def counter_view(kernel: tuple[int, ...]) -> tuple[int, ...]:

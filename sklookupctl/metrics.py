@@ -98,8 +98,8 @@ def _read(d: store.Dispatcher, names: dict[int, str], per_rule: bool) -> NsMetri
     assert gen is not None
     meta = gen.meta()
     targets = gen.targets()
-    raw = gen.raw_counters()
-    totals = gen.group_totals(raw)
+    columns = gen.raw_columns()
+    totals = gen.group_totals(columns)
     width = len(layout.KERNEL_COUNTERS)
     m = NsMetrics(
         namespace=_label(meta, names),
@@ -115,7 +115,7 @@ def _read(d: store.Dispatcher, names: dict[int, str], per_rule: bool) -> NsMetri
     m.drops = {p: totals.get(("drop", p), (0,) * width) for p in image.DROP_GROUPS}
     if per_rule:
         rules = [Rule(k, *eff) for k, eff in gen.effects([t.name for t in targets]).items()]
-        m.per_rule = list(zip(rules, raw, strict=True))
+        m.per_rule = list(zip(rules, zip(*columns, strict=True), strict=True))
     return m
 
 

@@ -190,6 +190,28 @@ def say(text: str) -> None:
 RULES_SHOWN = 100  # rules in status's table; a table of 100,000 rows helps nobody
 
 
+def status_json(st: dict[str, Any]) -> None:
+    """`status --json`: the rules are streamed, one object per line, in chunks (a RuleRows
+    makes each line with string formatting: no dict or json.dumps per rule)."""
+    rules = st["rules"]
+    head = json.dumps(
+        {k: v for k, v in st.items() if k != "rules"}, indent=2, sort_keys=True, default=str
+    )
+    import itertools
+
+    lines = rules.json_lines() if hasattr(rules, "json_lines") else map(_compact, rules)
+    write(head[: -len("\n}")] + ',\n  "rules": [')
+    sep = "\n    "
+    while chunk := list(itertools.islice(lines, 8192)):
+        write(sep + ",\n    ".join(chunk))
+        sep = ",\n    "
+    write("\n  ]\n}\n" if sep != "\n    " else "]\n}\n")
+
+
+def _compact(d: Any) -> str:
+    return json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
+
+
 def status(st: dict[str, Any]) -> None:
     c = console()
     if st.get("state") == "other-layout":
@@ -266,13 +288,25 @@ def status(st: dict[str, Any]) -> None:
         rules.add_column(col)
     for col in ("lookups", "steered", "dropped", "missing", "errors"):
         rules.add_column(col, justify="right")
-    for r in st["rules"][:RULES_SHOWN]:
+    all_rules = st["rules"]
+    first = all_rules.dicts(RULES_SHOWN) if hasattr(all_rules, "dicts") else all_rules[:RULES_SHOWN]
+    for r in first:
         action = "drop" if r["action"] == "drop" else f"steer -> {r['target']}"
         missing = "" if r["action"] == "drop" else r["on_missing"]
         n = r["counters"]
         rules.add_row(
             *map(cell, (r["protocol"], r["prefix"], r["ports"], action, missing)),
             *(cell(n[k]) for k in ("lookups", "steered", "dropped", "missing", "errors")),
+        )
+    sm = st.get("summary")
+    if sm:
+        shown = "" if sm["rules_shown"] == sm["rules"] else f" ({sm['rules_shown']} shown)"
+        line(
+            c,
+            f"summary: {sm['rules']} rules{shown}: {sm['steer_rules']} steer, "
+            f"{sm['drop_rules']} drop; {sm['targets']} targets, {sm['targets_live']} with a "
+            f"live socket; lookups {sm['lookups']}: steered {sm['steered']}, dropped "
+            f"{sm['dropped']}, passed {sm['passed']}, missing socket {sm['missing']}",
         )
     if st["rules"]:
         c.print(rules)
@@ -282,13 +316,18 @@ def status(st: dict[str, Any]) -> None:
                 f"... and {len(st['rules']) - RULES_SHOWN} more rules, {len(st['rules'])} in all "
                 "(`status --json` lists them with their counters, `export` as a rule file)",
             )
+    elif sm and sm["rules"]:
+        line(c, "no rule matches the filters")
     else:
         line(c, "no rules: every lookup goes on as if sklookupctl were not there")
     if st["targets"]:
         targets = Table(title="Targets", title_justify="left")
         for col in ("name", "proto", "address", "socket", "members", "cookie", "held by"):
             targets.add_column(col)
+        for col in ("rules", "lookups", "steered", "missing"):
+            targets.add_column(col, justify="right")
         for t in st["targets"]:
+            tc = t.get("counters") or {}
             held = ", ".join(f"{h['pid']} ({h['comm']}) fd {h['fd']}" for h in t["holders"])
             sock = {
                 "live": cell("live"),
@@ -308,6 +347,8 @@ def status(st: dict[str, Any]) -> None:
                 cell(members),
                 cell(t["cookie"] or "-"),
                 cell(held or "-"),
+                cell(t.get("rules", "")),
+                *(cell(tc.get(k, "")) for k in ("lookups", "steered", "missing")),
             )
         c.print(targets)
         if any(t["socket"] == "missing" for t in st["targets"]):

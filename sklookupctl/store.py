@@ -179,6 +179,7 @@ class Generation:
     maps: dict[str, Map[Any, Any]]  # GEN_MAPS and "sockets"
     path: str | None = None
     _meta: layout.Meta | None = field(default=None, repr=False)  # written once, when built
+    _rules: bytes | None = field(default=None, repr=False)  # likewise
 
     @property
     def sockets(self) -> Map[ctypes.c_uint32, ctypes.c_uint64]:
@@ -259,9 +260,20 @@ class Generation:
         n = self.meta().targets
         return image.decode_targets(_read_array(self.maps["targets"], n, image.TARGET.size), n)
 
+    def rule_records(self) -> bytes:
+        """The rules map as bytes (image.RULE records; entry 0 is unused)."""
+        return self._rule_bytes()
+
+    def rule(self, number: int) -> tuple[Any, int, int, int]:
+        """One rule's record, decoded: (key, action, on_missing, target index)."""
+        raw = self.maps["rules"].lookup_batch_raw(number + 1, image.RULE.size)
+        return next(image.records(raw[number * image.RULE.size : (number + 1) * image.RULE.size]))
+
     def _rule_bytes(self) -> bytes:
-        n = self.meta().rules
-        return _read_array(self.maps["rules"], n + 1, image.RULE.size)
+        if self._rules is None:
+            n = self.meta().rules
+            self._rules = _read_array(self.maps["rules"], n + 1, image.RULE.size)
+        return self._rules
 
     def effects(self, names: list[str]) -> dict[Any, Any]:
         """The rules, key -> (action, target, on_missing), by rule number."""
@@ -284,37 +296,40 @@ class Generation:
             return b""
         return _read_array(m, self.meta().targets + len(image.DROP_GROUPS), image.COUNTERS.size)
 
-    def groups(self) -> list[image.Group]:
-        """Each rule's group (image.groups), by rule number from 1."""
-        names = [t.name for t in self.targets()]
-        return image.rule_groups(self._rule_bytes(), self.meta().rules, names)
+    def groups(self) -> list[int]:
+        """Each rule's group, as its index in image.groups, by rule number from 1."""
+        return image.rule_groups(self._rule_bytes(), self.meta().rules, self.meta().targets)
 
     def group_totals(
-        self, raw: list[tuple[int, ...]] | None = None
+        self, columns: list[list[int]] | None = None
     ) -> dict[image.Group, tuple[int, ...]]:
         """Each group's counters (layout.KERNEL_COUNTERS) as they grew since the group was
-        made, across every rule-set change: its rules' counters plus `tbase`. `raw`: the rules'
-        counters, when already read."""
-        names = [t.name for t in self.targets()]
-        keys = image.groups(names)
+        made, across every rule-set change: its rules' counters plus `tbase`. `columns`: the
+        rules' counters (raw_columns), when already read."""
+        return self.group_stats(columns)[0]
+
+    def group_stats(
+        self, columns: list[list[int]] | None = None
+    ) -> tuple[dict[image.Group, tuple[int, ...]], dict[image.Group, int]]:
+        """group_totals, and each group's number of rules."""
+        keys = image.groups([t.name for t in self.targets()])
         tbase = self._tbase()
-        width = len(layout.KERNEL_COUNTERS)
-        totals = {
-            g: list(image.COUNTERS.unpack_from(tbase, i * image.COUNTERS.size))
-            if tbase
-            else [0] * width
-            for i, g in enumerate(keys)
-        }
-        counts = self.raw_counters() if raw is None else raw
-        for g, c in zip(self.groups(), counts, strict=True):
-            t = totals[g]
-            for j in range(width):
-                t[j] += c[j]
-        return {g: tuple(v % (1 << 64) for v in t) for g, t in totals.items()}
+        cols = self.raw_columns() if columns is None else columns
+        sums, sizes = image.sum_groups(self.groups(), cols, len(keys))
+        out = {}
+        for i, g in enumerate(keys):
+            extra = image.COUNTERS.unpack_from(tbase, i * image.COUNTERS.size) if tbase else None
+            t = sums[i] if extra is None else [a + b for a, b in zip(sums[i], extra, strict=True)]
+            out[g] = tuple(v % (1 << 64) for v in t)
+        return out, dict(zip(keys, sizes, strict=True))
 
     def raw_counters(self) -> list[tuple[int, ...]]:
         """Each rule's counters as the kernel keeps them (layout.KERNEL_COUNTERS): every CPU's,
         plus those carried over from earlier generations (entry 0 is rule number 1)."""
+        return list(zip(*self.raw_columns(), strict=True))
+
+    def raw_columns(self) -> list[list[int]]:
+        """raw_counters as columns: one list per counter, by rule number from 1."""
         n = self.meta().rules
         width = len(layout.KERNEL_COUNTERS)
         size = image.COUNTERS.size
@@ -327,8 +342,8 @@ class Generation:
         columns = []
         for j in range(width):
             cpus = [per[c * width + j :: stride] for c in range(ncpu)]
-            columns.append(list(map(sum, zip(base[j::width], *cpus, strict=True))))
-        return list(zip(*columns, strict=True))[1:]
+            columns.append(list(map(sum, zip(base[j::width], *cpus, strict=True)))[1:])
+        return columns
 
     def counters(self) -> list[tuple[int, ...]]:
         """Each rule's counters as layout.COUNTER_NAMES (entry 0 is rule number 1)."""
@@ -404,7 +419,8 @@ def _carry_counters(old: Generation, new: Generation) -> None:
     lookups already in flight when the link changed)."""
     if not old.counted():
         return
-    old_counts = old.raw_counters()
+    old_columns = old.raw_columns()
+    old_counts = list(zip(*old_columns, strict=True))
     by_key = {ident: i for i, ident in enumerate(old.identities())}
     out = bytearray(image.COUNTERS.size * (new.meta().rules + 1))
     carried = False
@@ -415,12 +431,13 @@ def _carry_counters(old: Generation, new: Generation) -> None:
             carried = True
     if carried:
         _write_array(new.maps["base"], bytes(out))
-    _carry_groups(old, new, old_counts, by_key)
+    _carry_groups(old, new, old_columns, old_counts, by_key)
 
 
 def _carry_groups(
     old: Generation,
     new: Generation,
+    old_columns: list[list[int]],
     old_counts: list[tuple[int, ...]],
     by_key: dict[tuple[int, int, int, int, int, bytes], int],
 ) -> None:
@@ -429,18 +446,16 @@ def _carry_groups(
     m = new.maps.get("tbase")
     if m is None:
         return
-    old_totals = old.group_totals(old_counts)
+    old_totals = old.group_totals(old_columns)
     width = len(layout.KERNEL_COUNTERS)
-    names = [t.name for t in new.targets()]
-    adjust = {g: list(old_totals.get(g, (0,) * width)) for g in image.groups(names)}
+    keys = image.groups([t.name for t in new.targets()])
+    adjust = [list(old_totals.get(g, (0,) * width)) for g in keys]
     for ident, g in zip(new.identities(), new.groups(), strict=True):
         i = by_key.get(ident)
         if i is not None:
             for j in range(width):
                 adjust[g][j] -= old_counts[i][j]
-    out = b"".join(
-        image.COUNTERS.pack(*(v % (1 << 64) for v in adjust[g])) for g in image.groups(names)
-    )
+    out = b"".join(image.COUNTERS.pack(*(v % (1 << 64) for v in a)) for a in adjust)
     _write_array(m, out)
 
 
@@ -641,8 +656,9 @@ class Dispatcher:
         assert self.gen is not None
         return self.gen.program
 
-    def snapshot(self) -> Live:
-        """What is live, for make_plan."""
+    def snapshot(self, rules: bool = True) -> Live:
+        """What is live, for make_plan (without `rules`: no rule decoded, for readers that
+        read the rule records themselves)."""
         g = self.gen
         if g is None:
             raise EnvironmentProblem(f"no live generation in {self.path}")
@@ -654,7 +670,7 @@ class Dispatcher:
                 if c is not None:
                     filled[slot] = c
         return Live(
-            g.effects([t.name for t in targets]),
+            g.effects([t.name for t in targets]) if rules else {},
             {t.name: t for t in targets},
             filled,
             int(g.sockets.info().max_entries),

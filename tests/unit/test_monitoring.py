@@ -1,0 +1,48 @@
+"""docs/monitoring.md and docs/prometheus/alerts.yml name only metrics sklookupctl exports,
+and every metric it exports is documented."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+
+import yaml
+
+from sklookupctl import metrics
+from sklookupctl.plan import Slotted
+from sklookupctl.rules import make_rule
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+NAME = re.compile(r"\bsklookupctl_[a-z_]+")
+
+
+def exported() -> set[str]:
+    t = Slotted("web", "tcp", 2, ipaddress.ip_address("127.0.0.1"), 80, 0, 1)
+    m = metrics.NsMetrics("edge", "steering", 1, 1, 100, False, [(t, (1, 2, 3, 4, 5), 1)])
+    m.drops = {"tcp": (0, 6, 0, 0, 0), "udp": (0, 0, 0, 0, 0)}
+    m.per_rule = [(make_rule("tcp", "192.0.2.0/24", "all", target="web"), (1, 2, 3, 4, 5))]
+    names = set()
+    for fam in metrics.families([m], per_rule=True):
+        names |= {s.name for s in fam.samples}
+    return names
+
+
+def test_alerts_name_exported_metrics() -> None:
+    rules = yaml.safe_load((DOCS / "prometheus" / "alerts.yml").read_text())
+    names = exported()
+    used = set()
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            used |= set(NAME.findall(rule["expr"]))
+    assert used and used <= names, used - names
+
+
+def test_every_metric_is_documented() -> None:
+    doc = (DOCS / "monitoring.md").read_text()
+    documented = set(NAME.findall(doc))
+    names = exported()
+    per_rule = {n for n in names if n.startswith("sklookupctl_rule_")}
+    assert names - per_rule <= documented, (names - per_rule) - documented
+    assert "sklookupctl_rule_*_total" in doc
+    assert {n for n in documented if not n.startswith("sklookupctl_rule_")} <= names

@@ -19,6 +19,36 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (file, what it breaks, the exact text, what replaces it)
 MUTANTS = [
     (
+        "explain.py",
+        "the first program to select a socket wins, not the last",
+        "        if r.selected:\n            selected = r",
+        "        if r.selected and selected is None:\n            selected = r",
+    ),
+    (
+        "explain.py",
+        "a missing socket is explained as a drop rule",
+        'for name in ("steered", "errors", "missing", "dropped"):',
+        'for name in ("dropped", "steered", "errors", "missing"):',
+    ),
+    (
+        "rulerows.py",
+        "status --prefix shows only rules inside the prefix, not those holding it",
+        "shift = width - min(-r[2], plen)",
+        "shift = width - plen",
+    ),
+    (
+        "rulerows.py",
+        "streamed rules never say all ports",
+        'ports = "all" if span == 65534 else',
+        'ports = "all" if span == -1 else',
+    ),
+    (
+        "image.py",
+        "every rule counts for the first group",
+        "        members[g].append(i)",
+        "        members[0].append(i)",
+    ),
+    (
         "plan.py",
         "the diff never reports a changed rule",
         "elif effect != (rule.action, rule.target, rule.on_missing):",
@@ -129,7 +159,7 @@ MUTANTS = [
     (
         "program.py",
         "the cache accepts unknown map references",
-        "if src != compiler.BPF_PSEUDO_MAP_FD or not 0 <= imm < len(layout.PROGRAM_MAPS):",
+        "if src != compiler.BPF_PSEUDO_MAP_FD or not 0 <= imm < len(maps):",
         "if False:",
     ),
     (

@@ -349,7 +349,7 @@ def test_an_untrusted_cache_builds_the_header_stand_in_privately(
         monkeypatch.delenv(compiler.CACHE_ENV, raising=False)
         for k, v in env.items():
             monkeypatch.setenv(k, v)
-        monkeypatch.setattr(program, "_read_cache", lambda path: None)  # compile every time
+        monkeypatch.setattr(program, "_read_cache", lambda path, maps: None)  # compile each time
         ns.ok("attach", "tcp", "192.0.2.0/24", "80", "--drop")
         ns.ok("detach", "--all")
     # neither the program nor a stand-in went there, and theirs was never used

@@ -98,3 +98,29 @@ def test_a_v6_rule_next_to_its_v4_tail() -> None:
     rs.add(make_rule("tcp", "::fffe:0:0/95", "80", drop=True))
     rows, rules, counts = rows_of(rs, 0)
     assert rows.dicts() == plain(rules, counts)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_group_sums_are_per_target_and_per_protocols_drop_rules(seed: int) -> None:
+    rs, _ = random_rules(random.Random(seed), 200)
+    _, rules, counts = rows_of(rs, seed)
+    names = sorted(TARGETS)
+    targets = {
+        n: Slotted(n, n.split("-")[0], 10, ipaddress.ip_address("::"), 80, i, 1)
+        for i, n in enumerate(names)
+    }
+    img = image.encode(rs, targets, image.MetaInfo(1, 0, 0, "t"))
+    count, raw = img.maps["rules"]
+    keys = image.groups(names)
+    ids = image.rule_groups(raw, count - 1, len(names))
+    columns = [list(c) for c in zip(*counts, strict=True)]
+    sums, sizes = image.sum_groups(ids, columns, len(keys))
+    for gi, g in enumerate(keys):
+        mine = [
+            c
+            for r, c in zip(rules, counts, strict=True)
+            if (r.action == "drop" and g == ("drop", r.key.proto))
+            or (r.action == "steer" and g == ("target", r.target))
+        ]
+        assert sizes[gi] == len(mine)
+        assert sums[gi] == [sum(c[j] for c in mine) for j in range(5)]

@@ -32,6 +32,8 @@ POINTS = (
     "remove.detached",  # detach --all: link detached, pins not yet removed
     "unpin.partial",  # a directory half removed
     "report.write",  # the command's output is being written
+    "trace.pinned",  # trace: the traced copy and its trace directory pinned, not swapped in
+    "trace.swapped",  # trace: the link runs the traced copy, the trace not yet under way
 )
 
 _SIGNALS = {"KILL": signal.SIGKILL, "INT": signal.SIGINT, "TERM": signal.SIGTERM}

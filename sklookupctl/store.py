@@ -623,7 +623,14 @@ class Dispatcher:
             lost.pin(os.path.join(tdir, "lost"))
             faults.point("trace.pinned")
             link.update(prog, gen.program)
+            faults.point("trace.swapped")
         except BaseException:
+            if prog is not None:
+                # a signal right after the swap: back to the plain program before the traced
+                # copy's pins go (a link running a program of no trace directory would make
+                # the state unreadable); refused when the swap never happened
+                with contextlib.suppress(BpfError):
+                    link.update(gen.program, prog)
             for fd in (events, lost, prog):
                 if fd is not None:
                     fd.close()

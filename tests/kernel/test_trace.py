@@ -248,3 +248,29 @@ def test_nothing_to_trace(ns: NS) -> None:
     res = ns.script("trace", "--seconds", "1")
     assert res.returncode == 1
     assert "nothing to trace" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "fault",
+    ["trace.pinned:1:KILL", "trace.swapped:1:KILL", "trace.swapped:1:INT", "trace.swapped:1:TERM"],
+)
+def test_trace_killed_while_starting(ns: NS, fault: str) -> None:
+    """Killed (or interrupted) between pinning its copy and swapping it in, or right after:
+    steering never stops, and the next commands leave the plain program and nothing else."""
+    _, plain = steered_ns(ns)
+    res = subprocess.run(
+        ns.script_argv("trace", "--seconds", "5"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SKLOOKUPCTL_FAULT": fault},
+    )
+    assert res.returncode in (-signal.SIGKILL, 130, 143, 0), res
+    assert "Traceback" not in res.stderr
+    assert ns.dial("tcp", "192.0.2.5", 81).startswith("192.0.2.5 81")
+    st = ns.status()
+    assert st["tracing"] is None and st["program_id"] == plain
+    assert running_program(ns)[0] == plain
+    ns.ok("gc")
+    assert not trace_dirs(ns)
+    assert ns.dial("tcp", "192.0.2.5", 81).startswith("192.0.2.5 81")

@@ -69,8 +69,13 @@ def test_a_tmpfs_over_sys_fs_bpf_fails_and_exits_4() -> None:
     if not os.path.isdir("/sys/fs/bpf"):
         pytest.skip("no /sys/fs/bpf on this machine")
     had_state = os.path.lexists("/sys/fs/bpf/sklookupctl")
-    script = 'mount -t tmpfs tmpfs /sys/fs/bpf && exec "$0" doctor --bpffs /sys/fs/bpf "$@"'
-    argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, CONSOLE_SCRIPT]
+    # /sys made private in the new mount namespace first (not `--propagation private`, which
+    # needs / to be a mount point: it is not in a chroot); nothing is mounted if that fails
+    script = (
+        "mount --make-rprivate /sys && mount -t tmpfs tmpfs /sys/fs/bpf && "
+        'exec "$0" doctor --bpffs /sys/fs/bpf "$@"'
+    )
+    argv = ["unshare", "-m", "--propagation", "unchanged", "sh", "-c", script, CONSOLE_SCRIPT]
     res = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 4, res.stderr
     doc = json.loads(res.stdout)

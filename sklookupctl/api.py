@@ -1030,6 +1030,9 @@ def status(
                 targets = [t for t in targets if t.name == only.target]
             if proto is not None:
                 targets = [t for t in targets if t.proto == proto]
+            if prefix is not None:  # the targets of the rules shown
+                used = {r[8] for r in shown.rows}
+                targets = [t for t in targets if t.name in used]
             with sockets.Discovery(ns) as disc:
                 out["targets"] = [
                     _target_json(t, live, disc, totals.get(("target", t.name)), per_target[t.name])

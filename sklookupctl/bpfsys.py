@@ -565,6 +565,14 @@ class Program(Fd):
     def info(self) -> ProgInfo:
         return _get_info(self.fd, ProgInfo())
 
+    def map_ids(self) -> list[int]:
+        """Ids of the maps the program uses."""
+        n = int(self.info().nr_map_ids)
+        ids = (ctypes.c_uint32 * max(n, 1))()
+        info = ProgInfo(nr_map_ids=n, map_ids=ctypes.addressof(ids))
+        _get_info(self.fd, info)
+        return list(ids[: min(n, int(info.nr_map_ids))])
+
     def test_run(self, ctx: ctypes.Structure, repeat: int = 1) -> tuple[int, int, bytes]:
         """BPF_PROG_TEST_RUN with `ctx` as context: (return value, ns per run, ctx out)."""
         out = (ctypes.c_uint8 * ctypes.sizeof(ctx))()

@@ -711,7 +711,8 @@ def upgrade(obj: Obj, all_: bool, as_json: bool) -> None:
 @click.option(
     "--prefix",
     metavar="PREFIX",
-    help="Only rules whose prefix overlaps PREFIX (contains it or lies inside it).",
+    help="Only rules whose prefix overlaps PREFIX (contains it or lies inside it), and their "
+    "targets.",
 )
 @click.option("--target", metavar="NAME", help="Only rules steering to NAME, and that target.")
 @json_option
@@ -919,7 +920,7 @@ def metrics(obj: Obj, listen: str | None, output: str | None, per_rule: bool) ->
             )
             return
         out = metrics_mod.text(obj.bpffs, obj.wait, only, per_rule)
-    if output:
+    if output and output != "-":
         metrics_mod.write_file(output, out)
     else:
         render.write(out)

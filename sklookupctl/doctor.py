@@ -250,6 +250,16 @@ def check_bpffs(bpffs: str) -> Check:
         )
     except SklookupError as e:
         return Check("bpffs", FAIL, f"{where}; {e.message}", e.hint)
+    if os.statvfs(bpffs).f_flag & os.ST_RDONLY:
+        if fd is not None:
+            os.close(fd)
+        return Check(
+            "bpffs",
+            WARN,
+            f"{where}, mounted read-only: steering and every reading command work, but no "
+            "change can be made (attach, apply, detach, register, trace fail)",
+            f"mount -o remount,rw {bpffs}",
+        )
     if fd is None:
         return Check("bpffs", OK, f"{where}; no state yet (the first attach makes {base})")
     try:
@@ -686,6 +696,15 @@ def check_namespaces(bpffs: str, wait: float) -> list[Check]:
         facts = namespace_facts(bpffs, wait)
     except PermissionDenied as e:
         return [Check("netns", WARN, f"not checked: {e.message}", "run doctor as root")]
+    except PermissionError:
+        return [
+            Check(
+                "netns",
+                WARN,
+                f"not checked: the state in {bpffs} is root's (running as uid {os.geteuid()})",
+                "run doctor as root",
+            )
+        ]
     except SklookupError as e:
         return [Check("netns", WARN, f"not checked: {e.message}", e.hint or "see the checks above")]
     if not facts:

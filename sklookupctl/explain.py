@@ -157,12 +157,19 @@ def _rule(gen: store.Generation, number: int, names: list[str]) -> Rule:
     return Rule(key, "steer", names[t], "pass" if miss == layout.MISSING_PASS else "drop")
 
 
-def _run_other(prog_id: int, ctx: testrun.LookupCtx) -> Run:
+def _run_other(prog_id: int, ctx: testrun.LookupCtx, our_map: int) -> Run | str:
+    """Another program of the namespace on the lookup; "ours" when it is ours after all (a
+    traced copy of our program, which uses our maps: a trace started or ended meanwhile),
+    "gone" when it went away while we looked."""
     try:
         with Program.from_id(prog_id) as p:
+            if our_map and our_map in p.map_ids():
+                return "ours"
             name = bytes(p.info().name).rstrip(b"\0").decode(errors="replace")
             verdict, cookie, group = _test_run(p, ctx)
     except BpfError as e:
+        if e.errno == errno.ENOENT:
+            return "gone"
         raise EnvironmentProblem(
             f"cannot run sk_lookup program {prog_id} of the namespace: {e.strerror}"
         ) from None
@@ -240,6 +247,8 @@ def explain(
         "source": str(remote) if remote else None,
     }
     notes: list[str] = []
+    if addr.is_multicast or addr == ipaddress.IPv4Address("255.255.255.255"):
+        return _not_looked_up(out, proto)
     ours: Run | None = None
     moved: tuple[int, str] | None = None
     rule: Rule | None = None
@@ -278,16 +287,29 @@ def explain(
                 running = int(d.link.info().prog_id)  # the traced copy while a trace runs
             out["generation"] = int(gen.meta().generation)
             out["program_tag"] = bytes(d.program.info().tag).hex()
+        # ours: the live program, or its traced copy while a trace runs (a trace may start or
+        # end while we look: a program that uses our nodes map is ours whatever its id)
+        our_map = int(d.gen.maps["nodes"].info().id) if loaded and d is not None and d.gen else 0
         runs: list[Run] = []
         for pid in attached:
-            if ours is not None and pid == running:
+            if ours is not None and (pid == running or pid == ours.prog_id):
                 runs.append(ours)
-            else:
-                runs.append(_run_other(pid, ctx))
+                continue
+            other = _run_other(pid, ctx, our_map)
+            if other == "ours":
+                if ours is not None and ours not in runs:
+                    runs.append(ours)
+            elif other == "gone":
+                notes.append(f"sk_lookup program {pid} was detached while explain ran")
+            elif isinstance(other, Run):
+                runs.append(other)
     verdict, chosen = combine(runs)
     reason = _reason(ours, moved, rule, loaded)
+    out["decided_by"] = None
     if ours is not None and chosen is not None and chosen is not ours:
         reason = "overridden"
+        after = runs.index(chosen) > runs.index(ours)
+        out["decided_by"] = {"id": chosen.prog_id, "runs": "after ours" if after else "before ours"}
     elif ours is not None and verdict == "drop" and ours.verdict == "pass":
         reason = "dropped-by-other-program"
     with Discovery(ns) as disc:
@@ -334,6 +356,30 @@ def explain(
     return out
 
 
+def _not_looked_up(out: dict[str, Any], proto: str) -> dict[str, Any]:
+    """Multicast and broadcast: the kernel runs no sk_lookup program for them."""
+    tcp = proto == "tcp"
+    out.update(
+        verdict="drop" if tcp else "pass",
+        target=None,
+        rule=None,
+        socket=None,
+        reason="not-looked-up",
+        dispatcher=None,
+        programs=[],
+        decided_by=None,
+        normal_lookup=None,
+        notes=[],
+    )
+    out["explanation"] = (
+        "TCP to a multicast or broadcast address is discarded before any socket lookup"
+        if tcp
+        else "the kernel delivers multicast and broadcast datagrams to every socket joined "
+        "or bound there, without running any sk_lookup program: no rule applies"
+    )
+    return out
+
+
 def _reason(
     ours: Run | None, moved: tuple[int, str] | None, rule: Rule | None, loaded: bool
 ) -> str:
@@ -347,6 +393,20 @@ def _reason(
     if rule.action == "drop":
         return "drop-rule"
     return "steered" if ours.selected else "missing-socket"
+
+
+def _overridden(e: dict[str, Any], rule: str) -> str:
+    by = e.get("decided_by") or {}
+    ours = f"{rule} decided otherwise" if rule else "sklookupctl selected no socket"
+    if by.get("runs") == "before ours":
+        return (
+            f"{ours}; another sk_lookup program (id {by.get('id')}), running before ours, "
+            "selected a socket and ours selected none"
+        )
+    return (
+        f"{ours}, but another sk_lookup program (id {by.get('id')}) running after ours "
+        "selected a socket, and the last selection counts"
+    )
 
 
 def describe(e: dict[str, Any]) -> str:
@@ -363,8 +423,7 @@ def describe(e: dict[str, Any]) -> str:
         "assign-error": f"{rule} steers to target {r['target'] if r else '?'}, whose socket "
         f"refused it (family or protocol): on-missing {r['on_missing'] if r else '?'}",
         "passed": f"{rule} passes it",
-        "overridden": f"{rule or 'sklookupctl'} decided otherwise, but another sk_lookup program "
-        "running after it selected a socket, and the last selection counts",
+        "overridden": _overridden(e, rule),
         "dropped-by-other-program": "another sk_lookup program of the namespace drops it "
         "(and no program selected a socket)",
     }.get(e["reason"], e["reason"])

@@ -221,7 +221,7 @@ def counter_view(kernel: tuple[int, ...]) -> tuple[int, ...]:
     """A rule's counters as layout.COUNTER_NAMES shows them, from the kernel's
     (layout.KERNEL_COUNTERS, the same since layout 3)."""
     st, dr, pa, mi, er = kernel
-    return (st + dr + pa, st, dr, mi, er)
+    return (st + dr + pa, st, dr, pa, mi, er)
 
 
 def records(body: bytes) -> Iterator[tuple[RuleKey, int, int, int]]:

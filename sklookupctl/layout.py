@@ -80,7 +80,7 @@ class Counters(ctypes.Structure):
 
 # what the kernel counts, in struct order; `lookups` (steered + dropped + passed) is derived
 KERNEL_COUNTERS = ("steered", "dropped", "passed", "missing", "errors")
-COUNTER_NAMES = ("lookups", "steered", "dropped", "missing", "errors")
+COUNTER_NAMES = ("lookups", "steered", "dropped", "passed", "missing", "errors")
 
 
 class RuleRecord(ctypes.Structure):

@@ -22,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import image, layout, store, validate
-from .errors import InvalidArgument
+from .errors import InvalidArgument, SklookupError
 from .netns import Netns
 from .plan import Slotted
 from .rules import Rule, format_ports
@@ -86,11 +86,16 @@ def _names_by_inode() -> dict[int, str]:
 
 
 def _label(meta: layout.Meta, names: dict[int, str]) -> str:
+    """The namespace's name under /run/netns; for one that has none (any more), what the
+    writer was told with its inode, so that it can never take the label of a namespace that
+    has the name now (the name of a deleted namespace given to a new one)."""
     name = names.get(int(meta.netns_inode))
     if name:
         return name
     told = meta.label.decode(errors="replace")
-    return told if told and told != "the caller's netns" else f"netns-{meta.netns_inode}"
+    if not told or told == "the caller's netns":
+        told = "netns"
+    return f"{told}@{meta.netns_inode}"
 
 
 def _read(d: store.Dispatcher, names: dict[int, str], per_rule: bool) -> NsMetrics:
@@ -233,23 +238,49 @@ def families(namespaces: list[NsMetrics], per_rule: bool) -> Iterator[Metric]:
 
 
 class SklookupctlCollector(Collector):
-    """Reads the state at every collect (every scrape)."""
+    """Reads the state at every collect (every scrape). A scrape that cannot read it (the
+    lock busy longer than --wait, say) serves sklookupctl_up 0 and says why on stderr, once
+    per reason, rather than failing the scrape with a traceback."""
 
-    def __init__(self, bpffs: str, wait: float, only: Netns | None, per_rule: bool) -> None:
+    def __init__(
+        self, bpffs: str, wait: float, only: Netns | None, per_rule: bool, serving: bool = False
+    ) -> None:
         self.bpffs = bpffs
         self.wait = wait
         self.only = only
         self.per_rule = per_rule
+        self.serving = serving
+        self.last_error = ""
 
     def collect(self) -> Iterable[Metric]:
-        return list(
-            families(gather(self.bpffs, self.wait, self.only, self.per_rule), self.per_rule)
+        up = GaugeMetricFamily(
+            PREFIX + "up", "1 when the last read of sklookupctl's state succeeded."
         )
+        try:
+            got = list(
+                families(gather(self.bpffs, self.wait, self.only, self.per_rule), self.per_rule)
+            )
+        except (SklookupError, OSError) as e:
+            if not self.serving:
+                raise
+            text = str(e) if isinstance(e, SklookupError) else f"{e.strerror or e}"
+            if text != self.last_error:
+                from . import notices
+
+                notices.emit(f"a scrape could not read the state: {text}")
+                self.last_error = text
+            up.add_metric([], 0)
+            return [up]
+        self.last_error = ""
+        up.add_metric([], 1)
+        return [up, *got]
 
 
-def registry(bpffs: str, wait: float, only: Netns | None, per_rule: bool) -> CollectorRegistry:
+def registry(
+    bpffs: str, wait: float, only: Netns | None, per_rule: bool, serving: bool = False
+) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(SklookupctlCollector(bpffs, wait, only, per_rule))
+    reg.register(SklookupctlCollector(bpffs, wait, only, per_rule, serving))
     return reg
 
 
@@ -297,7 +328,9 @@ def serve(
 
     host, port = parse_listen(listen)
     try:
-        server, thread = start_http_server(port, host, registry(bpffs, wait, only, per_rule))
+        server, thread = start_http_server(
+            port, host, registry(bpffs, wait, only, per_rule, serving=True)
+        )
     except OSError as e:
         from .errors import EnvironmentProblem
 
@@ -319,10 +352,29 @@ def serve(
 
 def write_file(path: str, content: str) -> None:
     """Replace `path` with `content` in one rename (a textfile collector never reads half a
-    file); the temporary file is made beside it, 0644."""
+    file); the temporary file is made beside it, 0644. Only a regular file is replaced: a
+    symlink, a device or a directory there is refused."""
+    import stat
     import tempfile
 
+    from .errors import EnvironmentProblem
+
+    validate.path_text(path, "--output")
     directory = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidArgument(
+                f"--output {validate.show(path)} is not a regular file",
+                "give the path of a file to replace (a .prom file of the textfile collector)",
+            )
+    if not os.path.isdir(directory):
+        raise EnvironmentProblem(
+            f"--output: directory {validate.show(directory)} does not exist", "make it first"
+        )
     fd, tmp = tempfile.mkstemp(prefix=".sklookupctl-", suffix=".prom.tmp", dir=directory)
     try:
         with os.fdopen(fd, "w") as f:

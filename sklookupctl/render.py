@@ -286,7 +286,7 @@ def status(st: dict[str, Any]) -> None:
     rules = Table(title="Rules (most specific first)", title_justify="left")
     for col in ("proto", "prefix", "ports", "action", "if socket missing"):
         rules.add_column(col)
-    for col in ("lookups", "steered", "dropped", "missing", "errors"):
+    for col in ("lookups", "steered", "dropped", "passed", "missing", "errors"):
         rules.add_column(col, justify="right")
     all_rules = st["rules"]
     first = all_rules.dicts(RULES_SHOWN) if hasattr(all_rules, "dicts") else all_rules[:RULES_SHOWN]
@@ -296,7 +296,7 @@ def status(st: dict[str, Any]) -> None:
         n = r["counters"]
         rules.add_row(
             *map(cell, (r["protocol"], r["prefix"], r["ports"], action, missing)),
-            *(cell(n[k]) for k in ("lookups", "steered", "dropped", "missing", "errors")),
+            *(cell(n[k]) for k in ("lookups", "steered", "dropped", "passed", "missing", "errors")),
         )
     sm = st.get("summary")
     if sm:

@@ -151,7 +151,7 @@ class RuleRows:
                 prefix = prefix_text(6, r[3], -r[2])
             yield (
                 f'{{"action":"{r[6]}","counters":{{"dropped":{dr},"errors":{er},'
-                f'"lookups":{st + dr + pa},"missing":{mi},"steered":{st}}},'
+                f'"lookups":{st + dr + pa},"missing":{mi},"passed":{pa},"steered":{st}}},'
                 f'"on_missing":"{r[7]}","ports":"{ports}",'
                 f'"prefix":"{prefix}","protocol":"{r[0]}","target":{q}}}'
             )

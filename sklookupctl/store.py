@@ -544,6 +544,9 @@ class Dispatcher:
                 live = gen_id
             if live in gens:
                 self.gen = Generation.open(gens[live], readonly=True)
+            # a trace that was killed left its traced copy running: any reader ends it too
+            with contextlib.suppress(OSError):
+                self.untrace(force=False)
             self.stale = sorted(p for i, p in gens.items() if i != live)
         except BaseException:
             self.close()
@@ -708,6 +711,9 @@ class Dispatcher:
         change has happened: SIGINT and SIGTERM wait until the old generation is retired, and
         a failure to retire it is a note (the next writer finishes it), never an error."""
         old = self.gen
+        # a trace running: the plain program back first (the switch replaces it; the tracer
+        # then traces the new generation)
+        self.untrace(force=True)
         img = image.encode(plan.rules, plan.targets, meta)
         if plan.new_map or old is None:
             sockets: Map[Any, Any] = _create_map(
@@ -739,6 +745,11 @@ class Dispatcher:
                     ) from None
                 filled.append(slot)
             faults.point("commit.filled")
+            if old is not None:
+                # counters carried once before the switch too: a command killed between the
+                # switch and the carry after it leaves totals behind by the lookups in between,
+                # never at zero (the carry after the switch, or the repair, assigns the rest)
+                _carry_counters(old, gen)
             interrupts.hold()  # a switch that happened is never undone, nor reported as failed
             self._switch(gen, old, plan.attach, ns)
         except BaseException:
@@ -889,6 +900,9 @@ class Dispatcher:
     def remove(self) -> None:
         """Detach our link (never anyone else's) and remove the directory. The link's pin goes
         first: if this command dies after it, nothing keeps the link and it detaches."""
+        if self.traced is not None:
+            self.traced.close()  # the link goes with whatever it runs
+            self.tracing, self.traced = None, None
         if self.link is not None:
             for name in ("link", LINK_NEXT):
                 with contextlib.suppress(FileNotFoundError):
@@ -944,10 +958,13 @@ class Store:
             return
         try:
             lock = trust.open_lock(fd, base)
+            turn = trust.open_turn(lock, base) if lock != fd else None
             try:
-                with trust.locked(lock, base, exclusive, wait):
+                with trust.locked_fairly(lock, turn, base, exclusive, wait):
                     yield store
             finally:
+                if turn is not None:
+                    os.close(turn)
                 if lock != fd:
                     os.close(lock)
         finally:
@@ -969,26 +986,18 @@ class Store:
                 f"{path} is not a directory made by root",
                 "check who made it; `sklookupctl detach --all` removes it",
             )
-        d = Dispatcher.open(path, ns.cookie(), readonly=not self.exclusive)
-        if not self.exclusive:
-            # a trace that was killed left its traced copy running: any command ends it
-            with contextlib.suppress(OSError):
-                d.untrace(force=False)
-        return d
+        return Dispatcher.open(path, ns.cookie(), readonly=not self.exclusive)
 
-    def open_for_write(
-        self, ns: Netns, legacy_ok: bool = False, untrace: bool = True
-    ) -> Dispatcher | None:
+    def open_for_write(self, ns: Netns, legacy_ok: bool = False) -> Dispatcher | None:
         """The namespace's dispatcher, repaired; None when there is none (what a killed first
-        commit left is removed). A traced copy the link runs is replaced by the plain program
-        (`untrace`: this writer is about to change it; the tracer follows), or only when its
-        tracer is gone."""
+        commit left is removed). A traced copy the link runs whose tracer is gone is replaced
+        by the plain program (a live trace goes on until this writer commits a change)."""
         assert self.exclusive
         d = self.open(ns, legacy_ok)
         if d is None:
             return None
         try:
-            d.untrace(force=untrace)
+            d.untrace(force=False)
             if not d.repair():
                 return None
         except BaseException:
@@ -1172,7 +1181,6 @@ def session(
     damaged_ok: bool = False,
     wait: float = DEFAULT_WAIT,
     legacy_ok: bool = False,
-    untrace: bool = True,
 ) -> Iterator[Session]:
     """Hold the namespace's state for one command: the lock (exclusive for writers, shared for
     readers), and its dispatcher if it has one. Writers first remove dead namespaces' state and
@@ -1182,7 +1190,7 @@ def session(
         if write:
             store.gc()
         try:
-            d = store.open_for_write(ns, legacy_ok, untrace) if write else store.open(ns, legacy_ok)
+            d = store.open_for_write(ns, legacy_ok) if write else store.open(ns, legacy_ok)
         except EnvironmentProblem as e:
             if not damaged_ok:
                 raise
@@ -1238,9 +1246,11 @@ class Tracing:
     gen_id: int
 
     def running(self) -> bool:
-        """Whether the link still runs the traced copy (a writer puts the plain one back)."""
+        """Whether the link still runs the traced copy in its namespace (a writer puts the
+        plain one back; `detach --all` detaches the link)."""
         try:
-            return bool(self.link.info().prog_id == self.program.info().id)
+            info = self.link.info()
+            return bool(info.netns_ino and info.prog_id == self.program.info().id)
         except OSError:
             return False
 

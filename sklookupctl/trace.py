@@ -134,7 +134,7 @@ class Trace:
     def start(self) -> None:
         """Swap in the traced copy of the live generation (under the lock, like a writer; a
         trace another tracer left running because it was killed is ended first)."""
-        with store.session(self.bpffs, self.ns, write=True, wait=self.wait, untrace=False) as s:
+        with store.session(self.bpffs, self.ns, write=True, wait=self.wait) as s:
             d = s.dispatcher
             if d is None or d.gen is None:
                 raise NotLoaded(
@@ -146,9 +146,11 @@ class Trace:
                     f"the dispatcher in {self.ns.label} is {d.state}: nothing runs to trace",
                     "apply the rules again to attach it",
                 )
-            if d.tracing is not None:
-                pid = store.tracer_pid(d.tracing)
-                who = trust.describe_pid(pid) if pid else d.tracing
+            running = [t for t in d.trace_dirs().values() if store.tracer_alive(t)]
+            if d.tracing is not None or running:
+                where = d.tracing or running[0]
+                pid = store.tracer_pid(where)
+                who = trust.describe_pid(pid) if pid else where
                 raise Busy(
                     f"another trace runs in {self.ns.label}: {who}",
                     "one trace per namespace at a time: end the other one first",

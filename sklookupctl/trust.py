@@ -183,13 +183,66 @@ def open_lock(base_fd: int, base: str) -> int:
     return fd
 
 
+TURN = "turn"  # <state dir>/lock/turn: the turnstile that lets a waiting writer in
+
+
+def open_turn(lock_fd: int, base: str) -> int | None:
+    """The turnstile: `turn` inside the lock directory, made 0700 if missing (None on a
+    read-only bpffs where it was never made: nobody can write there, so no writer waits)."""
+    try:
+        os.mkdir(TURN, 0o700, dir_fd=lock_fd)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            raise
+    try:
+        fd = os.open(TURN, O_DIR, dir_fd=lock_fd)
+    except FileNotFoundError:
+        return None
+    st = os.fstat(fd)
+    if st.st_uid != 0 or stat.S_IMODE(st.st_mode) & 0o077:
+        os.close(fd)
+        raise Untrusted(
+            f"{base}/{LOCK}/{TURN} is owned by uid {st.st_uid} with mode {_mode(st)}",
+            f"check who made it; rmdir {base}/{LOCK}/{TURN} and run again",
+        )
+    return fd
+
+
+@contextlib.contextmanager
+def locked_fairly(
+    fd: int, turn: int | None, path: str, exclusive: bool, wait: float
+) -> Iterator[None]:
+    """`locked`, through a turnstile: everyone passes `turn` (writers exclusively, readers
+    shared) on the way to the lock and leaves it once in. flock prefers nobody, so without it
+    readers that overlap one another (metrics scraped back to back) would keep a writer out
+    for ever; with it, a waiting writer holds the turnstile and new readers queue behind it."""
+    if turn is None:
+        with locked(fd, path, exclusive, wait):
+            yield
+        return
+    deadline = time.monotonic() + wait
+    inner = None
+    with locked(turn, path, exclusive, wait):
+        inner = locked(fd, path, exclusive, max(0.0, deadline - time.monotonic()), wait)
+        inner.__enter__()
+    try:
+        yield
+    finally:
+        inner.__exit__(None, None, None)
+
+
 POLL = 0.02  # s between tries at first; doubles up to MAX_POLL
 MAX_POLL = 0.25
 
 
 @contextlib.contextmanager
-def locked(fd: int, path: str, exclusive: bool, wait: float) -> Iterator[None]:
-    """Hold a flock on `fd` for the block, waiting at most `wait` seconds for it."""
+def locked(
+    fd: int, path: str, exclusive: bool, wait: float, asked: float | None = None
+) -> Iterator[None]:
+    """Hold a flock on `fd` for the block, waiting at most `wait` seconds for it (of the
+    `asked` in all, which the error says)."""
     how = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
     deadline = time.monotonic() + wait
     pause = POLL
@@ -204,7 +257,7 @@ def locked(fd: int, path: str, exclusive: bool, wait: float) -> Iterator[None]:
             holders = [p for p in lock_holders(os.fstat(fd)) if p != os.getpid()]
             who = ", ".join(describe_pid(p) for p in holders) or "another command"
             raise Busy(
-                f"{path} is locked by {who}; waited {wait:g} s",
+                f"{path} is locked by {who}; waited {wait if asked is None else asked:g} s",
                 "let it finish and run again, or wait longer with --wait SECONDS",
             )
         time.sleep(min(pause, left))

@@ -162,7 +162,8 @@ class NS:
         top = os.path.join(self.bpffs, "sklookupctl")
         for root, dirs, files in os.walk(top):
             out += [os.path.join(root, d) for d in dirs] + [os.path.join(root, f) for f in files]
-        return sorted(p for p in out if p != os.path.join(top, "lock"))  # the lock stays
+        lock = os.path.join(top, "lock")  # the lock and its turnstile stay
+        return sorted(p for p in out if p != lock and not p.startswith(lock + "/"))
 
 
 MADE: set[str] = set()  # namespaces this session made (another test run may have its own)

@@ -136,6 +136,8 @@ def check(
                 c["steered"] += 1
             if out.verdict == testrun.SK_DROP:
                 c["dropped"] += 1
+            if out.verdict == testrun.SK_PASS and not out.steered:
+                c["passed"] += 1  # missing socket, on-missing pass
             if want_rule.action != DROP and not out.steered:
                 c["missing"] += 1
     # every rule's counters say exactly what happened to the lookups it won

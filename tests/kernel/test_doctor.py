@@ -166,3 +166,30 @@ def test_a_foreign_program_is_reported_with_its_order(
         assert code == 0
     # gone with its link: ok again
     assert by_name(run_doctor(bpffs)[1])[f"netns {ns.name}"]["status"] == "ok"
+
+
+def test_a_read_only_bpffs_warns() -> None:
+    with private_bpffs("sklt-doctor-ro-") as fresh:
+        subprocess.run(["mount", "-o", "remount,ro", fresh], check=True)
+        try:
+            code, doc = run_doctor(fresh)
+        finally:
+            subprocess.run(["mount", "-o", "remount,rw", fresh], check=True)
+        check = by_name(doc)["bpffs"]
+        assert code == 0 and check["status"] == "warn", check
+        assert "read-only" in check["detail"] and check["fix"] == f"mount -o remount,rw {fresh}"
+
+
+def test_without_root_the_namespaces_are_not_checked_in_one_line(ns: NS, bpffs: str) -> None:
+    ns.ok("attach", "tcp", "192.0.2.0/24", "80", "--drop")
+    nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+    res = subprocess.run(
+        [*nobody, "--inh-caps=-all", CONSOLE_SCRIPT, "--bpffs", bpffs, "doctor", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    doc = json.loads(res.stdout)
+    check = by_name(doc)["netns"]
+    assert check["status"] == "warn" and check["detail"].startswith("not checked:"), check
+    assert "Errno" not in check["detail"] and check["fix"] == "run doctor as root"

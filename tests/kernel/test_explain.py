@@ -277,3 +277,36 @@ def test_explain_a_reuseport_group(ns: NS) -> None:
     )
     e = json.loads(ns.ok("explain", "--json", "tcp", "192.0.2.1", "80").stdout)
     assert e["socket"]["cookie"] and "group" not in e["socket"]
+
+
+def test_explain_racing_a_trace_that_ends(ns: NS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trace ends between explain's query of the namespace's programs and its runs: the
+    traced copy it listed is ours all the same (never run as another tool's program, which
+    would count the made-up lookup in the live counters)."""
+    from .test_trace import start_trace, steered_ns
+
+    steered_ns(ns)
+    proc = start_trace(ns)
+    real = explain_mod.query_netns_programs
+
+    def query_then_end_the_trace(fd: int) -> list[int]:
+        ids = real(fd)
+        proc.terminate()
+        proc.wait(timeout=30)
+        return ids
+
+    before = [r["counters"] for r in ns.status()["rules"]]  # type: ignore[union-attr, index]
+    monkeypatch.setattr(explain_mod, "query_netns_programs", query_then_end_the_trace)
+    e = run_explain(ns, "tcp", ipaddress.ip_address("192.0.2.1"), 80)
+    assert (e["verdict"], e["reason"]) == ("steer", "steered")
+    assert [p["ours"] for p in e["programs"]] == [True]
+    assert [r["counters"] for r in ns.status()["rules"]] == before  # type: ignore[union-attr, index]
+
+
+def test_multicast_and_broadcast_are_not_looked_up(ns: NS) -> None:
+    web = ns.proxy(udp="127.0.0.1:0", tag="web")
+    ns.ok("attach", "udp", "224.0.0.0/4", "all", "--to", f"127.0.0.1:{web.port}")
+    e = json.loads(ns.ok("explain", "--json", "udp", "224.0.0.251", "5353").stdout)
+    assert (e["verdict"], e["reason"], e["rule"]) == ("pass", "not-looked-up", None)
+    e = json.loads(ns.ok("explain", "--json", "tcp", "255.255.255.255", "80").stdout)
+    assert (e["verdict"], e["reason"]) == ("drop", "not-looked-up")

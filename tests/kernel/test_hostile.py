@@ -500,3 +500,37 @@ def test_apply_from_a_closed_stdin_is_one_line(ns: NS) -> None:
         "error: cannot read the rule file from stdin: closed (give a TOML rule file (- for "
         "stdin))\n"
     ), out.stderr
+
+
+def test_readers_back_to_back_do_not_keep_a_writer_out(ns: NS) -> None:
+    """flock prefers nobody: readers whose shared locks overlap (metrics scraped back to back)
+    kept a writer out until it gave up. The turnstile lets the writer in."""
+    import threading
+
+    from sklookupctl import store
+
+    ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--drop")
+    stop = threading.Event()
+    held = [0]
+
+    def reader(offset: float) -> None:
+        time.sleep(offset)
+        while not stop.is_set():
+            with store.Store.locked(ns.bpffs, exclusive=False, wait=30):
+                held[0] += 1
+                time.sleep(0.3)  # a scrape of a large rule set
+
+    threads = [threading.Thread(target=reader, args=(i * 0.1,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)  # the readers overlap now: the shared lock is never free
+        t0 = time.monotonic()
+        res = ns.cli("--wait", "3", "attach", "tcp", "198.51.100.0/24", "80", "--drop")
+        assert res.exit_code == 0, res.output
+        assert time.monotonic() - t0 < 2
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert held[0] >= 3

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -175,17 +176,84 @@ def test_listen_serves_fresh_metrics_and_ends_on_sigterm(ns: NS) -> None:
 
 
 def test_metrics_of_nothing_and_of_one_namespace(ns: NS, ns2: NS) -> None:
-    assert scrape(ns) == {}  # no state at all: no series, exit 0
+    # no state at all: no series but sklookupctl_up, exit 0
+    assert scrape(ns) == {("sklookupctl_up", frozenset()): 1.0}
     web = ns.proxy(tcp="127.0.0.1:0", tag="web")
     ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--to", f"127.0.0.1:{web.port}", "--name", "web")
     ns2.ok("attach", "tcp", "192.0.2.0/24", "all", "--drop")
     every = CliRunner().invoke(cli, ["--bpffs", ns.bpffs, "metrics"])  # no --netns: all
     assert every.exit_code == 0, every.output
-    both = {dict(k[1]).get("namespace") for k in parse(every.stdout)}
+    both = {dict(k[1]).get("namespace") for k in parse(every.stdout)} - {None}
     assert {ns.name, ns2.name} <= both
     # the global --netns narrows it to one
-    only = {dict(k[1]).get("namespace") for k in scrape(ns)}
+    only = {dict(k[1]).get("namespace") for k in scrape(ns)} - {None}
     assert only == {ns.name}
     for bad in ("127.0.0.1", "localhost:80", "[::1]", "1.2.3.4:99999"):
         res = ns.cli("metrics", "--listen", bad)
         assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_a_writer_killed_after_the_switch_does_not_zero_the_counters(ns: NS) -> None:
+    web = ns.proxy(tcp="127.0.0.1:0", tag="web")
+    ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--to", f"127.0.0.1:{web.port}", "--name", "web")
+    dial_n(ns, "192.0.2.1", 80, 10)
+    assert target(scrape(ns), ns, "web", "steered") == 10
+    res = subprocess.run(
+        ns.script_argv("attach", "tcp", "198.51.100.0/24", "all", "--drop"),
+        capture_output=True,
+        env={**os.environ, "SKLOOKUPCTL_FAULT": "commit.switched"},
+    )
+    assert res.returncode == -signal.SIGKILL
+    # the change is live, its carry after the switch never ran: a reader still sees 10
+    s = scrape(ns)
+    assert gauge(s, ns, "rules") == 2
+    assert target(s, ns, "web", "steered") == 10
+    assert ns.status()["targets"][0]["counters"]["steered"] == 10  # type: ignore[index]
+    dial_n(ns, "192.0.2.1", 80, 1)
+    ns.ok("gc")
+    assert target(scrape(ns), ns, "web", "steered") == 11
+
+
+def test_output_replaces_only_a_regular_file(ns: NS, tmp_path: Path) -> None:
+    ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--drop")
+    (tmp_path / "real").write_text("x")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "real")
+    res = ns.cli("metrics", "--output", str(link))
+    assert res.exit_code == 1 and "not a regular file" in res.output
+    assert link.is_symlink() and (tmp_path / "real").read_text() == "x"
+    res = ns.cli("metrics", "--output", str(tmp_path / "nowhere" / "x.prom"))
+    assert res.exit_code == 4 and "does not exist" in res.output and ".tmp" not in res.output
+    assert parse(ns.ok("metrics", "--output", "-").stdout)  # "-": stdout
+
+
+def test_a_busy_lock_is_up_0_not_a_failed_scrape(ns: NS) -> None:
+    ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--drop")
+    lock = os.path.join(ns.bpffs, "sklookupctl", "lock")
+    argv = [
+        "nsenter",
+        f"--net={ns.path}",
+        *ns.script_argv("--wait", "0.2", "metrics", "--listen", "127.0.0.1:0"),
+    ]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(["flock", "--no-fork", "-x", lock, "sleep", "30"])
+    try:
+        assert proc.stderr is not None
+        url = f"http://127.0.0.1:{proc.stderr.readline().split()[-1]}/metrics"
+        time.sleep(0.5)  # the holder has the lock now
+        for _ in range(3):
+            s = parse(_scrape_in(ns, url))
+            assert s == {("sklookupctl_up", frozenset()): 0.0}
+        holder.kill()
+        holder.wait()
+        s = parse(_scrape_in(ns, url))
+        assert s[("sklookupctl_up", frozenset())] == 1.0 and gauge(s, ns, "rules") == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        err = proc.stderr.read()
+        assert "Traceback" not in err and err.count("could not read the state") == 1, err
+    finally:
+        for p in (holder, proc):
+            if p.poll() is None:
+                p.kill()
+                p.wait()

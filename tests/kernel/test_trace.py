@@ -274,3 +274,38 @@ def test_trace_killed_while_starting(ns: NS, fault: str) -> None:
     ns.ok("gc")
     assert not trace_dirs(ns)
     assert ns.dial("tcp", "192.0.2.5", 81).startswith("192.0.2.5 81")
+
+
+@pytest.mark.parametrize("reader", [("metrics",), ("status", "--all"), ("doctor",)])
+def test_any_reader_undoes_a_killed_trace(ns: NS, reader: tuple[str, ...]) -> None:
+    _, plain = steered_ns(ns)
+    proc = start_trace(ns)
+    proc.kill()
+    proc.wait()
+    res = ns.cli(*reader)
+    assert res.exit_code == 0, res.output
+    assert running_program(ns)[0] == plain
+
+
+def test_a_writer_that_changes_nothing_leaves_the_trace_alone(ns: NS) -> None:
+    web, _ = steered_ns(ns)
+    proc = start_trace(ns)
+    try:
+        traced = running_program(ns)
+        ns.ok("attach", "tcp", "192.0.2.0/24", "80-89", "--to", f"127.0.0.1:{web}")  # no change
+        assert running_program(ns) == traced
+        # a second trace meanwhile: refused, naming the first, also while the first is stopped
+        os.kill(proc.pid, signal.SIGSTOP)
+        ns.ok("attach", "tcp", "203.0.113.0/24", "all", "--drop")  # a change: plain again
+        second = ns.script("trace", "--seconds", "1")
+        assert second.returncode == 4 and f"pid {proc.pid}" in second.stderr, second.stderr
+        os.kill(proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 20
+        while running_program(ns)[1] != "skl_trace":  # it follows the change
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "rule set changed" in err
+    assert running_program(ns)[1] == "skl_dispatch"

@@ -89,7 +89,14 @@ STATUS: dict[str, Any] = {
             "action": "steer",
             "target": "web",
             "on_missing": "drop",
-            "counters": {"lookups": 12, "steered": 9, "dropped": 3, "missing": 3, "errors": 0},
+            "counters": {
+                "lookups": 12,
+                "steered": 9,
+                "dropped": 3,
+                "passed": 0,
+                "missing": 3,
+                "errors": 0,
+            },
         }
     ],
     "targets": [
@@ -189,7 +196,7 @@ def test_status_text_and_json(rec: Recorder) -> None:
     assert "steer -> web" in res.output
     assert "generation 1, 3.0 MiB" in res.output
     row = next(line for line in res.output.splitlines() if "steer -> web" in line)
-    assert [c.strip() for c in row.split("│")[-6:-1]] == ["12", "9", "3", "3", "0"]
+    assert [c.strip() for c in row.split("│")[-7:-1]] == ["12", "9", "3", "0", "3", "0"]
     assert json.loads(run("status", "--json").stdout) == STATUS
 
 
@@ -418,3 +425,39 @@ def test_status_shows_at_most_so_many_rules(rec: Recorder, monkeypatch: pytest.M
     assert sum("steer -> web" in line for line in res.output.splitlines()) == render.RULES_SHOWN
     assert f"... and {150 - render.RULES_SHOWN} more rules, 150 in all" in res.output
     assert len(json.loads(run("status", "--json").stdout)["rules"]) == 150
+
+
+CHILD = """
+import builtins, os, runpy, signal, sys
+real = builtins.__import__
+SIG = int(sys.argv[1])
+def imp(name, *args, **kwargs):
+    if name == "click":  # while sklookupctl.cli loads its modules
+        os.kill(os.getpid(), SIG)
+    return real(name, *args, **kwargs)
+builtins.__import__ = imp
+sys.argv = ["sklookupctl", "--version"]
+runpy.run_module("sklookupctl", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "word"), [(2, 130, "interrupted"), (15, 143, "terminated")]
+)
+def test_a_signal_while_the_modules_load_ends_in_one_line(sig: int, code: int, word: str) -> None:
+    """Ctrl-C or SIGTERM while the modules load ends the command with one line and 130 or 143,
+    as it would later, never a traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    p = subprocess.run(
+        [sys.executable, "-I", "-c", CHILD, str(sig)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        # a signal the parent ignores stays ignored in the child: make sure it is not
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert p.returncode == code, p
+    assert p.stderr == f"error: {word}: nothing was changed\n", p.stderr

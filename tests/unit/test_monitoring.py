@@ -23,8 +23,15 @@ def exported() -> set[str]:
     m.drops = {"tcp": (0, 6, 0, 0, 0), "udp": (0, 0, 0, 0, 0)}
     m.per_rule = [(make_rule("tcp", "192.0.2.0/24", "all", target="web"), (1, 2, 3, 4, 5))]
     names = set()
-    for fam in metrics.families([m], per_rule=True):
-        names |= {s.name for s in fam.samples}
+    collector = metrics.SklookupctlCollector("/", 1, None, per_rule=True)
+    real = metrics.gather
+    metrics.gather = lambda *a, **k: [m]  # type: ignore[assignment]
+    try:
+        for fam in collector.collect():
+            names |= {s.name for s in fam.samples}
+    finally:
+        metrics.gather = real  # type: ignore[assignment]
+    assert "sklookupctl_up" in names
     return names
 
 
@@ -46,3 +53,37 @@ def test_every_metric_is_documented() -> None:
     assert names - per_rule <= documented, (names - per_rule) - documented
     assert "sklookupctl_rule_*_total" in doc
     assert {n for n in documented if not n.startswith("sklookupctl_rule_")} <= names
+
+
+def test_a_namespace_without_a_name_never_takes_anothers_label() -> None:
+    from sklookupctl import layout
+
+    def meta(label: bytes, inode: int) -> layout.Meta:
+        m = layout.Meta(netns_inode=inode)
+        m.label = label
+        return m
+
+    names = {7: "edge"}
+    assert metrics._label(meta(b"edge", 7), names) == "edge"
+    # "edge" was deleted and given to a new namespace: the old one keeps its inode apart
+    assert metrics._label(meta(b"edge", 5), names) == "edge@5"
+    assert metrics._label(meta(b"/proc/9/ns/net", 6), names) == "/proc/9/ns/net@6"
+    assert metrics._label(meta(b"the caller's netns", 8), names) == "netns@8"
+
+
+def test_overridden_says_where_the_deciding_program_runs() -> None:
+    from sklookupctl import explain
+
+    base = {
+        "rule": None,
+        "reason": "overridden",
+        "verdict": "steer",
+        "normal_lookup": None,
+        "protocol": "tcp",
+        "address": "192.0.2.1",
+        "port": 80,
+    }
+    after = explain.describe({**base, "decided_by": {"id": 9, "runs": "after ours"}})
+    before = explain.describe({**base, "decided_by": {"id": 9, "runs": "before ours"}})
+    assert "running after ours" in after and "last selection counts" in after
+    assert "running before ours" in before and "ours selected none" in before

@@ -454,3 +454,19 @@ def test_help_teaches_the_checks_and_exit_codes() -> None:
     for word in ("kernel", "bpffs", "privileges", "compiler", "memlock", "netns", "only reads"):
         assert word in out
     assert "4  at least one check failed" in out
+
+
+def test_state_that_only_root_may_read_is_not_checked_in_words(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without root, listing <bpffs>/sklookupctl (root's, 0700) fails with EACCES: a warning
+    saying so, not the exception's text."""
+
+    def denied(bpffs: str, wait: float) -> list[doctor.NsFacts]:
+        raise PermissionError(13, "Permission denied", f"{bpffs}/sklookupctl")
+
+    monkeypatch.setattr(doctor.store, "base_dir", lambda bpffs: f"{bpffs}/sklookupctl")
+    monkeypatch.setattr(doctor, "namespace_facts", denied)
+    (check,) = doctor.check_namespaces("/sys/fs/bpf", 1)
+    assert check.status == doctor.WARN and check.detail.startswith("not checked: ")
+    assert "Errno" not in check.detail and check.fix == "run doctor as root"

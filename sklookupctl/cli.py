@@ -907,6 +907,8 @@ def metrics(obj: Obj, listen: str | None, output: str | None, per_rule: bool) ->
     api.require_privileges()
     if listen and output:
         raise click.UsageError("give --listen or --output, not both")
+    if output == "" or listen == "":
+        raise click.UsageError("--output and --listen take a value; an empty one is refused")
     with contextlib.ExitStack() as stack:
         only = stack.enter_context(open_netns(obj.netns)) if obj.netns is not None else None
         if listen:

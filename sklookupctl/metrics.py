@@ -87,15 +87,16 @@ def _names_by_inode() -> dict[int, str]:
 
 def _label(meta: layout.Meta, names: dict[int, str]) -> str:
     """The namespace's name under /run/netns; for one that has none (any more), what the
-    writer was told with its inode, so that it can never take the label of a namespace that
-    has the name now (the name of a deleted namespace given to a new one)."""
+    writer was told, a slash and its inode: no name holds a slash, so it can never take the
+    label of a namespace named now (the name of a deleted namespace given to a new one), and
+    two such labels differ by their inodes."""
     name = names.get(int(meta.netns_inode))
     if name:
         return name
     told = meta.label.decode(errors="replace")
     if not told or told == "the caller's netns":
         told = "netns"
-    return f"{told}@{meta.netns_inode}"
+    return f"{told}/{meta.netns_inode}"
 
 
 def _read(d: store.Dispatcher, names: dict[int, str], per_rule: bool) -> NsMetrics:

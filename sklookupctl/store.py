@@ -539,9 +539,13 @@ class Dispatcher:
             self.link = Link.running(ids) if pinned and gens else None
             live = int(self.link.info().prog_id) if self.link is not None else 0
             if live in traced and live not in gens:
-                self.tracing, gen_id = traced[live]
-                self.traced = Program.from_pin(os.path.join(self.tracing, "program"), True)
+                tdir, gen_id = traced[live]
                 live = gen_id
+                try:
+                    self.traced = Program.from_pin(os.path.join(tdir, "program"), True)
+                    self.tracing = tdir
+                except FileNotFoundError:
+                    pass  # the trace ended just now: the link runs the plain program again
             if live in gens:
                 self.gen = Generation.open(gens[live], readonly=True)
             # a trace that was killed left its traced copy running: any reader ends it too
@@ -580,8 +584,13 @@ class Dispatcher:
         found = self._traced_programs().get(running)
         if found is None:
             return ""
+        try:
+            self.traced = Program.from_pin(os.path.join(found[0], "program"), readonly)
+        except FileNotFoundError:
+            # the trace ended just now (a tracer swaps back and unpins without the lock): the
+            # link runs the plain program again
+            return f"{GEN_PREFIX}{found[1]}"
         self.tracing = found[0]
-        self.traced = Program.from_pin(os.path.join(found[0], "program"), readonly)
         return f"{GEN_PREFIX}{found[1]}"
 
     def untrace(self, force: bool) -> bool:

@@ -224,7 +224,9 @@ def locked_fairly(
         return
     deadline = time.monotonic() + wait
     inner = None
-    with locked(turn, path, exclusive, wait):
+    # waiting at the turnstile means waiting for whoever holds the lock (a writer queued
+    # ahead holds the turnstile): the error names the lock's holders, and the one ahead
+    with locked(turn, path, exclusive, wait, holders_of=fd):
         inner = locked(fd, path, exclusive, max(0.0, deadline - time.monotonic()), wait)
         inner.__enter__()
     try:
@@ -239,10 +241,16 @@ MAX_POLL = 0.25
 
 @contextlib.contextmanager
 def locked(
-    fd: int, path: str, exclusive: bool, wait: float, asked: float | None = None
+    fd: int,
+    path: str,
+    exclusive: bool,
+    wait: float,
+    asked: float | None = None,
+    holders_of: int | None = None,
 ) -> Iterator[None]:
     """Hold a flock on `fd` for the block, waiting at most `wait` seconds for it (of the
-    `asked` in all, which the error says)."""
+    `asked` in all, which the error says). `holders_of`: `fd` is the turnstile of that lock,
+    whose holders the error names first."""
     how = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
     deadline = time.monotonic() + wait
     pause = POLL
@@ -254,10 +262,22 @@ def locked(
             pass
         left = deadline - time.monotonic()
         if left <= 0:
-            holders = [p for p in lock_holders(os.fstat(fd)) if p != os.getpid()]
+            me = os.getpid()
+            main = os.fstat(fd if holders_of is None else holders_of)
+            holders = list(dict.fromkeys(p for p in lock_holders(main) if p != me))
             who = ", ".join(describe_pid(p) for p in holders) or "another command"
+            ahead = []
+            if holders_of is not None:
+                queued = dict.fromkeys(p for p in lock_holders(os.fstat(fd)) if p != me)
+                ahead = [p for p in queued if p not in holders]
+            queue = (
+                f", and {', '.join(describe_pid(p) for p in ahead)} waits for it ahead of this "
+                "command"
+                if ahead
+                else ""
+            )
             raise Busy(
-                f"{path} is locked by {who}; waited {wait if asked is None else asked:g} s",
+                f"{path} is locked by {who}{queue}; waited {wait if asked is None else asked:g} s",
                 "let it finish and run again, or wait longer with --wait SECONDS",
             )
         time.sleep(min(pause, left))

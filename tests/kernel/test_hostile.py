@@ -534,3 +534,41 @@ def test_readers_back_to_back_do_not_keep_a_writer_out(ns: NS) -> None:
         for t in threads:
             t.join(10)
     assert held[0] >= 3
+
+
+def test_busy_names_the_holder_not_the_writer_queued_ahead(ns: NS) -> None:
+    import threading
+
+    from sklookupctl import store
+
+    ns.ok("attach", "tcp", "192.0.2.0/24", "all", "--drop")
+    release = threading.Event()
+    holding_now = threading.Event()
+
+    def reader() -> None:
+        with store.Store.locked(ns.bpffs, exclusive=False, wait=5):
+            holding_now.set()
+            release.wait(20)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    writer = None
+    try:
+        assert holding_now.wait(10)
+        writer = subprocess.Popen(
+            ns.script_argv("--wait", "15", "attach", "tcp", "198.51.100.0/24", "80", "--drop"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.0)  # it holds the turnstile now, waiting for the reader
+        res = ns.script("--wait", "0.5", "status")
+        assert res.returncode == 4
+        line = res.stderr.strip()
+        assert f"locked by pid {os.getpid()} " in line, line
+        assert f"pid {writer.pid} " in line and "waits for it ahead" in line, line
+        assert line.count(f"pid {os.getpid()} ") == 1
+    finally:
+        release.set()
+        t.join(20)
+        if writer is not None:
+            assert writer.wait(timeout=30) == 0

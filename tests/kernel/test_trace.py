@@ -309,3 +309,30 @@ def test_a_writer_that_changes_nothing_leaves_the_trace_alone(ns: NS) -> None:
         _, err = proc.communicate(timeout=30)
     assert "rule set changed" in err
     assert running_program(ns)[1] == "skl_dispatch"
+
+
+def test_a_reader_opening_as_the_trace_ends(ns: NS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tracer swaps back and unpins without the lock: a reader that saw the traced copy
+    running and then finds its pin gone reads the plain program (it once failed, exit 4)."""
+    from sklookupctl import store
+
+    _, plain = steered_ns(ns)
+    proc = start_trace(ns)
+    real = store.Program.from_pin
+
+    calls = []
+
+    def end_the_trace_first(path: str, readonly: bool = False) -> store.Program:
+        # the first open finds the traced copy's id; the link is then found running it; the
+        # trace ends before the second open, which takes the copy to hold it
+        if "/trace-" in path:
+            calls.append(path)
+            if len(calls) == 2:
+                proc.terminate()
+                proc.wait(timeout=30)
+        return real(path, readonly)
+
+    monkeypatch.setattr(store.Program, "from_pin", staticmethod(end_the_trace_first))
+    st = ns.status()
+    assert proc.returncode == 0 and len(calls) >= 2
+    assert st["tracing"] is None and st["program_id"] == plain

@@ -66,9 +66,12 @@ def test_a_namespace_without_a_name_never_takes_anothers_label() -> None:
     names = {7: "edge"}
     assert metrics._label(meta(b"edge", 7), names) == "edge"
     # "edge" was deleted and given to a new namespace: the old one keeps its inode apart
-    assert metrics._label(meta(b"edge", 5), names) == "edge@5"
-    assert metrics._label(meta(b"/proc/9/ns/net", 6), names) == "/proc/9/ns/net@6"
-    assert metrics._label(meta(b"the caller's netns", 8), names) == "netns@8"
+    assert metrics._label(meta(b"edge", 5), names) == "edge/5"
+    assert metrics._label(meta(b"/proc/9/ns/net", 6), names) == "/proc/9/ns/net/6"
+    assert metrics._label(meta(b"the caller's netns", 8), names) == "netns/8"
+    # a name may hold "@" but never "/": no name can be another namespace's label
+    names[9] = "edge@5"
+    assert metrics._label(meta(b"edge", 5), names) != metrics._label(meta(b"x", 9), names)
 
 
 def test_overridden_says_where_the_deciding_program_runs() -> None:

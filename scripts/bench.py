@@ -69,6 +69,48 @@ int bench(struct bpf_sk_lookup *ctx) {
     return err ? SK_DROP : SK_PASS;
 }
 """
+# The reference (issue 11): the floor plus what a trie walk of this depth cannot do without:
+# four ARRAY lookups, each index depending on the one before (as a walk's nodes do), inlined by
+# the verifier like the dispatcher's, and a per-CPU counter. The dispatcher measured against it
+# says how much of its cost is its own, whatever the machine's test-run overhead.
+REFERENCE_C = """
+BPF_TABLE("sockmap", u32, u64, sock, 1);
+BPF_ARRAY(a1, u64, 256);
+BPF_ARRAY(a2, u64, 256);
+BPF_ARRAY(a3, u64, 256);
+BPF_ARRAY(a4, u64, 256);
+BPF_PERCPU_ARRAY(hits, u64, 1);
+int bench(struct bpf_sk_lookup *ctx) {
+    u32 ip = ctx->local_ip4 ^ ctx->local_ip6[3];
+    u32 i = ip & 255;
+    u64 *v = a1.lookup(&i);
+    if (!v)
+        return SK_PASS;
+    i = (u32)(*v + (ip >> 8)) & 255;
+    v = a2.lookup(&i);
+    if (!v)
+        return SK_PASS;
+    i = (u32)(*v + (ip >> 16)) & 255;
+    v = a3.lookup(&i);
+    if (!v)
+        return SK_PASS;
+    i = (u32)(*v + (ip >> 24)) & 255;
+    v = a4.lookup(&i);
+    if (!v)
+        return SK_PASS;
+    u32 z = 0;
+    u64 *c = hits.lookup(&z);
+    if (c)
+        (*c)++;
+    u32 k = 0;
+    struct bpf_sock *sk = (struct bpf_sock *)sock.lookup(&k);
+    if (!sk)
+        return SK_DROP;
+    long err = bpf_sk_assign(ctx, sk, 0);
+    bpf_sk_release(sk);
+    return err ? SK_DROP : SK_PASS;
+}
+"""
 
 
 def log(msg: str) -> None:
@@ -134,6 +176,26 @@ class Sandbox:
         if r.returncode != 0:
             raise RuntimeError(f"sklookupctl {' '.join(args)}: {r.stderr.strip()}")
         return elapsed
+
+    def peak_rss(self, netns: str, *args: str) -> float:
+        """Run the console script and return its peak resident memory in MB. It is started by
+        a small Python of its own: a process's peak counts the memory of the process it was
+        forked from until its exec, and this one holds BCC and the bench's maps."""
+        wrap = (
+            "import resource, subprocess, sys\n"
+            "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, "
+            "stderr=subprocess.DEVNULL)\n"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+            "sys.exit(r.returncode)\n"
+        )
+        r = subprocess.run(
+            [sys.executable, "-c", wrap, CLI, "--netns", netns, "--bpffs", self.bpffs, *args],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0:
+            raise RuntimeError(f"sklookupctl {' '.join(args)}: exit {r.returncode}")
+        return int(r.stdout.strip()) / 1024  # KiB on Linux
 
     def close(self) -> None:
         for p in self.procs:
@@ -257,26 +319,33 @@ def paired_runs(
     prog: Program,
     empty: Program,
     floor: Program,
+    ref: Program,
     fctx: testrun.LookupCtx,
     ctxs: dict[str, list[testrun.LookupCtx]],
     rounds: int,
     rng: random.Random,
-) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
-    """ns per run of each lookup, each paired with a floor run just before it on the same CPU
-    (the machine drifts between a fast and a slow state: compare like with like)."""
-    per: dict[str, list[int]] = {"empty": [], "floor": [], **{k: [] for k in ctxs}}
+) -> tuple[dict[str, list[int]], dict[str, list[float]], dict[str, list[float]]]:
+    """ns per run of each lookup, each paired with a floor run and a reference run just before
+    it on the same CPU (the machine drifts between a fast and a slow state: compare like with
+    like). Returns the ns, the ratios to the floor and the ratios to the reference."""
+    per: dict[str, list[int]] = {"empty": [], "floor": [], "reference": []}
+    per.update({k: [] for k in ctxs})
     ratios: dict[str, list[float]] = {k: [] for k in ctxs}
+    to_ref: dict[str, list[float]] = {k: [] for k in ctxs}
     jobs = [(k, c) for k, cs in ctxs.items() for c in cs]
     for _ in range(rounds):
         rng.shuffle(jobs)
         for kind, ctx in jobs:
             f = testrun.run(floor, fctx, REPEAT).ns
+            r = testrun.run(ref, fctx, REPEAT).ns
             d = testrun.run(prog, ctx, REPEAT).ns
             per["floor"].append(f)
+            per["reference"].append(r)
             per[kind].append(d)
             ratios[kind].append(d / f)
+            to_ref[kind].append(d / r)
         per["empty"] += [testrun.run(empty, fctx, REPEAT).ns for _ in range(8)]
-    return per, ratios
+    return per, ratios, to_ref
 
 
 REPEAT = 5000  # runs per BPF_PROG_TEST_RUN call
@@ -449,7 +518,8 @@ def cli_times(sb: Sandbox, runs: int) -> dict[str, Any]:
     name = sb.netns("cli-times", ("192.0.2.0/24",))
     port = sb.echo(name, "127.0.0.1:0", None)["tcp_port"]
     to = f"127.0.0.1:{port}"
-    cold, warm = [], []
+    cold: list[float] = []
+    warm: list[float] = []
     empty_cache = tempfile.mkdtemp(dir=sb.tmp)
     first = sb.cli(
         name,
@@ -503,11 +573,12 @@ def datapath(
         floor_sock.listen()
     empty = bcc_program(EMPTY_C, None)
     floor = bcc_program(FLOOR_C, floor_sock.fileno())
+    ref = bcc_program(REFERENCE_C, floor_sock.fileno())
     fctx = testrun.lookup_ctx("tcp", ipaddress.ip_address("192.0.2.1"), 80)
-    assert testrun.run(floor, fctx).steered
+    assert testrun.run(floor, fctx).steered and testrun.run(ref, fctx).steered
     rng = random.Random(1)
     results: list[dict[str, Any]] = []
-    base_samples: dict[str, list[int]] = {"empty": [], "floor": []}
+    base_samples: dict[str, list[int]] = {"empty": [], "floor": [], "reference": []}
     for shape in shapes:
         for size in sizes:
             log(f"{shape} prefix lengths, {size} rules: generating")
@@ -528,6 +599,14 @@ def datapath(
                 f.write(toml_of(changed, ports))
             t_replace = sb.cli(name, "apply", path2)
             t_same = sb.cli(name, "apply", path2)
+            # one rule added and removed beside the whole set, a status --json of it all, and
+            # the first apply's peak memory (a process of its own)
+            one = ("tcp", "240.0.0.0/24", "80")  # RESERVED: no generated rule is there
+            t_attach = sb.cli(name, "attach", *one, "--drop")
+            t_detach = sb.cli(name, "detach", *one)
+            t_status = sb.cli(name, "status", "--json")
+            sb.cli(name, "detach", "--all")
+            rss = sb.peak_rss(name, "apply", path)
             with (
                 nsmod.open_netns(name) as ns,
                 store.session(sb.bpffs, ns, write=False) as held,
@@ -538,10 +617,12 @@ def datapath(
                 prog = d.program
                 ctxs = sample_ctxs(prog, changed, rng, samples)
                 with one_cpu():
-                    per, ratios = paired_runs(prog, empty, floor, fctx, ctxs, rounds, rng)
+                    per, ratios, to_ref = paired_runs(
+                        prog, empty, floor, ref, fctx, ctxs, rounds, rng
+                    )
                 med = {k: statistics.median(v) for k, v in per.items() if v}
-                base_samples["empty"] += per["empty"]
-                base_samples["floor"] += per["floor"]
+                for k in base_samples:
+                    base_samples[k] += per[k]
                 results.append(
                     {
                         "shape": shape,
@@ -549,11 +630,25 @@ def datapath(
                         "apply_first_s": t_first,
                         "apply_replace_1pct_s": t_replace,
                         "apply_unchanged_s": t_same,
+                        "attach_one_s": t_attach,
+                        "detach_one_s": t_detach,
+                        "status_json_s": t_status,
+                        "apply_peak_rss_mb": rss,
                         "memlock_bytes": memlock,
                         "ns": med,
                         "samples": {k: len(v) for k, v in ctxs.items()},
                         # median over lookups of (dispatcher ns / floor ns measured just before)
                         "ratio_to_floor": {k: statistics.median(v) for k, v in ratios.items() if v},
+                        # the same against the reference (floor + 4 ARRAY lookups + a counter)
+                        "ratio_to_reference": {
+                            k: statistics.median(v) for k, v in to_ref.items() if v
+                        },
+                        # absolute ns above the floor, median over lookups
+                        "ns_above_floor": {
+                            k: statistics.median(v) - med["floor"]
+                            for k, v in per.items()
+                            if k in ctxs and v
+                        },
                     }
                 )
                 log(
@@ -654,24 +749,48 @@ def markdown(res: dict[str, Any]) -> str:
         out += [
             f"BPF_PROG_TEST_RUN on one CPU, median ns per run: empty program "
             f"{base['empty']:.0f} ns, floor (one SOCKMAP lookup + bpf_sk_assign) "
-            f"{base['floor']:.0f} ns. × floor: the median, over lookups, of the dispatcher's "
-            "time divided by the floor's measured just before it.",
+            f"{base['floor']:.0f} ns, reference (the floor + four dependent ARRAY lookups + a "
+            f"per-CPU counter) {base.get('reference', 0):.0f} ns. × floor and × ref: the "
+            "median, over lookups, of the dispatcher's time divided by the floor's (the "
+            "reference's) measured just before it; + ns: the dispatcher's median above the "
+            "floor's.",
             "",
-            "| prefix lengths | rules | steered | × floor | no prefix | × floor | port miss "
-            "| × floor | apply (first) | apply (1% changed) | map memory |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| prefix lengths | rules | steered | × floor | × ref | + ns | no prefix | × floor "
+            "| port miss | × floor |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in res["datapath"]:
             ns, ratio = r["ns"], r["ratio_to_floor"]
+            to_ref, above = r.get("ratio_to_reference", {}), r.get("ns_above_floor", {})
             cells = []
             for k in ("steered", "no prefix", "port miss"):
                 cells += [f"{ns[k]:.0f} ns", f"{ratio[k]:.2f}"] if k in ns else ["-", "-"]
+                if k == "steered":
+                    cells += [f"{to_ref[k]:.2f}", f"{above[k]:.0f}"] if k in to_ref else ["-", "-"]
             shape = "v4 /24 /32, v6 /64 /128" if r["shape"] == "few" else "every length"
+            out.append(f"| {shape} | {size_label(r['rules'])} | " + " | ".join(cells) + " |")
+        out += [
+            "",
+            "Control plane, whole CLI processes on the same rule sets: the first apply, a 1% "
+            "change, the same file again, one rule attached and detached beside the whole set, "
+            "`status --json` of it all, the first apply's peak memory, and the maps' memory:",
+            "",
+            "| prefix lengths | rules | apply (first) | apply (1% changed) | apply (unchanged) "
+            "| attach one | detach one | status --json | peak RSS | map memory |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in res["datapath"]:
+            shape = "v4 /24 /32, v6 /64 /128" if r["shape"] == "few" else "every length"
+            extra = [
+                f"{r[k]:.2f} s" if k in r else "-"
+                for k in ("attach_one_s", "detach_one_s", "status_json_s")
+            ]
+            rss = f"{r['apply_peak_rss_mb']:.0f} MB" if "apply_peak_rss_mb" in r else "-"
             out.append(
-                f"| {shape} | {size_label(r['rules'])} | "
-                + " | ".join(cells)
-                + f" | {r['apply_first_s']:.2f} s | {r['apply_replace_1pct_s']:.2f} s | "
-                f"{r['memlock_bytes'] / 2**20:.1f} MiB |"
+                f"| {shape} | {size_label(r['rules'])} | {r['apply_first_s']:.2f} s | "
+                f"{r['apply_replace_1pct_s']:.2f} s | {r['apply_unchanged_s']:.2f} s | "
+                + " | ".join(extra)
+                + f" | {rss} | {r['memlock_bytes'] / 2**20:.1f} MiB |"
             )
         out.append("")
     c = res.get("cli")
@@ -783,54 +902,54 @@ def main() -> None:
         with open(args.markdown, "w") as f:
             f.write(text)
     print(text)
-    print("Targets (issues 3 and 7):")
+    print("Targets (issue 11):")
     for line in res["targets"]:
         print(f"  {line}")
     print(f"JSON: {args.out}")
 
 
 def judge(res: dict[str, Any]) -> list[str]:
-    """The issue's targets against what was measured."""
+    """The targets of issue 11 against what was measured."""
     out = []
 
     def check(ok: bool, text: str) -> None:
         out.append(f"{'met ' if ok else 'MISSED'}  {text}")
 
     for r in res.get("datapath", []):
-        ratio = r["ratio_to_floor"]
+        ratio, to_ref = r["ratio_to_floor"], r.get("ratio_to_reference", {})
         label = f"{r['shape']} lengths, {size_label(r['rules'])} rules"
-        if "steered" in ratio and r["rules"] <= 100_000:
-            limit = 1.5 if r["shape"] == "few" else 2.5
+        if "steered" in ratio:
+            limit = 1.5 if r["shape"] == "few" else 2.0
             check(
                 ratio["steered"] <= limit,
                 f"{label}: steered {ratio['steered']:.2f}× floor (≤ {limit})",
             )
+        if r["shape"] == "few" and "steered" in to_ref:
+            check(
+                to_ref["steered"] <= 1.1,
+                f"{label}: steered {to_ref['steered']:.2f}× reference (≤ 1.1)",
+            )
         if "no prefix" in ratio:
             check(
-                ratio["no prefix"] <= 1.3,
-                f"{label}: unmatched {ratio['no prefix']:.2f}× floor (≤ 1.3)",
+                ratio["no prefix"] <= 1.0,
+                f"{label}: unmatched {ratio['no prefix']:.2f}× floor (≤ 1.0)",
             )
-        if r["rules"] == 100_000:
-            check(r["apply_first_s"] <= 2, f"{label}: apply {r['apply_first_s']:.2f} s (≤ 2)")
-            check(
-                r["memlock_bytes"] <= 64 * 2**20,
-                f"{label}: {r['memlock_bytes'] / 2**20:.1f} MiB (≤ 64)",
-            )
-    c = res.get("cli")
-    if c:
-        check(
-            c["cold_attach_s"]["median"] <= 0.5,
-            f"cold attach {c['cold_attach_s']['median']:.2f} s (≤ 0.5)",
-        )
-        check(
-            c["warm_add_s"]["median"] <= 0.15,
-            f"warm add {c['warm_add_s']['median']:.3f} s (≤ 0.15)",
-        )
-    for r in res.get("many_targets", []):
-        if r["targets"] == 2000:
-            for k in ("first", "move_all"):
-                v = r["median_s"][k]
-                check(v <= 2, f"2,000 targets, apply ({k}): {v:.2f} s (≤ 2)")
+        if r["rules"] == 100_000 and r["shape"] == "few":
+            check(r["apply_first_s"] <= 1.0, f"{label}: apply {r['apply_first_s']:.2f} s (≤ 1.0)")
+            for key, what in (("attach_one_s", "one-rule attach"), ("detach_one_s", "detach")):
+                if key in r:
+                    check(r[key] <= 0.3, f"{label}: {what} {r[key]:.2f} s (≤ 0.3)")
+            for key, what in (
+                ("status_json_s", "status --json"),
+                ("apply_unchanged_s", "unchanged re-apply"),
+            ):
+                if key in r:
+                    check(r[key] <= 0.5, f"{label}: {what} {r[key]:.2f} s (≤ 0.5)")
+            if "apply_peak_rss_mb" in r:
+                rss = r["apply_peak_rss_mb"]
+                check(rss <= 150, f"{label}: apply peak RSS {rss:.0f} MB (≤ 150)")
+        if r["rules"] == 1_000_000 and r["shape"] == "few":
+            check(r["apply_first_s"] <= 10, f"{label}: apply {r['apply_first_s']:.2f} s (≤ 10)")
     t = res.get("tcp")
     if t:
         r = t["ratio_to_direct_median"]
@@ -839,6 +958,7 @@ def judge(res: dict[str, Any]) -> list[str]:
             r["sklookupctl"] > max(r["nft redirect"], r["nft tproxy"]),
             f"ahead of nft redirect ({r['nft redirect']:.3f}) and tproxy ({r['nft tproxy']:.3f})",
         )
+    out.append("not measured: UDP datagrams/s delivered to one socket (issue 11)")
     return out
 
 

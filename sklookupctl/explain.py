@@ -308,7 +308,7 @@ def explain(
     out["decided_by"] = None
     if ours is not None and chosen is not None and chosen is not ours:
         reason = "overridden"
-        after = runs.index(chosen) > runs.index(ours)
+        after = ours not in runs or runs.index(chosen) > runs.index(ours)
         out["decided_by"] = {"id": chosen.prog_id, "runs": "after ours" if after else "before ours"}
     elif ours is not None and verdict == "drop" and ours.verdict == "pass":
         reason = "dropped-by-other-program"

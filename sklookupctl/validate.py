@@ -30,7 +30,9 @@ NETNS_NAME_HINT = "use 1-63 letters, digits and . _ @ : + -, not starting with .
 PID_MAX = 1 << 22  # PID_MAX_LIMIT on 64-bit kernels: no pid is larger
 FD_MAX = (1 << 31) - 1
 WAIT_MAX = 3600.0
-RULE_FILE_MAX = 64 << 20  # bytes: a million rules fit
+# bytes: a million rules as `export` writes them fit (about 80 bytes each; 160 with IPv6
+# prefixes and 63-character target names); the file is read whole, so this bounds that memory
+RULE_FILE_MAX = 256 << 20
 TOML_DEPTH_MAX = 8  # [targets.NAME] and [[rules]] need 3; anything deeper is not a rule file
 
 

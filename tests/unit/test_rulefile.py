@@ -302,3 +302,33 @@ def test_files_are_read_from_paths_or_stdin(tmp_path: Any, monkeypatch: pytest.M
     (tmp_path / "latin1.toml").write_bytes(b"x = '\xe9'\n")
     with pytest.raises(InvalidArgument, match="not UTF-8"):
         api._read_file(str(tmp_path / "latin1.toml"))
+
+
+def test_an_export_of_a_million_rules_is_a_file_apply_takes() -> None:
+    """`export` of a million rules must be a file `apply` reads back (the size limit once
+    refused the bench's 1M-rule file, and would have refused such an export)."""
+    import contextlib
+    import ipaddress
+    import random
+
+    from sklookupctl import validate
+    from sklookupctl.errors import RuleConflict
+    from sklookupctl.rules import RuleSet, make_rule
+
+    rng = random.Random(1)
+    rs = RuleSet()
+    name = "t" * 63  # the longest target name
+    while len(rs) < 2000:
+        v6 = rng.random() < 0.5
+        width = 128 if v6 else 32
+        plen = rng.randrange(1, width + 1)
+        net = ipaddress.ip_network(
+            (rng.getrandbits(width) >> (width - plen) << (width - plen), plen)
+        )
+        lo = rng.randrange(1, 60000)
+        rule = make_rule("tcp", str(net), f"{lo}-{lo + rng.randrange(1, 5000)}", target=name)
+        with contextlib.suppress(RuleConflict):
+            rs.add(rule)
+    text = rulefile.dumps(rs, {name: ("tcp", ipaddress.ip_address("::1"), 8080, False)})
+    per_rule = len(text.encode()) / len(rs)
+    assert per_rule * 1_000_000 <= validate.RULE_FILE_MAX, per_rule

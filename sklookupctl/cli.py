@@ -313,6 +313,8 @@ def cli(
       sklookupctl -n edge addr add 192.0.2.0/24      # make the prefix local (AnyIP)
       sklookupctl -n edge attach tcp 192.0.2.0/24 all --to 127.0.0.1:8080
       sklookupctl -n edge status
+      sklookupctl -n edge explain tcp 192.0.2.10 443 # why it goes where it goes
+      sklookupctl doctor                             # what is wrong, and the fix
 
     Steering lives in bpffs and outlives this command. Run as root. Global options may also
     come after the command (`sklookupctl status -n edge`).
@@ -873,7 +875,8 @@ def explain(
     "output",
     metavar="FILE",
     type=click.Path(dir_okay=False),
-    help="Write them to FILE in one rename (for node_exporter's textfile collector).",
+    help="Write them to FILE in one rename (for node_exporter's textfile collector); only a "
+    "regular file is replaced; - is stdout.",
 )
 @click.option(
     "--per-rule",
@@ -892,6 +895,7 @@ def metrics(obj: Obj, listen: str | None, output: str | None, per_rule: bool) ->
     Per target (labels namespace, target, protocol): sklookupctl_target_lookups_total,
     _steered_total, _dropped_total, _passed_total, _missing_socket_total,
     _assign_errors_total, and the gauges _socket_alive (0 or 1) and _sockets (live members).
+    sklookupctl_up: 0 when the state could not be read (lock busy longer than --wait).
 
     Every namespace sklookupctl has state for, or only --netns when given. Target counters
     grow across every rule-set change for as long as the target exists (a rule moved or

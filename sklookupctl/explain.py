@@ -22,7 +22,7 @@ from array import array
 from dataclasses import dataclass
 from typing import Any
 
-from . import image, layout, store, testrun, validate
+from . import api, image, layout, store, testrun, validate
 from .bpfsys import (
     BPF_MAP_TYPE_PERCPU_ARRAY,
     BpfError,
@@ -33,7 +33,7 @@ from .bpfsys import (
 from .errors import EnvironmentProblem, InvalidArgument
 from .netns import Netns
 from .plan import Slotted
-from .rules import IPAddress, Rule, format_ports, parse_port, parse_protocol
+from .rules import IPAddress, Rule, parse_port, parse_protocol
 from .sockets import Discovery, choose
 
 # the counter the decision moved -> its reason (layout.WHY)
@@ -191,17 +191,6 @@ def combine(runs: list[Run]) -> tuple[str, Run | None]:
     return ("drop" if dropped else "pass"), None
 
 
-def _rule_json(r: Rule) -> dict[str, Any]:
-    return {
-        "protocol": r.key.proto,
-        "prefix": str(r.key.prefix),
-        "ports": format_ports(r.key.lo, r.key.hi),
-        "action": r.action,
-        "target": r.target,
-        "on_missing": r.on_missing,
-    }
-
-
 def _socket_json(disc: Discovery, cookie: int, proto: str) -> dict[str, Any]:
     e = disc.by_cookie(cookie, proto)
     holders = (
@@ -333,7 +322,7 @@ def explain(
     out.update(
         verdict=verdict,
         target=target.name if target is not None else None,
-        rule=_rule_json(rule) if rule is not None else None,
+        rule=api._rule_json(rule, None) if rule is not None else None,
         socket=socket,
         reason=reason,
         dispatcher=None if ours is None else {"verdict": ours.shown},

@@ -157,30 +157,37 @@ def describe_pid(pid: int) -> str:
 LOCK = "lock"  # <state dir>/lock: the directory that is flocked
 
 
-def open_lock(base_fd: int, base: str) -> int:
-    """The directory to flock: `lock` inside the state directory, made 0700 if missing. A
-    process that opened the state directory while an older version left it 0755 may hold a
-    flock on it for ever; it cannot reach this one. On a read-only bpffs where it was never
-    made (then nobody can write either), the state directory itself."""
+def _private_dir(parent_fd: int, name: str, shown: str) -> int | None:
+    """`name` in the directory `parent_fd`, made 0700 if missing, opened; refused unless root's
+    and closed to others. None on a read-only bpffs where it was never made."""
     try:
-        os.mkdir(LOCK, 0o700, dir_fd=base_fd)
+        os.mkdir(name, 0o700, dir_fd=parent_fd)
     except FileExistsError:
         pass
     except OSError as e:
         if e.errno != errno.EROFS:
             raise
     try:
-        fd = os.open(LOCK, O_DIR, dir_fd=base_fd)
+        fd = os.open(name, O_DIR, dir_fd=parent_fd)
     except FileNotFoundError:
-        return base_fd
+        return None
     st = os.fstat(fd)
     if st.st_uid != 0 or stat.S_IMODE(st.st_mode) & 0o077:
         os.close(fd)
         raise Untrusted(
-            f"{base}/{LOCK} is owned by uid {st.st_uid} with mode {_mode(st)}",
-            f"check who made it; rmdir {base}/{LOCK} and run again",
+            f"{shown} is owned by uid {st.st_uid} with mode {_mode(st)}",
+            f"check who made it; rmdir {shown} and run again",
         )
     return fd
+
+
+def open_lock(base_fd: int, base: str) -> int:
+    """The directory to flock: `lock` inside the state directory, made 0700 if missing. A
+    process that opened the state directory while an older version left it 0755 may hold a
+    flock on it for ever; it cannot reach this one. On a read-only bpffs where it was never
+    made (then nobody can write either), the state directory itself."""
+    fd = _private_dir(base_fd, LOCK, f"{base}/{LOCK}")
+    return base_fd if fd is None else fd
 
 
 TURN = "turn"  # <state dir>/lock/turn: the turnstile that lets a waiting writer in
@@ -189,25 +196,7 @@ TURN = "turn"  # <state dir>/lock/turn: the turnstile that lets a waiting writer
 def open_turn(lock_fd: int, base: str) -> int | None:
     """The turnstile: `turn` inside the lock directory, made 0700 if missing (None on a
     read-only bpffs where it was never made: nobody can write there, so no writer waits)."""
-    try:
-        os.mkdir(TURN, 0o700, dir_fd=lock_fd)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        if e.errno != errno.EROFS:
-            raise
-    try:
-        fd = os.open(TURN, O_DIR, dir_fd=lock_fd)
-    except FileNotFoundError:
-        return None
-    st = os.fstat(fd)
-    if st.st_uid != 0 or stat.S_IMODE(st.st_mode) & 0o077:
-        os.close(fd)
-        raise Untrusted(
-            f"{base}/{LOCK}/{TURN} is owned by uid {st.st_uid} with mode {_mode(st)}",
-            f"check who made it; rmdir {base}/{LOCK}/{TURN} and run again",
-        )
-    return fd
+    return _private_dir(lock_fd, TURN, f"{base}/{LOCK}/{TURN}")
 
 
 @contextlib.contextmanager

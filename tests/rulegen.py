@@ -14,15 +14,23 @@ from sklookupctl.rules import IPAddress, RuleSet, make_rule
 TARGETS = ("tcp-live", "tcp-gone", "udp-live", "udp-gone")
 
 
-def random_rules(rng: random.Random, count: int) -> tuple[RuleSet, list[IPAddress]]:
-    anchors: list[IPAddress] = []
-    for _ in range(rng.randrange(1, 6)):
-        anchors.append(ipaddress.IPv4Address(rng.getrandbits(32)))
-        anchors.append(ipaddress.IPv6Address(rng.getrandbits(128)))
+def random_rules(
+    rng: random.Random,
+    count: int,
+    anchors: list[IPAddress] | None = None,
+    shortest: dict[int, int] | None = None,
+) -> tuple[RuleSet, list[IPAddress]]:
+    """`count` rules (fewer where one would conflict) nested around the `anchors` (default: a
+    few random addresses of each family), with prefixes no shorter than `shortest[version]`."""
+    if anchors is None:
+        anchors = []
+        for _ in range(rng.randrange(1, 6)):
+            anchors.append(ipaddress.IPv4Address(rng.getrandbits(32)))
+            anchors.append(ipaddress.IPv6Address(rng.getrandbits(128)))
     rs = RuleSet()
     for _ in range(count):
         a = rng.choice(anchors)
-        plen = rng.randrange(0, a.max_prefixlen + 1)
+        plen = rng.randrange((shortest or {}).get(a.version, 0), a.max_prefixlen + 1)
         net = ipaddress.ip_network(f"{a}/{plen}", strict=False)
         lo = rng.randrange(1, 65536)
         hi = min(65535, lo + rng.choice([0, 1, 10, 1000, 65535]))

@@ -14,8 +14,9 @@ import pytest
 from sklookupctl import explain as explain_mod
 from sklookupctl import netns as nsmod
 from sklookupctl import rulefile
-from sklookupctl.rules import IPAddress, RuleSet, format_ports, make_rule
+from sklookupctl.rules import IPAddress, RuleSet, format_ports
 
+from ..rulegen import random_rules
 from .conftest import NS
 from .test_coexistence import (
     FOREIGN_DROP_PORT,
@@ -44,34 +45,14 @@ def _address(rng: random.Random, anchors: list[IPAddress]) -> IPAddress:
 
 
 def random_setup(rng: random.Random, count: int) -> tuple[RuleSet, list[IPAddress]]:
-    """Rules nested around a few anchors inside the test prefixes; targets `PROTO-live` and
-    `PROTO-gone`, both on-missing values, drop rules."""
+    """rulegen's rules (targets `PROTO-live` and `PROTO-gone`, both on-missing values, drop
+    rules) nested around a few anchors inside the test prefixes."""
     anchors: list[IPAddress] = []
     for _ in range(3):
         net = rng.choice(V4)
         anchors.append(net[rng.randrange(1, 255)])
         anchors.append(V6[0][rng.getrandbits(64)])
-    rs = RuleSet()
-    for _ in range(count):
-        a = rng.choice(anchors)
-        floor = 24 if a.version == 4 else 64
-        plen = rng.randrange(floor, a.max_prefixlen + 1)
-        net = ipaddress.ip_network(f"{a}/{plen}", strict=False)
-        lo = rng.randrange(1, 65536)
-        hi = min(65535, lo + rng.choice([0, 1, 10, 1000, 65535]))
-        proto = rng.choice(["tcp", "udp"])
-        target = rng.choice([None, f"{proto}-live", f"{proto}-gone"])
-        rule = make_rule(
-            proto,
-            str(net),
-            f"{lo}-{hi}",
-            target=target,
-            drop=target is None,
-            on_missing=rng.choice(["drop", "pass"]) if target else "drop",
-        )
-        if rs.check_add(rule):
-            rs.add(rule)
-    return rs, anchors
+    return random_rules(rng, count, anchors, {4: 24, 6: 64})
 
 
 def load(ns: NS, rs: RuleSet, tmp: Path) -> tuple[int, dict[str, int]]:

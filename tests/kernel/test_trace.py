@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -58,6 +60,18 @@ def start_trace(ns: NS, *args: str) -> subprocess.Popen[str]:
     raise AssertionError("the traced program never ran")
 
 
+@contextlib.contextmanager
+def tracing(ns: NS, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """start_trace, and the process killed on the way out if it is still running."""
+    proc = start_trace(ns, *args)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def steered_ns(ns: NS) -> tuple[int, int]:
     web = ns.proxy(tcp="127.0.0.1:0", udp="127.0.0.1:0", tag="web")
     ns.ok("attach", "tcp", "192.0.2.0/24", "80-89", "--to", f"127.0.0.1:{web.port}")
@@ -101,17 +115,12 @@ def test_compiles_twice_in_one_process() -> None:
 
 def test_trace_shows_real_connections(ns: NS) -> None:
     _, plain = steered_ns(ns)
-    proc = start_trace(ns, "--json", "--count", "4")
-    try:
+    with tracing(ns, "--json", "--count", "4") as proc:
         assert ns.dial("tcp", "192.0.2.5", 81).startswith("192.0.2.5 81")
         assert ns.dial("tcp", "198.51.100.3", 22) == "refused"
         assert ns.dial("tcp", "203.0.113.1", 5000) == "refused"
         assert ns.dial("udp", "192.0.2.9", 53).startswith("192.0.2.9 53")
         out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     got = [json.loads(line) for line in out.splitlines()]
     seen = {(d["protocol"], d["destination"], d["destination_port"]): d for d in got}
@@ -138,16 +147,11 @@ def test_trace_shows_real_connections(ns: NS) -> None:
 
 def test_trace_filters(ns: NS) -> None:
     steered_ns(ns)
-    proc = start_trace(ns, "--json", "--count", "1", "--verdict", "drop", "--port", "20-30")
-    try:
+    with tracing(ns, "--json", "--count", "1", "--verdict", "drop", "--port", "20-30") as proc:
         ns.dial("tcp", "192.0.2.5", 81)  # steer: not shown
         ns.dial("tcp", "198.51.100.3", 80)  # drop, another port: not shown
         ns.dial("tcp", "198.51.100.3", 22)  # shown
         out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     (d,) = [json.loads(line) for line in out.splitlines()]
     assert (d["destination"], d["destination_port"], d["verdict"]) == ("198.51.100.3", 22, "drop")
 
@@ -197,8 +201,7 @@ def test_killed_trace_is_undone_by_a_writer(ns: NS) -> None:
 def test_trace_follows_a_rule_set_change(ns: NS) -> None:
     steered_ns(ns)
     other = ns.proxy(tcp="127.0.0.1:0", tag="other")
-    proc = start_trace(ns, "--json", "--count", "2")
-    try:
+    with tracing(ns, "--json", "--count", "2") as proc:
         assert ns.dial("tcp", "192.0.2.5", 81).startswith("192.0.2.5 81")
         ns.ok("attach", "tcp", "203.0.113.0/24", "443", "--to", f"127.0.0.1:{other.port}")
         deadline = time.monotonic() + 20
@@ -206,10 +209,6 @@ def test_trace_follows_a_rule_set_change(ns: NS) -> None:
             time.sleep(0.05)  # the trace follows the new generation
         assert ns.dial("tcp", "203.0.113.7", 443).startswith("203.0.113.7 443")
         out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     got = [json.loads(line) for line in out.splitlines()]
     assert [(d["destination"], d["verdict"]) for d in got] == [

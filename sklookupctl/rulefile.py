@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -206,24 +207,33 @@ def _canonical(text: str) -> dict[str, Any] | None:
             return None
     if "rules" in doc:
         return None
-    rules = []
-    covered = 0  # the blocks found must make up the whole body, nothing skipped between them
-    for proto, prefix, ports, tk, tv, ak, av, ok, ov, ends in _RULE_RE.findall(body):
+    rows = _RULE_RE.findall(body)
+    # the blocks found must make up the whole body, nothing skipped between them
+    # (the captures, plus each block's fixed text, plus ` = ""\n` of an on_missing line)
+    covered = len(rows) * _BLOCK_FIXED + sum(map(len, itertools.chain.from_iterable(rows)))
+    covered += len(' = ""\n') * sum(1 for row in rows if row[7])
+    if covered != len(body):
+        return None
+    doc["rules"] = _Rows(rows)
+    return doc
+
+
+class _Rows(list):  # type: ignore[type-arg]
+    """The rules of a file in export's shape, as the regular expression's tuples (protocol,
+    prefix, ports, "target", target, "action", action, "on_missing", on_missing, line ends):
+    `parse` reads them without making a table per rule."""
+
+    @staticmethod
+    def table(row: tuple[str, ...]) -> dict[str, Any]:
+        proto, prefix, ports, tk, tv, _ak, av, ok, ov, _ends = row
         d = {"protocol": proto, "prefix": prefix, "ports": ports}
         if tk:
             d["target"] = tv
         else:
             d["action"] = av
-        covered += _BLOCK_FIXED + len(proto) + len(prefix) + len(ports) + len(tv) + len(av)
-        covered += len(tk) + len(ak) + len(ends)
         if ok:
             d["on_missing"] = ov
-            covered += len('on_missing = ""\n') + len(ov)
-        rules.append(d)
-    if covered != len(body):
-        return None
-    doc["rules"] = rules
-    return doc
+        return d
 
 
 def loads_toml(text: str, where: str) -> dict[str, Any]:
@@ -360,6 +370,53 @@ def _parse_rule(d: dict[str, Any], targets: dict[str, Any], cache: Cache) -> Rul
     return Rule(RuleKey.of(proto, version, net, plen, lo, hi), STEER, target, on_missing or "drop")
 
 
+def _parse_rows(
+    rows: _Rows,
+    targets: dict[str, Any],
+    cache: Cache,
+    rs: RuleSet,
+    protos_of: dict[str, set[str]],
+    name: str,
+    progress: Progress | None,
+) -> None:
+    """`parse`'s loop over rules in export's shape: steering rules whose fields the caches
+    already hold are made here, straight from the row; every other row goes the way of a
+    table (_parse_rule), which makes and checks it, and words any problem."""
+    seen = rs.rules
+    protos, prefixes, portss = cache["protocol"], cache["prefix"], cache["ports"]
+    total = len(rows)
+    step = max(1, total // 100)
+    for i, row in enumerate(rows):
+        p, x, o, tk, target, _ak, _av, ok, _ov, _e = row
+        proto = protos.get(p)
+        where = prefixes.get(x)
+        if where is None:  # most prefixes appear once: parsed here, the common way
+            where = quick_prefix(x)
+            if where is not None:
+                prefixes[x] = where
+        ports = portss.get(o)
+        if tk and not ok and proto and where and ports and target in targets:
+            key = _new(RuleKey, (proto, *where, *ports))
+            rule: Rule = _new(Rule, (key, STEER, target, "drop"))
+        else:
+            try:
+                rule = _parse_rule(_Rows.table(row), targets, cache)
+            except _Bad as e:
+                where_ = f"{name}: rules[{i}]" + (f".{e.field}" if e.field else "")
+                raise FileError(where_, e.message, e.hint) from None
+        key = rule.key
+        if key in seen:
+            first = list(seen).index(key)
+            raise FileError(
+                f"{name}: rules[{i}]", f"rule {key} is also rules[{first}]", "keep one of them"
+            )
+        seen[key] = rule
+        if rule.target is not None:
+            protos_of.setdefault(rule.target, set()).add(key.proto)
+        if progress is not None and i % step == 0:
+            progress(i, total)
+
+
 @contextlib.contextmanager
 def _at(where: str) -> Iterator[None]:
     """Errors of the parsers inside get `where` in front."""
@@ -385,7 +442,9 @@ def parse(text: str, name: str, progress: Progress | None = None) -> RuleFile:
             )
     create, addresses = _netns_table(doc.get("netns", {}), name)
     raw_rules = doc.get("rules", [])
-    if not isinstance(raw_rules, list) or not all(isinstance(r, dict) for r in raw_rules):
+    if not isinstance(raw_rules, list) or not (
+        isinstance(raw_rules, _Rows) or all(isinstance(r, dict) for r in raw_rules)
+    ):
         raise FileError(
             f"{name}: rules", "must be an array of tables", "write each rule as [[rules]]"
         )
@@ -401,7 +460,9 @@ def parse(text: str, name: str, progress: Progress | None = None) -> RuleFile:
     total = len(raw_rules)
     step = max(1, total // 100)
     cache: Cache = {f: {} for f in _PARSERS}
-    for i, d in enumerate(raw_rules):
+    if isinstance(raw_rules, _Rows):
+        _parse_rows(raw_rules, raw_targets, cache, rs, protos_of, name, progress)
+    for i, d in enumerate(() if isinstance(raw_rules, _Rows) else raw_rules):
         try:
             rule = _parse_rule(d, raw_targets, cache)
         except _Bad as e:

@@ -45,8 +45,8 @@ _LEADING_ZERO = re.compile(r"(?:^|\.)0\d")
 
 def quick_prefix(text: str) -> tuple[int, int, int] | None:
     """The common case, fast (ipaddress parses IPv6 text slowly): a plain address, maybe with
-    /LEN, no host bits, as (IP version, network as an int, length). None for anything else;
-    parse_prefix then decides and explains."""
+    /LEN, no host bits, not IPv4-mapped, as (IP version, network as an int, length). None for
+    anything else; parse_prefix then decides and explains."""
     addr, slash, length = text.partition("/")
     v6 = ":" in addr
     if not v6 and _LEADING_ZERO.search(addr):
@@ -66,6 +66,8 @@ def quick_prefix(text: str) -> tuple[int, int, int] | None:
         plen = width
     if n & ((1 << (width - plen)) - 1):
         return None
+    if v6 and plen >= 96 and n >> 32 == 0xFFFF:
+        return None  # IPv4-mapped: parse_prefix refuses it, and says why
     return (6 if v6 else 4), n, plen
 
 

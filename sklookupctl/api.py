@@ -235,6 +235,19 @@ def _summary(out: Outcome) -> str:
     )
 
 
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Large rule sets make 100,000s of objects and no reference cycles: the cyclic garbage
+    collector would only rescan them again and again (a third of the time of an apply)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _change(
     ns: Netns,
     bpffs: str,
@@ -248,7 +261,10 @@ def _change(
 ) -> Outcome:
     """The one way every change goes: lock, repair, read what is live, ask `desire` what is
     wanted, plan, commit. With `dry_run`, only the plan is made (under a shared lock)."""
-    with store.session(bpffs, ns, write=not dry_run, wait=wait, legacy_ok=legacy_ok) as s:
+    with (
+        _no_gc(),
+        store.session(bpffs, ns, write=not dry_run, wait=wait, legacy_ok=legacy_ok) as s,
+    ):
         live = s.live
         rules, wants = desire(live)
         plan = make_plan(live, rules, wants)
@@ -1459,19 +1475,6 @@ def apply(
     text = _read_file(path)
     with _no_gc():
         return _apply(netns, path, text, dry_run, bpffs, step, wait, allow_missing)
-
-
-@contextlib.contextmanager
-def _no_gc() -> Iterator[None]:
-    """Large rule sets make 100,000s of objects and no reference cycles: the cyclic garbage
-    collector would only rescan them again and again (a third of the time of an apply)."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def _apply(

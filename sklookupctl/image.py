@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from . import __version__, layout, record, trie
 from .plan import Effect, Slotted
-from .rules import DROP, PROTO_NAMES, PROTOCOLS, STEER, IPAddress, RuleKey, RuleSet
+from .rules import DROP, PROTO_NAMES, PROTOCOLS, STEER, IPAddress, Rule, RuleKey, RuleSet
 
 RULE = struct.Struct("<BBBBB3xHHI16s")  # mirrors layout.RuleRecord
 TARGET = struct.Struct("<64sBBHBBHI16s4x")  # mirrors layout.TargetRecord
@@ -44,34 +44,49 @@ class MetaInfo:
     label: str
 
 
-def encode(rules: RuleSet, targets: dict[str, Slotted], meta: MetaInfo) -> Image:
-    compiled = rules.compile()
+# From this many rules on, the tables are built with numpy (vector.py): below it, importing
+# numpy (60-90 ms) costs more than the Python build saves
+VECTOR_MIN = 10_000
+
+
+def encode(
+    rules: RuleSet, targets: dict[str, Slotted], meta: MetaInfo, vectored: bool | None = None
+) -> Image:
+    """`vectored`: build the tables with numpy (vector.py) or in Python (rules.compile_rules
+    and trie.build, the reference); None: numpy from VECTOR_MIN rules on. Both give the same
+    lookups, the same segments and the same rule records."""
     blocks = {
         n: (t.slot, t.slots, layout.TARGET_EXACT if t.exact else 0) for n, t in targets.items()
     }
-    tables = trie.build(compiled, blocks)
-    n = len(compiled.rules)
-    if n >= 1 << 31 or len(tables.segments) >= 1 << 31:
-        raise ValueError(f"{n} rules is more than a generation holds")
     names = sorted(targets)
     index = {name: i for i, name in enumerate(names)}
-    records = [bytes(RULE.size)]
-    for r in compiled.rules:
-        k = r.key
-        v4 = k.version == 4
-        records.append(
-            RULE.pack(
-                PROTOCOLS[k.proto],
-                socket.AF_INET if v4 else socket.AF_INET6,
-                k.plen,
-                layout.ACTION_DROP if r.action == DROP else layout.ACTION_STEER,
-                layout.MISSING_PASS if r.on_missing == "pass" else layout.MISSING_DROP,
-                k.lo,
-                k.hi,
-                index[r.target] if r.target is not None else 0,
-                k.net.to_bytes(4, "big") + bytes(12) if v4 else k.net.to_bytes(16, "big"),
-            )
+    if vectored is None:
+        vectored = len(rules) >= VECTOR_MIN
+    if vectored:
+        from . import vector
+
+        built = vector.build(list(rules.rules.values()), blocks, index)
+        n = len(built.rules)
+        if n >= 1 << 31 or built.segment_count >= 1 << 31:
+            raise ValueError(f"{n} rules is more than a generation holds")
+        tables = (
+            (built.node_count, built.nodes),
+            (built.entry_count, built.entries),
+            (built.segment_count, built.segments),
         )
+        records = [bytes(RULE.size), built.records]
+    else:
+        compiled = rules.compile()
+        python = trie.build(compiled, blocks)
+        n = len(compiled.rules)
+        if n >= 1 << 31 or len(python.segments) >= 1 << 31:
+            raise ValueError(f"{n} rules is more than a generation holds")
+        tables = (
+            (len(python.nodes), python.pack_nodes()),
+            (max(1, len(python.entries)), python.pack_entries()),
+            (max(1, len(python.segments)), python.pack_segments()),
+        )
+        records = [bytes(RULE.size), *_records(compiled.rules, index)]
     target_records = [_pack_target(targets[name]) for name in names]
     m = layout.Meta(
         layout=layout.LAYOUT_VERSION,
@@ -87,9 +102,9 @@ def encode(rules: RuleSet, targets: dict[str, Slotted], meta: MetaInfo) -> Image
     ctypes.memmove(ctypes.addressof(m) + layout.Meta.label.offset, label, len(label))
     return Image(
         {
-            "nodes": (len(tables.nodes), tables.pack_nodes()),
-            "entries": (max(1, len(tables.entries)), tables.pack_entries()),
-            "segments": (max(1, len(tables.segments)), tables.pack_segments()),
+            "nodes": tables[0],
+            "entries": tables[1],
+            "segments": tables[2],
             "counters": (n + 1, b""),
             "rules": (n + 1, b"".join(records)),
             "base": (n + 1, b""),
@@ -104,6 +119,24 @@ def encode(rules: RuleSet, targets: dict[str, Slotted], meta: MetaInfo) -> Image
         },
         n,
     )
+
+
+def _records(rules: list[Rule], index: dict[str, int]) -> Iterator[bytes]:
+    """The rules map's record of each rule, in rule-number order."""
+    for r in rules:
+        k = r.key
+        v4 = k.version == 4
+        yield RULE.pack(
+            PROTOCOLS[k.proto],
+            socket.AF_INET if v4 else socket.AF_INET6,
+            k.plen,
+            layout.ACTION_DROP if r.action == DROP else layout.ACTION_STEER,
+            layout.MISSING_PASS if r.on_missing == "pass" else layout.MISSING_DROP,
+            k.lo,
+            k.hi,
+            index[r.target] if r.target is not None else 0,
+            k.net.to_bytes(4, "big") + bytes(12) if v4 else k.net.to_bytes(16, "big"),
+        )
 
 
 def _pack_target(t: Slotted) -> bytes:

@@ -206,10 +206,20 @@ def _node(t: Tables, items: list[Item], pos: int, inherited: int, width: int, id
         n = 1 << (end - plen)
         slots[a : a + n] = [run] * n
     base = len(t.entries)
-    t.nodes[idx] = (base, fallback, skip_bits, skip, stride, 0)
-    t.entries.extend(slots)
+    nodes, entries = t.nodes, t.entries
+    nodes[idx] = (base, fallback, skip_bits, skip, stride, 0)
+    entries.extend(slots)
     for chunk, group in below.items():
-        child = len(t.nodes)
-        t.nodes.append((0, 0, 0, 0, 0, 0))
-        _node(t, group, end, slots[chunk], width, child)
-        t.entries[base + chunk] = layout.NODE_FLAG | child
+        child = len(nodes)
+        entries[base + chunk] = _FLAG | child
+        if len(group) == 1 and group[0][1] - end <= _MAX_SKIP:
+            # most children: one prefix below, all of it skipped (as _node would make it)
+            net, plen, leaf = group[0]
+            n = plen - end
+            nodes.append((0, slots[chunk], (net >> (width - plen)) & ((1 << n) - 1), n, 0, leaf))
+        else:
+            nodes.append((0, 0, 0, 0, 0, 0))
+            _node(t, group, end, slots[chunk], width, child)
+
+
+_FLAG, _MAX_SKIP = layout.NODE_FLAG, layout.MAX_SKIP

@@ -74,9 +74,12 @@ def sockmap(
 
 
 def generation(
-    sockets: Map[ctypes.c_uint32, ctypes.c_uint64], rs: RuleSet, targets: dict[str, Slotted]
+    sockets: Map[ctypes.c_uint32, ctypes.c_uint64],
+    rs: RuleSet,
+    targets: dict[str, Slotted],
+    vectored: bool | None = None,
 ) -> store.Generation:
-    img = image.encode(rs, targets, image.MetaInfo(1, 0, 0, "test"))
+    img = image.encode(rs, targets, image.MetaInfo(1, 0, 0, "test"), vectored)
     shared: Map[ctypes.c_uint32, ctypes.c_uint64] = Map(
         os.dup(sockets.fd), ctypes.c_uint32, ctypes.c_uint64
     )
@@ -96,12 +99,15 @@ def expected(rule: Rule | None, cookies: dict[str, int]) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_program_matches_the_reference(ns: NS, seed: int) -> None:
+@pytest.mark.parametrize("vectored", [False, True], ids=["python", "numpy"])
+def test_program_matches_the_reference(ns: NS, seed: int, vectored: bool) -> None:
+    """The tables built both ways (image.encode's Python reference, and vector.py's numpy,
+    which large rule sets take) against the rule model, in the kernel."""
     rng = random.Random(seed)
     with sockmap(ns) as (sockets, targets, cookies):
         for _ in range(15):
             rs, anchors = random_rules(rng, rng.choice([1, 5, 30, 200]))
-            gen = generation(sockets, rs, targets)
+            gen = generation(sockets, rs, targets, vectored)
             try:
                 check(rng, gen, rs, anchors, targets, cookies)
             finally:

@@ -1,0 +1,189 @@
+"""vector.py (numpy, for large rule sets) against the Python build it stands in for
+(rules.compile_rules + trie.build + image's packing): every map of the generation the same,
+the trie the same node for node (numbered otherwise: compared from the roots down)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+import struct
+import sys
+from typing import Any
+
+import pytest
+
+from sklookupctl import image, layout
+from sklookupctl.plan import Slotted
+from sklookupctl.rules import RuleSet, make_rule
+
+from ..rulegen import random_rules
+
+ROUNDS = int(os.environ.get("SKLOOKUPCTL_VECTOR_ROUNDS", "60"))
+_NODE = struct.Struct("<QQQIBBH")
+
+TARGETS = {
+    name: Slotted(
+        name, name.split("-")[0], 10, ipaddress.ip_address("::"), 80, 3 + 7 * i, 1 + i, i == 1
+    )
+    for i, name in enumerate(["tcp-live", "tcp-gone", "udp-live", "udp-gone"])
+}
+
+
+def trie(nodes: bytes, entries: bytes) -> tuple[Any, ...]:
+    """The trie as nested tuples from its roots down, whatever the nodes' numbering."""
+    table = [_NODE.unpack_from(nodes, i) for i in range(0, len(nodes), _NODE.size)]
+    values = struct.unpack(f"<{len(entries) // 8}Q", entries)
+
+    def node(i: int) -> tuple[Any, ...]:
+        fallback, bits, leaf, base, skip, stride, _pad = table[i]
+        if not stride:
+            return (fallback, bits, skip, leaf)
+        below = tuple(
+            node(v & ~layout.NODE_FLAG) if v & layout.NODE_FLAG else v
+            for v in values[base : base + (1 << stride)]
+        )
+        return (fallback, bits, skip, stride, below)
+
+    return tuple(node(r) for r in range(len(layout.ROOTS)))
+
+
+def same(rs: RuleSet) -> None:
+    meta = image.MetaInfo(3, 1, 2, "t")
+    python = image.encode(rs, TARGETS, meta, vectored=False)
+    vectored = image.encode(rs, TARGETS, meta, vectored=True)
+    assert python.rules == vectored.rules
+    for name, (count, data) in python.maps.items():
+        other = vectored.maps[name]
+        if name in ("nodes", "entries"):
+            assert count == other[0], name
+        else:
+            assert (count, data) == other, name
+    assert trie(python.maps["nodes"][1], python.maps["entries"][1]) == trie(
+        vectored.maps["nodes"][1], vectored.maps["entries"][1]
+    )
+
+
+def shaped(rng: random.Random, count: int) -> RuleSet:
+    """Rules in the shapes large sets have: unrelated prefixes of a few lengths or of any,
+    each with one port, a range, all ports, nested ranges, disjoint ranges or many ranges
+    (more than vector.OWN_MAX); some /0 rules; some prefixes inside others."""
+    rs = RuleSet()
+    used: set[tuple[str, str]] = set()
+    few = rng.random() < 0.5
+    while len(rs) < count:
+        v = rng.choice([4, 6])
+        width = 32 if v == 4 else 128
+        plen = rng.choice([24, 32] if v == 4 else [64, 128]) if few else rng.randrange(width + 1)
+        if rng.random() < 0.03:
+            plen = 0
+        net = rng.getrandbits(width) >> (width - plen) << (width - plen) if plen else 0
+        if rs.rules and rng.random() < 0.1:  # inside (or around) an existing prefix
+            k = rng.choice(list(rs.rules))
+            if k.version == v:
+                plen = rng.randrange(width + 1)
+                net = k.net >> (width - plen) << (width - plen) if plen else 0
+        prefix = str(ipaddress.ip_network((net, plen)))
+        proto = rng.choice(["tcp", "udp"])
+        if (proto, prefix) in used:
+            continue  # each prefix's ranges are made at once: nested or disjoint
+        used.add((proto, prefix))
+        shape = rng.random()
+        if shape < 0.3:
+            ranges = [(1, 65535)]
+        elif shape < 0.5:
+            p = rng.randrange(1, 65536)
+            ranges = [(p, p)]
+        elif shape < 0.65:
+            lo = rng.randrange(1, 65536)
+            ranges = [(lo, rng.randrange(lo, 65536))]
+        elif shape < 0.8:  # nested: all, a range in it, a port in that (maybe at the edges)
+            lo = rng.choice([1, 2, rng.randrange(1, 60000)])
+            hi = rng.choice([65535, lo + rng.randrange(0, 5000)])
+            hi = min(hi, 65535)
+            p = rng.choice([lo, hi, rng.randrange(lo, hi + 1)])
+            ranges = [(1, 65535), (lo, hi), (p, p)]
+        elif shape < 0.9:  # disjoint pieces
+            cuts = sorted(rng.sample(range(1, 65536), rng.choice([2, 4, 6])))
+            ranges = [(cuts[i], cuts[i + 1]) for i in range(0, len(cuts), 2)]
+        else:  # many single ports, and maybe the whole range around them
+            ports = rng.sample(range(1, 65536), rng.randrange(2, 20))
+            ranges = [(p, p) for p in ports] + ([(1, 65535)] if rng.random() < 0.5 else [])
+        for lo, hi in ranges:
+            r = rng.random()
+            target = None if r < 0.15 else f"{proto}-{'live' if r < 0.6 else 'gone'}"
+            rule = make_rule(
+                proto,
+                prefix,
+                f"{lo}-{hi}",
+                target=target,
+                drop=target is None,
+                on_missing=rng.choice(["drop", "pass"]) if target else "drop",
+            )
+            rs.rules[rule.key] = rule
+    return rs
+
+
+@pytest.mark.parametrize("seed", range(ROUNDS))
+def test_shaped_rule_sets_build_the_same(seed: int) -> None:
+    rng = random.Random(seed)
+    same(shaped(rng, rng.choice([1, 10, 100, 1000])))
+
+
+@pytest.mark.parametrize("seed", range(ROUNDS // 2))
+def test_nested_rule_sets_build_the_same(seed: int) -> None:
+    rng = random.Random(1000 + seed)
+    rs, _anchors = random_rules(rng, rng.choice([1, 5, 30, 200, 600]))
+    same(rs)
+
+
+def test_edge_rule_sets_build_the_same() -> None:
+    cases = [
+        [],
+        [("tcp", "0.0.0.0/0", "all")],
+        [("udp", "::/0", "1-65535"), ("udp", "::/0", "443")],
+        [("tcp", "192.0.2.7", "1"), ("tcp", "192.0.2.7", "65535")],
+        [("tcp", "2001:db8::1", "1-2"), ("tcp", "2001:db8::/32", "2-65535")],
+        [("tcp", "192.0.2.0/24", f"{p}") for p in range(1, 40)],  # many rules, one prefix
+    ]
+    for rules in cases:
+        rs = RuleSet()
+        for proto, prefix, ports in rules:
+            rs.add(make_rule(proto, prefix, ports, target=f"{proto}-live"))
+        same(rs)
+
+
+def test_large_rule_sets_take_numpy_and_small_ones_do_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sklookupctl import vector
+
+    calls: list[int] = []
+    build = vector.build
+    monkeypatch.setattr(
+        vector, "build", lambda rules, *a: calls.append(len(rules)) or build(rules, *a)
+    )
+    rng = random.Random(7)
+    image.encode(shaped(rng, 20), TARGETS, image.MetaInfo(1, 1, 1, "t"))
+    assert calls == []
+    image.encode(shaped(rng, image.VECTOR_MIN), TARGETS, image.MetaInfo(1, 1, 1, "t"))
+    assert calls == [image.VECTOR_MIN]
+
+
+def test_small_commands_do_not_import_numpy() -> None:
+    """numpy takes 60-90 ms to import: a command on a small rule set must not pay it."""
+    code = (
+        "import sys, ipaddress\n"
+        "from sklookupctl import image\n"
+        "from sklookupctl.plan import Slotted\n"
+        "from sklookupctl.rules import RuleSet, make_rule\n"
+        "rs = RuleSet()\n"
+        "rs.add(make_rule('tcp', '192.0.2.0/24', '80', target='t'))\n"
+        "t = {'t': Slotted('t', 'tcp', 2, ipaddress.ip_address('127.0.0.1'), 80, 0, 1)}\n"
+        "image.encode(rs, t, image.MetaInfo(1, 1, 1, 'x'))\n"
+        "from sklookupctl import cli, api, store, explain, metrics, doctor\n"
+        "assert 'numpy' not in sys.modules, 'numpy imported'\n"
+    )
+    import subprocess
+
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=os.path.dirname(image.__file__) + "/.."
+    )

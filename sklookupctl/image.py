@@ -66,7 +66,7 @@ def encode(
         from . import vector
 
         built = vector.build(list(rules.rules.values()), blocks, index)
-        n = len(built.rules)
+        n = built.rules
         if n >= 1 << 31 or built.segment_count >= 1 << 31:
             raise ValueError(f"{n} rules is more than a generation holds")
         tables = (

@@ -78,10 +78,9 @@ OWN_MAX = 8  # prefixes with up to this many rules (and none around) are done a 
 
 @dataclass
 class Built:
-    """What image.encode needs of a rule set: the rules in rule-number order and each map's
-    bytes."""
+    """What image.encode needs of a rule set: how many rules, and each map's bytes."""
 
-    rules: list[Rule]
+    rules: int
     nodes: bytes
     node_count: int
     entries: bytes
@@ -116,20 +115,18 @@ def build(rules: Sequence[Rule], blocks: dict[str, Block], index: dict[str, int]
     root, hi, lo, plen, plo, phi, version = (
         a[order] for a in (root, hi, lo, plen, plo, phi, version)
     )
-    pick = order.tolist()
-    ordered = list(map(rules.__getitem__, pick))
-    targets = tuple(map(targets.__getitem__, pick))
 
-    # -- per rule: what its segments say (index 0: no rule)
-    steer = np.fromiter(map(DROP.__ne__, map(actions.__getitem__, pick)), bool, n)
-    missing = np.fromiter(map("pass".__eq__, map(on_missing.__getitem__, pick)), bool, n)
+    # -- per rule: what its segments say (index 0: no rule); read in the given order (the
+    # rules' objects in memory order), then put in rule-number order
+    steer = np.fromiter(map(DROP.__ne__, actions), bool, n)[order]
+    missing = np.fromiter(map("pass".__eq__, on_missing), bool, n)[order]
     missing = np.where(missing, layout.MISSING_PASS, layout.MISSING_DROP).astype(np.uint8)
     # each rule's target as its index in the targets map (a drop rule: the extra last one,
     # all zeros), and the targets' blocks by index
     names = sorted(index, key=index.__getitem__)
     of: dict[str | None, int] = {None: len(names)}
     of.update(index)
-    tid = np.fromiter(map(of.__getitem__, targets), np.int64, n)
+    tid = np.fromiter(map(of.__getitem__, targets), np.int64, n)[order]
     by_index = np.array([blocks[t] for t in names] + [(0, 0, 0)], np.int64).reshape(-1, 3)
     block = by_index[tid]
     what_action = np.zeros(n + 1, np.uint8)
@@ -232,7 +229,7 @@ def build(rules: Sequence[Rule], blocks: dict[str, Block], index: dict[str, int]
     records["addr_hi"] = hi
     records["addr_lo"] = lo
     return Built(
-        ordered,
+        n,
         nodes.tobytes(),
         len(nodes),
         entries.tobytes() if len(entries) else bytes(8),
@@ -247,7 +244,7 @@ def build(rules: Sequence[Rule], blocks: dict[str, Block], index: dict[str, int]
 def _empty() -> Built:
     """No rules: four root nodes with nothing below them."""
     nodes = np.zeros(len(layout.ROOTS), NODE)
-    return Built([], nodes.tobytes(), len(nodes), bytes(8), 1, bytes(SEGMENT.itemsize), 1, b"", 0)
+    return Built(0, nodes.tobytes(), len(nodes), bytes(8), 1, bytes(SEGMENT.itemsize), 1, b"", 0)
 
 
 def _le(ahi: Any, alo: Any, bhi: Any, blo: Any) -> Any:

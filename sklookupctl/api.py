@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, image, layout, rulerows, sockets, store, trust, validate
-from .bpfsys import BpfError, query_netns_programs
+from .bpfsys import BpfError, give_back_memory, keep_heap_small, query_netns_programs
 from .errors import (
     EnvironmentProblem,
     InvalidArgument,
@@ -1472,15 +1472,17 @@ def apply(
     def step(stage: str) -> Callable[[int, int], None]:
         return lambda done, total: progress(stage, done, total) if progress else None
 
-    text = _read_file(path)
+    keep_heap_small()
     with _no_gc():
-        return _apply(netns, path, text, dry_run, bpffs, step, wait, allow_missing)
+        # the text is not kept past its parse (_apply drops it): a large file's text is as
+        # large as its rules
+        return _apply(netns, path, [_read_file(path)], dry_run, bpffs, step, wait, allow_missing)
 
 
 def _apply(
     netns: str | None,
     path: str,
-    text: str,
+    text: list[str],
     dry_run: bool,
     bpffs: str,
     step: Callable[[str], Callable[[int, int], None]],
@@ -1489,7 +1491,9 @@ def _apply(
 ) -> ApplyResult:
     from . import rulefile
 
-    rf = rulefile.parse(text, path, step("checking"))
+    rf = rulefile.parse(text.pop(), path, step("checking"))
+    if len(rf.rules) >= image.VECTOR_MIN:
+        give_back_memory()  # what reading the file freed
     require_privileges()
     _more_files()
     made = _made_netns(netns, rf, dry_run)

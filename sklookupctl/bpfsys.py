@@ -704,3 +704,24 @@ def is_bpffs(path: str) -> bool:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)
     return bool((buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC)
+
+
+def give_back_memory() -> None:
+    """Return the C heap's free memory to the system (glibc's malloc_trim). A large rule set
+    is read and compiled through many short-lived objects; what they freed would otherwise
+    stay in this process's resident memory until it exits."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+_M_MMAP_THRESHOLD = -3
+
+
+def keep_heap_small() -> None:
+    """Have glibc's malloc give every allocation of 128 KiB or more its own mapping, returned
+    when freed (its default, until the first such free: then it raises the threshold and keeps
+    freed memory). Large rule sets make many arrays of that size, one after another."""
+    mallopt = getattr(_libc, "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 128 * 1024)

@@ -33,13 +33,19 @@ def encode(rules: RuleSet, targets: Targets) -> bytes:
         f"T\t{n}\t{p}\t{a}\t{port}\t{int(exact)}"
         for n, (p, a, port, exact) in sorted(targets.items())
     ]
-    lines += [
-        f"R\t{k.proto}\t{k.version}\t{k.net}\t{k.plen}\t{k.lo}\t{k.hi}\t{r.action}\t"
-        f"{r.target or '-'}\t{r.on_missing}"
-        for k, r in rules.rules.items()
-    ]
-    body = zlib.compress("\n".join(lines).encode(), 1)
-    return MAGIC + f" {VERSION}\n".encode() + body
+    z = zlib.compressobj(1)
+    out = [MAGIC + f" {VERSION}\n".encode(), z.compress("\n".join(lines).encode())]
+    # the rules a slice at a time: a large set's text is never all in memory
+    items = list(rules.rules.items())
+    for at in range(0, len(items), 8192):
+        text = "".join(
+            f"\nR\t{k.proto}\t{k.version}\t{k.net}\t{k.plen}\t{k.lo}\t{k.hi}\t{r.action}\t"
+            f"{r.target or '-'}\t{r.on_missing}"
+            for k, r in items[at : at + 8192]
+        )
+        out.append(z.compress((text if lines or at else text[1:]).encode()))
+    out.append(z.flush())
+    return b"".join(out)
 
 
 def decode(blob: bytes) -> tuple[RuleSet, Targets]:

@@ -187,14 +187,15 @@ _FIRST_RULE = re.compile(r"^\[\[rules\]\]$", re.MULTILINE)
 
 def _canonical(text: str) -> dict[str, Any] | None:
     """The exact shape `export` writes: targets first, then rule tables of the same keys in the
-    same order, one per block. The regular expressions check and pick apart all the rules in C;
-    anything else returns None."""
+    same order, one per block. The head is read here; the rules are checked and picked apart
+    by a regular expression, in C, a chunk at a time as `parse` reads them (_Rows). None when
+    the head already leaves the shape."""
     m = _FIRST_RULE.search(text)
     if m is None:
         return None
-    head, body = text[: m.start()], text[m.start() :]
-    if not body.endswith("\n"):
-        body += "\n"
+    head = text[: m.start()]
+    if not text.endswith("\n"):
+        text += "\n"
     doc = _fast_parse(head)
     if doc is None:
         # a head outside the subset ([netns] addresses = [...]) is small: tomllib reads it,
@@ -207,21 +208,58 @@ def _canonical(text: str) -> dict[str, Any] | None:
             return None
     if "rules" in doc:
         return None
-    rows = _RULE_RE.findall(body)
-    # the blocks found must make up the whole body, nothing skipped between them
-    # (the captures, plus each block's fixed text, plus ` = ""\n` of an on_missing line)
-    covered = len(rows) * _BLOCK_FIXED + sum(map(len, itertools.chain.from_iterable(rows)))
-    covered += len(' = ""\n') * sum(1 for row in rows if row[7])
-    if covered != len(body):
-        return None
-    doc["rules"] = _Rows(rows)
+    doc["rules"] = _Rows(text, m.start())
     return doc
 
 
-class _Rows(list):  # type: ignore[type-arg]
+class _NotCanonical(Exception):
+    """A chunk of rules left export's shape: the file goes the general way."""
+
+
+class _Rows:
     """The rules of a file in export's shape, as the regular expression's tuples (protocol,
-    prefix, ports, "target", target, "action", action, "on_missing", on_missing, line ends):
-    `parse` reads them without making a table per rule."""
+    prefix, ports, "target", target, "action", action, "on_missing", on_missing, line ends),
+    a chunk of about CHUNK characters at a time (so that a large file's rules never all exist
+    as tuples of strings at once). A chunk whose blocks do not make up all of its text raises
+    _NotCanonical."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, text: str, start: int) -> None:
+        self.text, self.start = text, start
+        self.at = start  # the chunks read end here
+
+    def __len__(self) -> int:
+        return self.text.count("[[rules]]\n", self.start)  # exact when the chunks are whole
+
+    def chunks(self, start: int | None = None) -> Iterator[list[tuple[str, ...]]]:
+        text, pos, end = self.text, self.start if start is None else start, len(self.text)
+        while pos < end:
+            cut = text.find("\n[[rules]]\n", pos + self.CHUNK)
+            stop = end if cut < 0 else cut + 1
+            rows = _RULE_RE.findall(text, pos, stop)
+            # the blocks found must make up the whole chunk, nothing skipped between them
+            # (the captures, plus each block's fixed text, plus ` = ""\n` of an on_missing line)
+            covered = len(rows) * _BLOCK_FIXED + sum(map(len, itertools.chain.from_iterable(rows)))
+            covered += len(' = ""\n') * sum(1 for row in rows if row[7])
+            if covered != stop - pos:
+                raise _NotCanonical
+            self.at = stop
+            yield rows
+            pos = stop
+
+    def __iter__(self) -> Iterator[tuple[str, ...]]:
+        for rows in self.chunks():
+            yield from rows
+
+    def whole(self) -> bool:
+        """Whether the chunks not read yet are in export's shape too."""
+        try:
+            for _rows in self.chunks(self.at):
+                pass
+        except _NotCanonical:
+            return False
+        return True
 
     @staticmethod
     def table(row: tuple[str, ...]) -> dict[str, Any]:
@@ -237,9 +275,7 @@ class _Rows(list):  # type: ignore[type-arg]
 
 
 def loads_toml(text: str, where: str) -> dict[str, Any]:
-    canonical = _canonical(text)
-    if canonical is not None:
-        return canonical
+    """The document, as TOML reads it: by the subset's reader, else by tomllib."""
     fast = _fast_parse(text)
     if fast is not None:
         return fast
@@ -383,17 +419,20 @@ def _parse_rows(
     already hold are made here, straight from the row; every other row goes the way of a
     table (_parse_rule), which makes and checks it, and words any problem."""
     seen = rs.rules
-    protos, prefixes, portss = cache["protocol"], cache["prefix"], cache["ports"]
+    protos, portss = cache["protocol"], cache["ports"]
     total = len(rows)
     step = max(1, total // 100)
+    last_x, last_where = "", None
     for i, row in enumerate(rows):
         p, x, o, tk, target, _ak, _av, ok, _ov, _e = row
         proto = protos.get(p)
-        where = prefixes.get(x)
-        if where is None:  # most prefixes appear once: parsed here, the common way
-            where = quick_prefix(x)
-            if where is not None:
-                prefixes[x] = where
+        # a prefix's rules are next to each other in export's order: only the last prefix is
+        # remembered (a cache of them all would keep every chunk's strings alive)
+        if x == last_x:
+            where = last_where
+        else:
+            last_x, where = x, quick_prefix(x)
+            last_where = where
         ports = portss.get(o)
         if tk and not ok and proto and where and ports and target in targets:
             key = _new(RuleKey, (proto, *where, *ports))
@@ -428,11 +467,28 @@ def _at(where: str) -> Iterator[None]:
 
 def parse(text: str, name: str, progress: Progress | None = None) -> RuleFile:
     """Validate a rule file completely; raise FileError at the first problem."""
-    try:
-        text.encode("utf-8")  # a str from a library caller may hold lone surrogates
-    except UnicodeEncodeError as e:
-        raise FileError(name, f"not UTF-8 text ({e.reason} at character {e.start})") from None
-    doc = loads_toml(text, name)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")  # a str from a library caller may hold lone surrogates
+        except UnicodeEncodeError as e:
+            raise FileError(name, f"not UTF-8 text ({e.reason} at character {e.start})") from None
+    doc = _canonical(text)
+    rows = doc.get("rules") if doc is not None else None
+    if doc is not None and isinstance(rows, _Rows):
+        # export's shape, as far as its head tells: its rules are checked as they are read
+        try:
+            return _parse_doc(doc, name, progress)
+        except _NotCanonical:
+            pass
+        except FileError:
+            if rows.whole():
+                raise
+        # a part of it leaves the shape: the file is read the general way, whose problem
+        # (maybe another, earlier one) is the one reported
+    return _parse_doc(loads_toml(text, name), name, progress)
+
+
+def _parse_doc(doc: dict[str, Any], name: str, progress: Progress | None) -> RuleFile:
     for table in doc:
         if table not in ("rules", "targets", "netns"):
             raise FileError(
@@ -442,8 +498,8 @@ def parse(text: str, name: str, progress: Progress | None = None) -> RuleFile:
             )
     create, addresses = _netns_table(doc.get("netns", {}), name)
     raw_rules = doc.get("rules", [])
-    if not isinstance(raw_rules, list) or not (
-        isinstance(raw_rules, _Rows) or all(isinstance(r, dict) for r in raw_rules)
+    if not isinstance(raw_rules, _Rows) and (
+        not isinstance(raw_rules, list) or not all(isinstance(r, dict) for r in raw_rules)
     ):
         raise FileError(
             f"{name}: rules", "must be an array of tables", "write each rule as [[rules]]"

@@ -54,6 +54,7 @@ from .bpfsys import (
     Map,
     Program,
     RingBuffer,
+    give_back_memory,
     is_bpffs,
     possible_cpus,
 )
@@ -724,6 +725,8 @@ class Dispatcher:
         # then traces the new generation)
         self.untrace(force=True)
         img = image.encode(plan.rules, plan.targets, meta)
+        if img.rules >= image.VECTOR_MIN:
+            give_back_memory()  # what building the tables freed, before the maps are made
         if plan.new_map or old is None:
             sockets: Map[Any, Any] = _create_map(
                 BPF_MAP_TYPE_SOCKMAP, U64, plan.capacity, "sockets", 0

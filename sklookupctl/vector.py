@@ -109,6 +109,7 @@ def build(rules: Sequence[Rule], blocks: dict[str, Block], index: dict[str, int]
     plen: Any = np.array(plens, np.int64)
     plo: Any = np.array(los, np.int64)
     phi: Any = np.array(his, np.int64)
+    del keys, protos, versions, nets, plens, los, his, big  # large rule sets: memory counts
 
     # rule-number order: compile_rules' (protocol, family, network, length, lo, -hi)
     order = np.lexsort((-phi, plo, plen, lo, hi, root))
@@ -127,8 +128,8 @@ def build(rules: Sequence[Rule], blocks: dict[str, Block], index: dict[str, int]
     of: dict[str | None, int] = {None: len(names)}
     of.update(index)
     tid = np.fromiter(map(of.__getitem__, targets), np.int64, n)[order]
+    del actions, targets, on_missing
     by_index = np.array([blocks[t] for t in names] + [(0, 0, 0)], np.int64).reshape(-1, 3)
-    block = by_index[tid]
     what_action = np.zeros(n + 1, np.uint8)
     what_action[1:] = np.where(steer, layout.ACTION_STEER, layout.ACTION_DROP)
     what_missing = np.zeros(n + 1, np.uint8)
@@ -136,9 +137,9 @@ def build(rules: Sequence[Rule], blocks: dict[str, Block], index: dict[str, int]
     what_slot = np.zeros(n + 1, np.uint32)
     what_slots = np.zeros(n + 1, np.uint8)
     what_flags = np.zeros(n + 1, np.uint8)
-    what_slot[1:] = np.where(steer, block[:, 0], 0)
-    what_slots[1:] = np.where(steer, block[:, 1], 0)
-    what_flags[1:] = np.where(steer, block[:, 2], 0)
+    what_slot[1:] = by_index[tid, 0]
+    what_slots[1:] = by_index[tid, 1]
+    what_flags[1:] = by_index[tid, 2]
 
     # -- prefixes: runs of rules of one (root, network, length)
     new = np.ones(n, bool)

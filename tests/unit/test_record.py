@@ -46,3 +46,27 @@ def test_another_version_is_refused() -> None:
         record.decode(b"sklookupctl-ruleset 2\n")
     with pytest.raises(EnvironmentProblem):
         record.decode(b"something else\n")
+
+
+def test_a_large_set_is_written_a_slice_at_a_time_as_one_text() -> None:
+    """The record is compressed as it is made (8192 rules at a time); what it holds is still
+    one line per target, then one per rule, nothing between them."""
+    import ipaddress
+    import zlib
+
+    from sklookupctl.rules import RuleSet, make_rule
+
+    rs = RuleSet()
+    for i in range(20_000):
+        net = ipaddress.ip_network((0xC6120000 + i * 4, 30))
+        rule = make_rule("tcp", str(net), "80", target="web" if i % 3 else None, drop=i % 3 == 0)
+        rs.rules[rule.key] = rule  # disjoint prefixes: no need to check each against all
+    for targets in ({}, {"web": ("tcp", ipaddress.ip_address("192.0.2.1"), 80, False)}):
+        blob = record.encode(rs, targets)
+        text = zlib.decompress(blob.partition(b"\n")[2]).decode()
+        lines = text.split("\n")
+        assert len(lines) == len(targets) + len(rs)
+        assert all(line.startswith("T\t") for line in lines[: len(targets)])
+        assert all(line.startswith("R\t") for line in lines[len(targets) :])
+        back, _ = record.decode(blob)
+        assert back.rules == rs.rules

@@ -120,7 +120,7 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
 
 
-Desire = Callable[[Live], tuple[RuleSet, dict[str, Want]]]
+Desire = Callable[[Live], tuple[RuleSet | None, dict[str, Want]]]
 
 
 class Report:
@@ -258,16 +258,23 @@ def _change(
     command: str = "change",
     legacy_ok: bool = False,
     force: bool = False,
+    source: str = "",
 ) -> Outcome:
     """The one way every change goes: lock, repair, read what is live, ask `desire` what is
-    wanted, plan, commit. With `dry_run`, only the plan is made (under a shared lock)."""
+    wanted, plan, commit. With `dry_run`, only the plan is made (under a shared lock).
+    `source`: the digest of the rule file the wanted rules were read from (apply), kept with
+    them. `desire` answers None for rules that stay the live ones."""
     with (
         _no_gc(),
         store.session(bpffs, ns, write=not dry_run, wait=wait, legacy_ok=legacy_ok) as s,
     ):
-        live = s.live
+        live = s.live_lazily()
         rules, wants = desire(live)
+        if rules is None and force:
+            rules = live_rules(live)  # a forced commit of a plan that changes nothing
         plan = make_plan(live, rules, wants)
+        if rules is not None:
+            plan.source = source
         notes = []
         if plan.attach and live.generation:
             notes.append(
@@ -1491,7 +1498,10 @@ def _apply(
 ) -> ApplyResult:
     from . import rulefile
 
-    rf = rulefile.parse(text.pop(), path, step("checking"))
+    source = rulefile.source_digest(text[0])
+    known = _live_from(netns, bpffs, source)
+    rf = rulefile.parse(text.pop(), path, step("checking"), known)
+    rf.source = source
     if len(rf.rules) >= image.VECTOR_MIN:
         give_back_memory()  # what reading the file freed
     require_privileges()
@@ -1509,6 +1519,23 @@ def _apply(
             with contextlib.suppress(SklookupError, OSError):
                 nsmod.delete(netns or "")
         raise
+
+
+def _live_from(netns: str | None, bpffs: str, source: str) -> dict[str, str] | None:
+    """When the namespace's live rules were read from the file whose digest is `source` (an
+    earlier apply of it, and nothing changed them since): the targets they use, with their
+    protocols. None otherwise, or when it cannot be told (not root, the lock busy, no such
+    namespace...): the file is then read whole, as always."""
+    if not source or _effective_caps() & (1 << 21) == 0:  # CAP_SYS_ADMIN: reading bpffs
+        return None
+    try:
+        with open_netns(netns) as ns, store.session(bpffs, ns, write=False, wait=0) as s:
+            d = s.dispatcher
+            if d is None or d.gen is None or d.gen.source() != source:
+                return None
+            return {t.name: t.proto for t in d.gen.targets()}
+    except (SklookupError, OSError):
+        return None
 
 
 def _apply_to_nothing(
@@ -1565,12 +1592,25 @@ def _apply_in(
         ]
         res.addresses_added = _add_addresses(ns, rf, dry_run, res.notes)
 
-        def desire(live: Live) -> tuple[RuleSet, dict[str, Want]]:
+        def desire(live: Live) -> tuple[RuleSet | None, dict[str, Want]]:
             step("loading")(0, 1)
-            return rf.rules, _file_wants(disc, live, rf, path, res.notes, allow_missing)
+            nonlocal rf
+            if rf.same_as_live and live.source != rf.source:
+                # changed between the look before the lock and now: read the rules after all
+                source = rf.source
+                rf = rulefile.parse(rf.text, path, step("checking"))
+                rf.source = source
+            wants = _file_wants(disc, live, rf, path, res.notes, allow_missing)
+            if rf.same_as_live:
+                res.rules = len(live.rules)
+                return None, wants  # the live rules, as they are
+            res.rules = len(rf.rules)
+            return rf.rules, wants
 
         try:
-            out = _change(ns, bpffs, disc, desire, dry_run, wait, command=f"apply {path}")
+            out = _change(
+                ns, bpffs, disc, desire, dry_run, wait, command=f"apply {path}", source=rf.source
+            )
         except BaseException as e:
             if not dry_run:  # a refused apply changes nothing: not the addresses either
                 from . import netns as nsmod

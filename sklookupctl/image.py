@@ -50,11 +50,16 @@ VECTOR_MIN = 10_000
 
 
 def encode(
-    rules: RuleSet, targets: dict[str, Slotted], meta: MetaInfo, vectored: bool | None = None
+    rules: RuleSet,
+    targets: dict[str, Slotted],
+    meta: MetaInfo,
+    vectored: bool | None = None,
+    source: str = "",
 ) -> Image:
     """`vectored`: build the tables with numpy (vector.py) or in Python (rules.compile_rules
     and trie.build, the reference); None: numpy from VECTOR_MIN rules on. Both give the same
-    lookups, the same segments and the same rule records."""
+    lookups, the same segments and the same rule records. `source`: the digest of the rule
+    file the rules were read from, kept in the record."""
     blocks = {
         n: (t.slot, t.slots, layout.TARGET_EXACT if t.exact else 0) for n, t in targets.items()
     }
@@ -113,7 +118,9 @@ def encode(
             "meta": (1, bytes(m)),
             "record": record.chunks(
                 record.encode(
-                    rules, {n: (t.proto, t.addr, t.port, t.exact) for n, t in targets.items()}
+                    rules,
+                    {n: (t.proto, t.addr, t.port, t.exact) for n, t in targets.items()},
+                    source,
                 )
             ),
         },

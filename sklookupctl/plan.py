@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from . import slots as slotsmod
@@ -52,16 +53,42 @@ class Slotted:
         return range(self.slot, self.slot + self.slots)
 
 
+class LazyEffects(Mapping[RuleKey, Effect]):
+    """A generation's rules, decoded when first looked at (a large set takes a while, and a
+    plan that keeps them as they are never looks)."""
+
+    def __init__(self, decode: Callable[[], dict[RuleKey, Effect]], count: int) -> None:
+        self._decode: Callable[[], dict[RuleKey, Effect]] | None = decode
+        self._rules: dict[RuleKey, Effect] = {}
+        self.count = count
+
+    @property
+    def rules(self) -> dict[RuleKey, Effect]:
+        if self._decode is not None:
+            self._rules, self._decode = self._decode(), None
+        return self._rules
+
+    def __getitem__(self, key: RuleKey) -> Effect:
+        return self.rules[key]
+
+    def __iter__(self) -> Iterator[RuleKey]:
+        return iter(self.rules)
+
+    def __len__(self) -> int:
+        return self.count
+
+
 @dataclass(frozen=True)
 class Live:
     """What is live in a namespace, as the store read it."""
 
-    rules: dict[RuleKey, Effect]  # in rule-number order
+    rules: Mapping[RuleKey, Effect]  # in rule-number order
     targets: dict[str, Slotted]
     filled: dict[int, int]  # slot -> cookie of the socket in it, for the slots holding one
     capacity: int  # slots of the SOCKMAP (0: there is none yet)
     generation: int
     attached: bool  # the link runs the live generation in the namespace
+    source: str = ""  # the digest of the rule file its rules were read from (apply), if any
 
     def alive(self, t: Slotted) -> list[int]:
         """Cookies of the target's sockets that are still there, in slot order."""
@@ -106,7 +133,7 @@ class TargetChange:
 
 @dataclass
 class Plan:
-    rules: RuleSet  # the new rule set
+    rules: RuleSet  # the new rule set (the live one, decoded, for a plan that keeps it)
     targets: dict[str, Slotted]  # the new generation's targets: exactly those its rules use
     fills: dict[int, int]  # slot -> cookie: sockets to put in before the switch
     frees: list[int]  # slots to empty after the switch (in the same SOCKMAP)
@@ -118,6 +145,7 @@ class Plan:
     changed: list[tuple[Rule, Rule]] = field(default_factory=list)  # (old, new)
     target_changes: list[TargetChange] = field(default_factory=list)
     kept_missing: list[str] = field(default_factory=list)  # targets kept with no live socket
+    source: str = ""  # the digest of the rule file `rules` were read from (apply), if any
 
     @property
     def rules_differ(self) -> bool:
@@ -131,16 +159,24 @@ class Plan:
 
 def make_plan(
     live: Live,
-    rules: RuleSet,
+    rules: RuleSet | None,
     wants: dict[str, Want],
     *,
     min_capacity: int = slotsmod.MIN_CAPACITY,
 ) -> Plan:
     """Decide how to go from `live` to `rules` with the targets in `wants` (names the rules do
-    not use are ignored). Raises TargetMismatch, NotFound or RuleConflict; changes nothing."""
-    used = rules.targets_in_use()
-    if not live.capacity and not rules.rules:
-        return Plan(rules, {}, {}, [], 0, new_map=False, attach=False)  # nothing, and none wanted
+    not use are ignored). Raises TargetMismatch, NotFound or RuleConflict; changes nothing.
+
+    `rules` None: the live rules, as they are (apply of the file they were read from): they
+    are not compared, nor decoded unless the plan changes something else."""
+    same = rules is None
+    # a generation's targets are exactly those its rules use
+    used = set(live.targets) if rules is None else rules.targets_in_use()
+    if not live.capacity and (rules is None or not rules.rules):
+        # nothing, and none wanted (nothing live: no live rules either)
+        plan = Plan(rules or RuleSet(), {}, {}, [], 0, new_map=False, attach=False)
+        plan.source = live.source if rules is None else ""
+        return plan
     for name in sorted(used):
         if name not in wants:
             raise NotFound(f"no target {name!r}", "declare the target of every rule")
@@ -167,14 +203,19 @@ def make_plan(
             raise RuleConflict(f"target {name} has {len(want.members)} sockets: too many")
         else:
             fresh[name] = (want, why)
-    _check_families(rules, keep, {n: w for n, (w, _) in fresh.items()})
+    if rules is None and fresh:
+        rules = live_rules(live)  # kept targets took these rules already: fresh ones may not
+    if rules is not None:
+        _check_families(rules, keep, {n: w for n, (w, _) in fresh.items()})
 
     need = sum(t.slots for t in keep.values()) + sum(_size(w) for w, _ in fresh.values())
     targets, fills, frees, capacity, new_map = _assign(live, keep, fresh, need, min_capacity)
 
-    plan = Plan(rules, targets, fills, frees, capacity, new_map, attach=not live.attached)
+    plan = Plan(rules or RuleSet(), targets, fills, frees, capacity, new_map, not live.attached)
     plan.kept_missing = kept_missing
-    _diff_rules(plan, live.rules, rules)
+    if not same:
+        assert rules is not None
+        _diff_rules(plan, live.rules, rules)
     for name in sorted(used):
         if name in fresh:
             plan.target_changes.append(
@@ -182,6 +223,11 @@ def make_plan(
             )
     for name in sorted(set(live.targets) - used):
         plan.target_changes.append(TargetChange(name, live.targets[name], None, "removed"))
+    if same:
+        plan.source = live.source  # still the rules of that file
+        if not plan.noop:
+            plan.rules = live_rules(live)  # the commit writes them again
+        # (a plan that does nothing holds no rules: it is never committed)
     return plan
 
 
@@ -314,7 +360,7 @@ def _check_families(rules: RuleSet, keep: dict[str, Slotted], fresh: dict[str, W
             )
 
 
-def _diff_rules(plan: Plan, old: dict[RuleKey, Effect], new: RuleSet) -> None:
+def _diff_rules(plan: Plan, old: Mapping[RuleKey, Effect], new: RuleSet) -> None:
     """Added and changed rules in the new set's order, removed ones in the old set's."""
     for key, rule in new.rules.items():
         effect = old.get(key)

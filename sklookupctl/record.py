@@ -8,7 +8,12 @@ of one line per target and per rule, fields separated by tabs:
     T  name  protocol  address  port  exact(0|1)
     R  protocol  ip-version  network(int)  prefix-length  lo  hi  action  target|-  on_missing
 
-Version 1 is this. A reader refuses a version it does not know.
+and, first when there is one, a line naming the rule file these rules were read from:
+
+    S  digest of the file's text and of the code that read it (rulefile.source_digest)
+
+Version 1 is this. A reader refuses a version it does not know, and skips lines of a type it
+does not know (every version of version 1 has: the S line came later).
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ LEN = struct.Struct("<Q")
 Targets = dict[str, tuple[str, IPAddress, int, bool]]  # name -> (protocol, address, port, exact)
 
 
-def encode(rules: RuleSet, targets: Targets) -> bytes:
-    lines = [
+def encode(rules: RuleSet, targets: Targets, source: str = "") -> bytes:
+    lines = [f"S\t{source}"] if source else []
+    lines += [
         f"T\t{n}\t{p}\t{a}\t{port}\t{int(exact)}"
         for n, (p, a, port, exact) in sorted(targets.items())
     ]
@@ -70,6 +76,21 @@ def decode(blob: bytes) -> tuple[RuleSet, Targets]:
             target = None if f[8] == "-" else f[8]
             rs.rules[key] = Rule(key, f[7], target if f[7] != DROP else None, f[9])
     return rs, targets
+
+
+def source(first_chunk: bytes) -> str:
+    """The S line of a record, from its first map entry only ("" when it has none or is not
+    a record of this version)."""
+    (n,) = LEN.unpack_from(first_chunk)
+    head, _, body = first_chunk[LEN.size : LEN.size + min(n, CHUNK - LEN.size)].partition(b"\n")
+    if head != MAGIC + f" {VERSION}".encode():
+        return ""
+    try:
+        start = zlib.decompressobj().decompress(body, 200)
+    except zlib.error:
+        return ""
+    line = start.partition(b"\n")[0]
+    return line[2:].decode(errors="replace") if line.startswith(b"S\t") else ""
 
 
 def chunks(blob: bytes) -> tuple[int, bytes]:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import itertools
 import re
 from collections.abc import Callable, Iterator
@@ -87,6 +89,11 @@ class RuleFile:
     unused_targets: list[str]
     create_netns: bool = False  # [netns] create = true: make the named namespace if missing
     addresses: list[IPNetwork] = dataclasses.field(default_factory=list)  # [netns] AnyIP
+    # the live rules were read from this very file (parse's `known`): its rules were not read
+    # again, and `rules` is empty; `text` is kept, to read them after all if that changes
+    same_as_live: bool = False
+    text: str = ""
+    source: str = ""  # source_digest of the text (apply sets it)
 
     def index(self, key: RuleKey) -> int:
         """A rule's position in the file (for messages: rules keep the file's order)."""
@@ -465,8 +472,58 @@ def _at(where: str) -> Iterator[None]:
         raise FileError(where, e.message, e.hint) from None
 
 
-def parse(text: str, name: str, progress: Progress | None = None) -> RuleFile:
-    """Validate a rule file completely; raise FileError at the first problem."""
+_INDENTED_BRACKET = re.compile(r"\n[ \t]+\[")
+
+
+def _tables_after(text: str, start: int) -> bool:
+    """Whether a table header other than [[rules]] may come after `start` (the first
+    [[rules]]): a line starting with [ that is not exactly [[rules]] (conservatively: a line of
+    a multi-line string that looks like one counts too). Counted in C, not matched line by
+    line."""
+    lines = text.count("\n[", start)
+    rules = text.count("\n[[rules]]\n", start) + text.endswith("\n[[rules]]")
+    return lines != rules or _INDENTED_BRACKET.search(text, start) is not None
+
+
+def source_digest(text: str) -> str:
+    """What identifies a rule file's rules: a digest of its text and of the code that reads
+    it (another version might read the same text otherwise). `apply` keeps it with the rules
+    it commits; the same file applied again need not be read again ("": no digest)."""
+    code = _code_digest()
+    if not code:
+        return ""
+    h = hashlib.blake2b(code, digest_size=20)
+    h.update(text.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+@functools.cache
+def _code_digest() -> bytes:
+    """The sources of the modules that decide what a rule file means."""
+    from . import rules
+
+    h = hashlib.blake2b(digest_size=20)
+    try:
+        for module in (__file__, rules.__file__, validate.__file__):
+            with open(module, "rb") as f:
+                h.update(f.read())
+    except OSError:
+        return b""
+    return h.digest()
+
+
+def parse(
+    text: str,
+    name: str,
+    progress: Progress | None = None,
+    known: dict[str, str] | None = None,
+) -> RuleFile:
+    """Validate a rule file completely; raise FileError at the first problem.
+
+    `known`: the live rules were read from this very text (`source_digest`), and these are
+    the targets they use, with their protocols. A file whose tables but the rules all come
+    before them (as export writes it) then has only that head read (targets, [netns]): the
+    result says `same_as_live`, with no rules."""
     if not text.isascii():
         try:
             text.encode("utf-8")  # a str from a library caller may hold lone surrogates
@@ -474,6 +531,16 @@ def parse(text: str, name: str, progress: Progress | None = None) -> RuleFile:
             raise FileError(name, f"not UTF-8 text ({e.reason} at character {e.start})") from None
     doc = _canonical(text)
     rows = doc.get("rules") if doc is not None else None
+    if (
+        known is not None
+        and doc is not None
+        and isinstance(rows, _Rows)
+        and not _tables_after(text, rows.start)
+    ):
+        # every table but the rules is in the head: it says everything but the rules
+        rf = _parse_doc(doc, name, progress, known)
+        rf.same_as_live, rf.text = True, text
+        return rf
     if doc is not None and isinstance(rows, _Rows):
         # export's shape, as far as its head tells: its rules are checked as they are read
         try:
@@ -488,7 +555,12 @@ def parse(text: str, name: str, progress: Progress | None = None) -> RuleFile:
     return _parse_doc(loads_toml(text, name), name, progress)
 
 
-def _parse_doc(doc: dict[str, Any], name: str, progress: Progress | None) -> RuleFile:
+def _parse_doc(
+    doc: dict[str, Any],
+    name: str,
+    progress: Progress | None,
+    known: dict[str, str] | None = None,
+) -> RuleFile:
     for table in doc:
         if table not in ("rules", "targets", "netns"):
             raise FileError(
@@ -516,9 +588,11 @@ def _parse_doc(doc: dict[str, Any], name: str, progress: Progress | None) -> Rul
     total = len(raw_rules)
     step = max(1, total // 100)
     cache: Cache = {f: {} for f in _PARSERS}
-    if isinstance(raw_rules, _Rows):
+    if known is not None:
+        protos_of = {t: {p} for t, p in known.items()}  # the rules are the live ones
+    elif isinstance(raw_rules, _Rows):
         _parse_rows(raw_rules, raw_targets, cache, rs, protos_of, name, progress)
-    for i, d in enumerate(() if isinstance(raw_rules, _Rows) else raw_rules):
+    for i, d in enumerate(() if isinstance(raw_rules, _Rows) or known is not None else raw_rules):
         try:
             rule = _parse_rule(d, raw_targets, cache)
         except _Bad as e:

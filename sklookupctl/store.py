@@ -39,7 +39,7 @@ import errno
 import fcntl
 import os
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,7 +60,7 @@ from .bpfsys import (
 )
 from .errors import EnvironmentProblem, SklookupError, Untrusted
 from .netns import Netns, find_alive, find_cookie
-from .plan import NOTHING, Live, Plan, Slotted
+from .plan import NOTHING, LazyEffects, Live, Plan, Slotted
 
 TOP = "sklookupctl"
 NS_PREFIX = "ns-"
@@ -364,6 +364,16 @@ class Generation:
         first = _read_array(m, 1, size)
         total = record.LEN.unpack_from(first)[0] + record.LEN.size
         return record.decode(record.unchunk(_read_array(m, -(-total // size), size)))
+
+    def source(self) -> str:
+        """The digest of the rule file the generation's rules were read from ("": none, or not
+        kept), from the record's first entry."""
+        from . import record
+
+        m = self.maps.get("record")
+        if m is None:
+            return ""
+        return record.source(_read_array(m, 1, ctypes.sizeof(layout.RecordChunk)))
 
     def add_counters(self, carried: dict[Any, tuple[int, ...]]) -> None:
         """Add counters carried from elsewhere (an upgrade) to the rules' base, by rule key."""
@@ -676,9 +686,10 @@ class Dispatcher:
         assert self.gen is not None
         return self.gen.program
 
-    def snapshot(self, rules: bool = True) -> Live:
+    def snapshot(self, rules: bool = True, lazy: bool = False) -> Live:
         """What is live, for make_plan (without `rules`: no rule decoded, for readers that
-        read the rule records themselves)."""
+        read the rule records themselves; `lazy`: the rules decoded when first looked at,
+        which must be while the generation is open)."""
         g = self.gen
         if g is None:
             raise EnvironmentProblem(f"no live generation in {self.path}")
@@ -689,13 +700,20 @@ class Dispatcher:
                 c = self.socket_cookie(slot)
                 if c is not None:
                     filled[slot] = c
+        names = [t.name for t in targets]
+        effects: Mapping[Any, Any] = {}
+        if lazy:
+            effects = LazyEffects(lambda: g.effects(names), g.meta().rules)
+        elif rules:
+            effects = g.effects(names)
         return Live(
-            g.effects([t.name for t in targets]) if rules else {},
+            effects,
             {t.name: t for t in targets},
             filled,
             int(g.sockets.info().max_entries),
             int(g.meta().generation),
             self.state == "steering",
+            g.source(),
         )
 
     def socket_cookie(self, slot: int) -> int | None:
@@ -721,10 +739,12 @@ class Dispatcher:
         change has happened: SIGINT and SIGTERM wait until the old generation is retired, and
         a failure to retire it is a note (the next writer finishes it), never an error."""
         old = self.gen
+        if plan.targets and not plan.rules.rules:
+            raise AssertionError("a plan with targets but no rules")  # make_plan's rules=None
         # a trace running: the plain program back first (the switch replaces it; the tracer
         # then traces the new generation)
         self.untrace(force=True)
-        img = image.encode(plan.rules, plan.targets, meta)
+        img = image.encode(plan.rules, plan.targets, meta, source=plan.source)
         if img.rules >= image.VECTOR_MIN:
             give_back_memory()  # what building the tables freed, before the maps are made
         if plan.new_map or old is None:
@@ -1148,6 +1168,12 @@ class Session:
         what a killed first commit left."""
         d = self.dispatcher
         return d.snapshot() if d is not None and d.gen is not None else NOTHING
+
+    def live_lazily(self) -> Live:
+        """`live`, its rules decoded only if they are looked at within the session (a plan
+        that keeps them as they are never does)."""
+        d = self.dispatcher
+        return d.snapshot(lazy=True) if d is not None and d.gen is not None else NOTHING
 
     def commit(self, plan: Plan, socket_fd: Callable[[int, str], int]) -> list[str]:
         """Make `plan` live (see Dispatcher.commit); returns notes for the operator."""

@@ -8,6 +8,7 @@ import random
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from sklookupctl import api, echo
 from sklookupctl import netns as nsmod
@@ -197,3 +198,102 @@ def test_applies_under_a_stream_of_connections(ns: NS, tmp_path: Path) -> None:
     assert seen["x"] > 20 and seen["y"] > 20, seen
     st = ns.status()
     assert st["generation"] == 31
+
+
+def _rules_not_read(monkeypatch: Any) -> list[str]:
+    """Make reading a file's rules fail loudly, and count the reads of a file's head only."""
+    from sklookupctl import rulefile
+
+    seen: list[str] = []
+    parse = rulefile.parse
+
+    def spy(text: str, name: str, progress: Any = None, known: Any = None) -> Any:
+        seen.append("head" if known is not None else "whole")
+        return parse(text, name, progress, known)
+
+    monkeypatch.setattr(rulefile, "parse", spy)
+    return seen
+
+
+def test_the_same_file_again_is_not_read_again(ns: NS, tmp_path: Path, monkeypatch: Any) -> None:
+    """apply keeps a digest of the file (and of the code that read it) with the rules; the
+    same file applied again has only its head read (targets, [netns]), as long as nothing
+    changed the rules since. Anything that did (attach, detach, another file, another apply
+    between the look and the lock) has the file read whole."""
+    web = ns.proxy(tcp="127.0.0.1:0", tag="web")
+    rules = rule("tcp", "192.0.2.0/24", "all", "web") + rule("tcp", "192.0.2.0/25", "22", None)
+    f = write(tmp_path, "r.toml", target("web", f"127.0.0.1:{web.port}") + rules)
+    seen = _rules_not_read(monkeypatch)
+    ns.ok("apply", f)
+    gen = ns.status()["generation"]
+    res = json.loads(ns.ok("apply", "--json", f).stdout)
+    assert seen == ["whole", "head"]
+    assert res["changed"] is False and res["rule_count"] == 2
+    assert ns.status()["generation"] == gen
+    assert ns.dial("tcp", "192.0.2.200", 22).endswith(" web")
+    assert ns.dial("tcp", "192.0.2.5", 22) == "refused"
+
+    # a rule attached: the live rules are no longer the file's; the file puts them back
+    ns.ok("attach", "tcp", "192.0.2.0/24", "80", "--drop")
+    seen.clear()
+    res = json.loads(ns.ok("apply", "--json", f).stdout)
+    assert seen == ["whole"] and res["changed"] is True
+    assert [r["ports"] for r in res["rules"]["removed"]] == ["80"]
+    assert ns.dial("tcp", "192.0.2.9", 80).endswith(" web")
+    seen.clear()
+    ns.ok("apply", f)
+    assert seen == ["head"]
+
+    # the same file, its target's socket replaced: the rules are kept as they are, and are
+    # still the file's afterwards
+    web.stop()
+    ns.proxy(tcp=f"127.0.0.1:{web.port}", tag="again")  # the same address, another socket
+    seen.clear()
+    res = json.loads(ns.ok("apply", "--json", f).stdout)
+    assert seen == ["head"] and res["changed"] is True and res["rule_count"] == 2
+    assert ns.dial("tcp", "192.0.2.200", 22).endswith(" again")
+    assert ns.dial("tcp", "192.0.2.5", 22) == "refused"
+    assert [r["ports"] for r in ns.status()["rules"]] == ["22", "all"]
+    seen.clear()
+    assert json.loads(ns.ok("apply", "--json", f).stdout)["changed"] is False
+    assert seen == ["head"]
+
+    # a file with the same rules but other bytes: read whole (and nothing changes)
+    g = write(tmp_path, "g.toml", "# another file\n" + f_text(f))
+    seen.clear()
+    assert json.loads(ns.ok("apply", "--json", g).stdout)["changed"] is False
+    assert seen == ["whole"]
+
+
+def f_text(path: str) -> str:
+    return Path(path).read_text()
+
+
+def test_rules_changed_between_the_look_and_the_lock(
+    ns: NS, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The look at the live rules' source happens before the lock: a writer in between (here:
+    an attach made just after the look) has the file's rules read under the lock after all."""
+    from sklookupctl import api as apimod
+
+    web = ns.proxy(tcp="127.0.0.1:0", tag="web")
+    f = write(
+        tmp_path,
+        "r.toml",
+        target("web", f"127.0.0.1:{web.port}") + rule("tcp", "192.0.2.0/24", "all", "web"),
+    )
+    ns.ok("apply", f)
+    look = apimod._live_from
+
+    def look_then_attach(netns: Any, bpffs: str, source: str) -> Any:
+        known = look(netns, bpffs, source)
+        assert known == {"web": "tcp"}
+        monkeypatch.setattr(apimod, "_live_from", look)
+        ns.ok("attach", "tcp", "192.0.2.0/24", "80", "--drop")
+        return known
+
+    monkeypatch.setattr(apimod, "_live_from", look_then_attach)
+    res = json.loads(ns.ok("apply", "--json", f).stdout)
+    assert res["changed"] is True and [r["ports"] for r in res["rules"]["removed"]] == ["80"]
+    assert ns.dial("tcp", "192.0.2.9", 80).endswith(" web")
+    assert [r["ports"] for r in ns.status()["rules"]] == ["all"]

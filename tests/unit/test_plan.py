@@ -12,7 +12,16 @@ from hypothesis import strategies as st
 
 from sklookupctl import slots as slotsmod
 from sklookupctl.errors import NotFound, TargetMismatch
-from sklookupctl.plan import NOTHING, Live, Member, Slotted, Want, make_plan
+from sklookupctl.plan import (
+    NOTHING,
+    LazyEffects,
+    Live,
+    Member,
+    Slotted,
+    Want,
+    live_rules,
+    make_plan,
+)
 from sklookupctl.rules import DROP, STEER, Rule, RuleKey, RuleSet, make_rule
 
 V4 = socket.AF_INET
@@ -332,3 +341,42 @@ def test_rule_keys_and_effects_are_what_the_diff_compares() -> None:
     for new in (Rule(key, DROP), Rule(key, STEER, "web", "pass")):
         p = make_plan(live, RuleSet({key: new}), {"web": want("web", 1)})
         assert [b for _a, b in p.changed] == [new]
+
+
+@settings(max_examples=300, deadline=None)
+@given(scenarios())
+def test_a_plan_that_keeps_the_live_rules_as_they_are(
+    case: tuple[Live, RuleSet, dict[str, Want], int],
+) -> None:
+    """make_plan(live, None, wants) (apply of the file the live rules came from) decides what
+    make_plan(live, the live rules, wants) decides, without comparing or decoding the rules
+    unless it must commit."""
+    live, _rs, wants, minimum = case
+    same = live_rules(live)
+    for name, t in live.targets.items():  # every live target wanted: the scenario's, or kept
+        wants.setdefault(name, Want(name, t.proto, t.addr, t.port, ()))
+    try:
+        want_plan = make_plan(live, same, wants, min_capacity=minimum)
+    except (NotFound, TargetMismatch) as e:
+        with pytest.raises(type(e)):
+            make_plan(live, None, wants, min_capacity=minimum)
+        return
+    looked: list[bool] = []
+    lazy = Live(
+        LazyEffects(lambda: (looked.append(True), dict(live.rules))[1], len(live.rules)),
+        live.targets,
+        live.filled,
+        live.capacity,
+        live.generation,
+        live.attached,
+        "digest",
+    )
+    p = make_plan(lazy, None, wants, min_capacity=minimum)
+    for f in ("targets", "fills", "frees", "capacity", "new_map", "attach", "target_changes"):
+        assert getattr(p, f) == getattr(want_plan, f), f
+    assert p.noop == want_plan.noop and not (p.added or p.removed or p.changed)
+    assert p.source == "digest"
+    if p.noop:
+        assert not looked  # nothing decoded
+    else:
+        assert p.rules.rules == same.rules

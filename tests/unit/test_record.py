@@ -70,3 +70,22 @@ def test_a_large_set_is_written_a_slice_at_a_time_as_one_text() -> None:
         assert all(line.startswith("R\t") for line in lines[len(targets) :])
         back, _ = record.decode(blob)
         assert back.rules == rs.rules
+
+
+def test_the_source_line_is_read_alone_and_skipped_by_decode() -> None:
+    """The S line (the digest of the file the rules were read from) comes first, is read from
+    the first map entry without the rest, and is skipped by decode: version 1 readers of
+    before it skip lines of types they do not know."""
+    import ipaddress
+
+    from sklookupctl.rules import RuleSet, make_rule
+
+    rs = RuleSet()
+    rs.add(make_rule("tcp", "192.0.2.0/24", "80", target="web"))
+    targets = {"web": ("tcp", ipaddress.ip_address("192.0.2.1"), 80, False)}
+    blob = record.encode(rs, targets, "ab12")
+    first = record.chunks(blob)[1][: record.CHUNK]
+    assert record.source(first) == "ab12"
+    assert record.decode(blob) == record.decode(record.encode(rs, targets))
+    assert record.source(record.chunks(record.encode(rs, targets))[1][: record.CHUNK]) == ""
+    assert record.source(bytes(record.CHUNK)) == ""  # an empty entry

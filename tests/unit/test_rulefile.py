@@ -451,3 +451,59 @@ def test_an_export_of_a_million_rules_is_a_file_apply_takes() -> None:
     text = rulefile.dumps(rs, {name: ("tcp", ipaddress.ip_address("::1"), 8080, False)})
     per_rule = len(text.encode()) / len(rs)
     assert per_rule * 1_000_000 <= validate.RULE_FILE_MAX, per_rule
+
+
+def test_a_file_whose_rules_are_live_has_only_its_head_read() -> None:
+    """parse with `known` (the targets the live rules use, with their protocols: the live
+    rules were read from this very text) reads targets and [netns] as a whole parse does, and
+    no rule; a file outside export's shape is read whole all the same."""
+    from ..rulegen import random_rules
+
+    rng = random.Random(31)
+    for _ in range(30):
+        rs, _anchors = random_rules(rng, rng.choice([1, 5, 30]))
+        targets = {
+            t: (
+                "tcp" if t.startswith("tcp") else "udp",
+                ipaddress.ip_address("127.0.0.1"),
+                80,
+                False,
+            )
+            for t in rs.targets_in_use()
+        }
+        text = rulefile.dumps(rs, targets, "header")
+        text = text.replace("[targets.", '[targets.unused]\nto = "127.0.0.1:9"\n\n[targets.', 1)
+        whole = rulefile.parse(text, "f")
+        known = {t: p for t, (p, *_rest) in targets.items()}
+        head = rulefile.parse(text, "f", known=known)
+        assert head.same_as_live and head.text == text and not head.rules.rules
+        assert (head.targets, head.unused_targets) == (whole.targets, whole.unused_targets)
+        assert (head.create_netns, head.addresses) == (whole.create_netns, whole.addresses)
+        # rules in another shape: the head still says everything but the rules
+        other = rulefile.parse(text.replace('"', "'"), "f", known=known)
+        assert other.same_as_live and other.targets == whole.targets
+        # a target declared after the rules: read whole
+        late = text + '\n[targets.late]\nto = "127.0.0.1:7"\n'
+        other = rulefile.parse(late, "f", known=known)
+        assert not other.same_as_live and other.rules.rules == whole.rules.rules
+        assert "late" in other.unused_targets
+        spaced = (
+            "[[rules]] \n"
+            + rule(prefix="203.0.113.0/24", ports="9", target=None, action="drop")[10:]
+        )
+        for late in (text + '\n  [targets.late]\nto = "127.0.0.1:7"\n', text + "\n" + spaced):
+            assert not rulefile.parse(late, "f", known=known).same_as_live
+
+
+def test_a_file_digest_is_of_its_text_and_of_the_code() -> None:
+    a = rulefile.source_digest("x")
+    assert a == rulefile.source_digest("x") and a != rulefile.source_digest("x ")
+    assert len(a) == 40
+    rulefile._code_digest.cache_clear()
+    try:
+        import unittest.mock
+
+        with unittest.mock.patch.object(rulefile, "_code_digest", lambda: b"other code"):
+            assert rulefile.source_digest("x") not in (a, "")
+    finally:
+        rulefile._code_digest.cache_clear()

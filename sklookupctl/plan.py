@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, ValuesView
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import slots as slotsmod
 from .errors import NotFound, RuleConflict, TargetMismatch
@@ -76,6 +77,22 @@ class LazyEffects(Mapping[RuleKey, Effect]):
 
     def __len__(self) -> int:
         return self.count
+
+    # the dict's own, in C (Mapping's would look every key up again, in Python)
+    def __contains__(self, key: object) -> bool:
+        return key in self.rules
+
+    def get(self, key: RuleKey, default: Any = None) -> Any:
+        return self.rules.get(key, default)
+
+    def items(self) -> ItemsView[RuleKey, Effect]:
+        return self.rules.items()
+
+    def keys(self) -> KeysView[RuleKey]:
+        return self.rules.keys()
+
+    def values(self) -> ValuesView[Effect]:
+        return self.rules.values()
 
 
 @dataclass(frozen=True)

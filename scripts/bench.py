@@ -22,6 +22,20 @@ Everything happens in network namespaces and a bpffs mount of its own, removed a
    redirect (NAT) and by nftables tproxy. Each round runs every mode once, in random order,
    with only that mode's machinery present; a mode's figure is its median over the rounds of
    (its rate / the direct rate of the same round).
+5. UDP datagrams per second delivered to one socket (unconnected, bound to port 9000 of the
+   wildcard address: every datagram is looked up), client in its own netns over a veth:
+   direct to its port (on random addresses of the server's AnyIP prefix), steered by
+   sklookupctl (with the 100k-rule set loaded next to the benchmark's rule), by the floor
+   program alone (FLOOR_C attached to the namespace with BPF_LINK_CREATE), by nftables
+   redirect and by nftables tproxy (these to random addresses and ports). A sender process
+   (scripts/bench_udp.py: a raw socket, sendmmsg through ctypes) sends 64-byte datagrams as
+   fast as it can for a fixed time, each from a source address and port of its own: every
+   datagram is a new flow, also to conntrack. A receiver (recvmmsg) on a CPU of its own
+   counts what it reads in the measured window. The veth runs the server's receive path,
+   the lookup among it, in the sender's softirq: the sender's CPU is the bottleneck and its
+   rate falls with what each datagram costs the server, while the receiver keeps up (the
+   table shows the datagrams its socket had no room for, and both CPU shares). Rounds and
+   ratios as in 4, and the same ratio per second of the sender's CPU time.
 """
 
 from __future__ import annotations
@@ -49,7 +63,7 @@ from typing import Any
 
 from sklookupctl import api, compiler, store, testrun
 from sklookupctl import netns as nsmod
-from sklookupctl.bpfsys import Map, Program
+from sklookupctl.bpfsys import Link, Map, Program
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLI = os.path.join(os.path.dirname(sys.executable), "sklookupctl")
@@ -397,10 +411,14 @@ def wrk(client: str, url: str, seconds: float, conns: int) -> tuple[float, int]:
     return float(m.group(1)), errors + (int(m2.group(1)) if m2 else 0)
 
 
-def connection_rates(sb: Sandbox, rounds: int, seconds: float, extra_rules: int) -> dict[str, Any]:
-    srv = sb.netns("srv", ("203.0.113.0/26",))
-    cli = sb.netns("cli")
-    veth_s, veth_c = f"sklbs{sb.tag}", f"sklbc{sb.tag}"
+def server_client(sb: Sandbox, proto: str) -> tuple[str, str]:
+    """A server netns (198.51.100.1 on a veth, 203.0.113.0/26 as AnyIP) and a client netns
+    (198.51.100.2) that routes 203.0.113.0/24 to it."""
+    label = "" if proto == "tcp" else f"{proto}-"
+    srv = sb.netns(f"{label}srv", ("203.0.113.0/26",))
+    cli = sb.netns(f"{label}cli")
+    letter = "b" if proto == "tcp" else proto[0]
+    veth_s, veth_c = f"skl{letter}s{sb.tag}", f"skl{letter}c{sb.tag}"
     sh(cli, "ip", "link", "add", veth_c, "type", "veth", "peer", "name", veth_s)
     sh(cli, "ip", "link", "set", veth_s, "netns", srv)
     sh(srv, "ip", "addr", "add", "198.51.100.1/24", "dev", veth_s)
@@ -408,28 +426,41 @@ def connection_rates(sb: Sandbox, rounds: int, seconds: float, extra_rules: int)
     sh(cli, "ip", "addr", "add", "198.51.100.2/24", "dev", veth_c)
     sh(cli, "ip", "link", "set", veth_c, "up")
     sh(cli, "ip", "route", "add", "203.0.113.0/24", "via", "198.51.100.1")
+    return srv, cli
+
+
+def steering_file(
+    sb: Sandbox, extra_rules: int, proto: str, target: str, to: str
+) -> tuple[str, int]:
+    """The benchmark's rule (`proto`, 203.0.113.0/26, every port, to `target` at `to`) among
+    `extra_rules` others: the `proto`/v4 ones steer to the same target, the rest drop; none
+    touches the benchmark's prefixes. Returns the rule file and its number of rules."""
+    ours = [ipaddress.ip_network("203.0.113.0/24"), ipaddress.ip_network("198.51.100.0/24")]
+    rules = [
+        (p, net, lo, hi, target if p == proto and net.version == 4 and t != "drop" else "drop")
+        for p, net, lo, hi, t in make_rules(extra_rules, "few", random.Random(3))
+        if not any(net.version == 4 and net.overlaps(o) for o in ours)
+    ]
+    rules.append((proto, ipaddress.ip_network("203.0.113.0/26"), 1, 65535, target))
+    path = os.path.join(sb.tmp, f"steer-{proto}.toml")
+    with open(path, "w") as f:
+        f.write(
+            toml_of(rules, {}).replace(
+                "[[rules]]", f'[targets.{target}]\nto = "{to}"\n\n[[rules]]', 1
+            )
+        )
+    return path, len(rules)
+
+
+def connection_rates(sb: Sandbox, rounds: int, seconds: float, extra_rules: int) -> dict[str, Any]:
+    srv, cli = server_client(sb, "tcp")
     sh(cli, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000")
     sh(cli, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1")
     binary = os.path.join(sb.tmp, "bench-http")
     subprocess.run(["cc", "-O2", "-o", binary, os.path.join(HERE, "bench-http.c")], check=True)
     lifetime = int(rounds * 4 * (seconds + 8) + 600)
     sb.start([binary, "8080", "16", str(lifetime)], netns=srv)
-    # the benchmark's rule among `extra_rules` others: tcp/v4 ones steer to the same listener,
-    # the rest drop; none touches the benchmark's prefixes
-    ours = [ipaddress.ip_network("203.0.113.0/24"), ipaddress.ip_network("198.51.100.0/24")]
-    rules = [
-        (p, net, lo, hi, "http" if p == "tcp" and net.version == 4 and t != "drop" else "drop")
-        for p, net, lo, hi, t in make_rules(extra_rules, "few", random.Random(3))
-        if not any(net.version == 4 and net.overlaps(o) for o in ours)
-    ]
-    rules.append(("tcp", ipaddress.ip_network("203.0.113.0/26"), 1, 65535, "http"))
-    rules_file = os.path.join(sb.tmp, "steer.toml")
-    with open(rules_file, "w") as f:
-        f.write(
-            toml_of(rules, {}).replace(
-                "[[rules]]", '[targets.http]\nto = "0.0.0.0:8080"\n\n[[rules]]', 1
-            )
-        )
+    rules_file, n_rules = steering_file(sb, extra_rules, "tcp", "http", "0.0.0.0:8080")
 
     def sklookupctl_on() -> None:
         sb.cli(srv, "apply", rules_file)
@@ -503,11 +534,290 @@ def connection_rates(sb: Sandbox, rounds: int, seconds: float, extra_rules: int)
         "rounds": rounds,
         "seconds_per_run": seconds,
         "connections": 64,
-        "rules_loaded_for_sklookupctl": len(rules),
+        "rules_loaded_for_sklookupctl": n_rules,
         "rate_median": {m: statistics.median(v) for m, v in rates.items()},
         "ratio_to_direct_median": {m: statistics.median(v) for m, v in ratios.items()},
         "ratio_to_direct_min_max": {m: (min(v), max(v)) for m, v in ratios.items()},
         "errors": errors_total,
+    }
+
+
+# -- UDP delivery ------------------------------------------------------------------------------
+
+UDP_PORT = 9000
+UDP_BYTES = 64  # payload of each datagram
+UDP_MODES = ("direct", "sklookupctl", "floor", "nft redirect", "nft tproxy")
+NFT_UDP_REDIRECT = f"""table ip sklb_udp_redirect {{
+  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+    ip daddr 203.0.113.64/26 udp dport 1-65535 redirect to :{UDP_PORT}
+  }}
+}}
+"""
+NFT_UDP_TPROXY = f"""table ip sklb_udp_tproxy {{
+  chain prerouting {{
+    type filter hook prerouting priority mangle; policy accept;
+    ip daddr 203.0.113.128/26 udp dport 1-65535 tproxy to :{UDP_PORT} meta mark set 1 accept
+  }}
+}}
+"""
+SO_RCVBUFFORCE = 33
+IP_TRANSPARENT = 19
+
+
+def udp_counters(fd: int) -> dict[str, int]:
+    """The Udp line of /proc/net/snmp, read again from `fd` (opened inside a namespace, it
+    keeps showing that namespace's counters)."""
+    text = os.pread(fd, 1 << 16, 0).decode()
+    head, values = [line.split() for line in text.splitlines() if line.startswith("Udp:")][:2]
+    return dict(zip(head[1:], map(int, values[1:]), strict=True))
+
+
+class UdpRun:
+    """One measured run: a receiver reading the server's socket and senders in the client
+    netns, all started now and stopping by themselves `seconds` + about 1.5 s later."""
+
+    LEAD, WARM, TAIL = 1.0, 0.3, 0.2  # s: start-up, before the window, after it
+
+    def __init__(self, sb: Sandbox, sock: socket.socket, srv: str, cli: str, senders: int) -> None:
+        self.sb, self.sock, self.srv, self.cli, self.senders = sb, sock, srv, cli, senders
+        cpus = sorted(os.sched_getaffinity(0))
+        # the receiver on a CPU of its own when there are two or more: the senders' CPUs also
+        # run the server's receive path (a veth hands each datagram to the receiving stack in
+        # the sender's softirq), the lookup among it
+        self.recv_cpu = cpus[-1] if len(cpus) > 1 else -1
+        self.send_cpus = cpus[:-1] if len(cpus) > 1 else [-1]
+        with nsmod.open_netns(srv) as ns, nsmod.enter(ns):
+            self.snmp = os.open("/proc/self/net/snmp", os.O_RDONLY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        os.close(self.snmp)
+
+    def __call__(self, dest: str, seconds: float) -> dict[str, float]:
+        helper = os.path.join(HERE, "bench_udp.py")
+        start = time.monotonic() + self.LEAD
+        w0 = start + self.WARM
+        w1 = w0 + seconds
+        times = [str(t) for t in (start, w0, w1, w1 + self.TAIL)]
+        fd = self.sock.fileno()
+        argvs = [[self.srv, "recv", str(fd), *times, "--cpu", str(self.recv_cpu)]]
+        for i in range(self.senders):
+            cpu = self.send_cpus[i % len(self.send_cpus)]
+            argvs.append([self.cli, "send", dest, *times, "--cpu", str(cpu)])
+            argvs[-1] += ["--size", str(UDP_BYTES)]
+        procs = [
+            subprocess.Popen(
+                ["ip", "netns", "exec", netns, sys.executable, helper, *argv],
+                stdout=subprocess.PIPE,
+                text=True,
+                pass_fds=[fd] if argv[0] == "recv" else [],
+                start_new_session=True,
+            )
+            for netns, *argv in argvs
+        ]
+        self.sb.procs += procs
+        try:
+            time.sleep(max(0.0, w0 - time.monotonic()))
+            c0 = udp_counters(self.snmp)
+            time.sleep(max(0.0, w1 - time.monotonic()))
+            c1 = udp_counters(self.snmp)
+            outs = []
+            for p in procs:
+                out, _ = p.communicate(timeout=self.LEAD + self.WARM + seconds + 30)
+                if p.returncode != 0:
+                    raise RuntimeError(f"bench_udp.py exited with {p.returncode}")
+                outs.append(json.loads(out))
+                if min(v for k, v in outs[-1].items() if k.endswith("_in_window")) < 0:
+                    raise RuntimeError(f"bench_udp.py missed its window: {out.strip()}")
+        finally:
+            for p in procs:
+                if p.poll() is not None:  # reaped: its pid may be anyone's now
+                    self.sb.procs.remove(p)
+        got, sent = outs[0], outs[1:]
+        late = max(o["started_late_s"] for o in sent)
+        if late > self.WARM / 2:
+            log(f"  a sender started {late:.2f} s late (window at {self.WARM} s)")
+        return {
+            "received": got["received_in_window"],
+            "sent": sum(o["sent_in_window"] for o in sent),
+            "send_errors": sum(o["errors"] for o in sent),
+            # CPU time over the window: the senders' (their share of the server's receive
+            # path among it) and the receiver's; a receiver with time to spare and no drops
+            # says the senders' side is the bottleneck
+            "sender_cpu": sum(o["cpu_share"] for o in sent),  # in CPUs
+            "receiver_cpu": got["cpu_share"],
+            "receiver_batches": got["batches"],
+            # counted by the server netns's kernel over the same window
+            "kernel_received": c1["InDatagrams"] - c0["InDatagrams"],
+            "socket_drops": c1["RcvbufErrors"] - c0["RcvbufErrors"],
+            "no_socket": c1["NoPorts"] - c0["NoPorts"],
+            "in_errors": c1["InErrors"] - c0["InErrors"],
+        }
+
+
+def udp_floor(sock: socket.socket) -> tuple[Program, Map[Any, Any]]:
+    """FLOOR_C, its SOCKMAP left empty: a socket in a SOCKMAP gets the sockmap's own receive
+    functions, so it is put there only while the floor mode runs."""
+    import bcc
+
+    prog = bcc_program(FLOOR_C, None)
+    fd = bcc.libbcc.lib.bpf_table_fd(_BCC_MODULES[-1].module, b"sock")
+    return prog, Map(os.dup(fd), ctypes.c_uint32, ctypes.c_uint64)
+
+
+def udp_delivery(
+    sb: Sandbox, rounds: int, seconds: float, extra_rules: int, senders: int
+) -> dict[str, Any]:
+    srv, cli = server_client(sb, "udp")
+    with nsmod.open_netns(srv) as ns, nsmod.enter(ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)  # nftables tproxy hands it only to these
+    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
+    sock.bind(("0.0.0.0", UDP_PORT))
+    rules_file, n_rules = steering_file(sb, extra_rules, "udp", "dns", f"0.0.0.0:{UDP_PORT}")
+    floor, floor_map = udp_floor(sock)
+    srv_ns = nsmod.open_netns(srv)
+    links: list[Link] = []
+
+    def sklookupctl_on() -> None:
+        sb.cli(srv, "apply", rules_file)
+
+    def sklookupctl_off() -> None:
+        sb.cli(srv, "detach", "--all")
+
+    def floor_on() -> None:
+        floor_map.update(ctypes.c_uint32(0), ctypes.c_uint64(sock.fileno()))
+        links.append(Link.create_netns(floor, srv_ns.fd))
+
+    def floor_off() -> None:
+        link = links.pop()
+        link.detach()
+        link.close()
+        floor_map.delete(ctypes.c_uint32(0))
+
+    def nft_on(text: str, tproxy: bool) -> Callable[[], None]:
+        def on() -> None:
+            sh(srv, "nft", "-f", "-", stdin=text)
+            if tproxy:
+                sh(srv, "ip", "rule", "add", "fwmark", "1", "lookup", "100")
+                sh(srv, "ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
+
+        return on
+
+    def nft_off(table: str, tproxy: bool) -> Callable[[], None]:
+        def off() -> None:
+            sh(srv, "nft", "delete", "table", "ip", table)
+            if tproxy:
+                sh(srv, "ip", "rule", "del", "fwmark", "1", "lookup", "100")
+                sh(srv, "ip", "route", "flush", "table", "100")
+
+        return off
+
+    every_port = "1-65535"
+    # direct: the socket's own port on the server's AnyIP addresses (it is bound to the
+    # wildcard), so every mode's datagrams leave the client by the same route, through the
+    # gateway 198.51.100.1: the raw socket's route to a destination without a gateway is not
+    # cached (FLOWI_FLAG_KNOWN_NH), which costs the sender about a tenth more per datagram
+    modes: dict[str, tuple[str, Callable[[], None], Callable[[], None]]] = {
+        "direct": (f"203.0.113.0/26:{UDP_PORT}", lambda: None, lambda: None),
+        "sklookupctl": (f"203.0.113.0/26:{every_port}", sklookupctl_on, sklookupctl_off),
+        "floor": (f"203.0.113.0/26:{every_port}", floor_on, floor_off),
+        "nft redirect": (
+            f"203.0.113.64/26:{every_port}",
+            nft_on(NFT_UDP_REDIRECT, False),
+            nft_off("sklb_udp_redirect", False),
+        ),
+        "nft tproxy": (
+            f"203.0.113.128/26:{every_port}",
+            nft_on(NFT_UDP_TPROXY, True),
+            nft_off("sklb_udp_tproxy", True),
+        ),
+    }
+    assert tuple(modes) == UDP_MODES
+    run = UdpRun(sb, sock, srv, cli, senders)
+    try:
+        # warm up, and prove every mode delivers to the socket (and nothing to no socket)
+        for name, (dest, on, off) in modes.items():
+            on()
+            try:
+                got = run(dest, 0.5)
+            finally:
+                off()
+            if not got["sent"] or got["received"] < 0.5 * got["sent"] or got["no_socket"]:
+                raise RuntimeError(f"{name}: the warm-up delivered {got}")
+        rng = random.Random(11)
+        runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+        ratios: dict[str, list[float]] = {m: [] for m in modes if m != "direct"}
+        per_cpu: dict[str, list[float]] = {m: [] for m in ratios}
+        for r in range(rounds):
+            order = list(modes)
+            rng.shuffle(order)
+            rate: dict[str, float] = {}
+            # delivered per second of the senders' CPU: what each datagram costs the sender's
+            # side, whatever share of its CPU other work on the machine took
+            cost: dict[str, float] = {}
+            for name in order:
+                dest, on, off = modes[name]
+                on()
+                time.sleep(0.5)  # let the set-up's own work (an apply of many rules) settle
+                try:
+                    got = run(dest, seconds)
+                finally:
+                    off()
+                if got["no_socket"]:
+                    raise RuntimeError(f"{name}: {got['no_socket']} datagrams found no socket")
+                runs[name].append(got)
+                rate[name] = got["received"] / seconds
+                cost[name] = got["received"] / (got["sender_cpu"] * seconds)
+            for name in ratios:
+                ratios[name].append(rate[name] / rate["direct"])
+                per_cpu[name].append(cost[name] / cost["direct"])
+            log(
+                f"round {r + 1}/{rounds}: "
+                + ", ".join(
+                    f"{m} {rate[m]:.0f}/s ({runs[m][-1]['sent'] / seconds:.0f} sent)" for m in modes
+                )
+            )
+    finally:
+        run.close()
+        srv_ns.close()
+        sock.close()
+        floor.close()
+        floor_map.close()
+    sb.drop_netns(srv)
+    sb.drop_netns(cli)
+    counts = ("received", "sent", "kernel_received", "socket_drops", "no_socket", "in_errors")
+    totals = {m: {k: int(sum(g[k] for g in v)) for k in counts} for m, v in runs.items()}
+    return {
+        "rounds": rounds,
+        "seconds_per_run": seconds,
+        "senders": senders,
+        "datagram_bytes": UDP_BYTES,
+        "rules_loaded_for_sklookupctl": n_rules,
+        # delivered: what the receiver read in the window
+        "rate_median": {
+            m: statistics.median(g["received"] / seconds for g in v) for m, v in runs.items()
+        },
+        "sent_rate_median": {
+            m: statistics.median(g["sent"] / seconds for g in v) for m, v in runs.items()
+        },
+        "ratio_to_direct_median": {m: statistics.median(v) for m, v in ratios.items()},
+        "ratio_to_direct_min_max": {m: (min(v), max(v)) for m, v in ratios.items()},
+        "ratio_to_direct_rounds": ratios,
+        # the same per second of the senders' CPU time
+        "ratio_per_sender_cpu_median": {m: statistics.median(v) for m, v in per_cpu.items()},
+        "cpu_share_median": {
+            m: {k: statistics.median(g[f"{k}_cpu"] for g in v) for k in ("sender", "receiver")}
+            for m, v in runs.items()
+        },
+        # over all rounds, in the windows
+        "totals": totals,
+        "runs": runs,  # every run, in the order of the rounds
+        # the receiver is the bottleneck when the socket's queue overflows
+        "bottleneck": {
+            m: "receiver" if t["socket_drops"] > 0.01 * t["received"] else "sender side"
+            for m, t in totals.items()
+        },
     }
 
 
@@ -824,6 +1134,51 @@ def markdown(res: dict[str, Any]) -> str:
                 f"{lo:.2f}–{hi:.2f} | {t['errors'][mode]} |"
             )
         out.append("")
+    u = res.get("udp")
+    if u:
+        out += [
+            f"UDP datagrams per second delivered to one socket ({u['datagram_bytes']}-byte "
+            f"datagrams, {u['senders']} raw-socket sender process(es) with sendmmsg, every "
+            f"datagram a new flow), {u['rounds']} rounds of {u['seconds_per_run']:.0f} s per mode "
+            f"(sklookupctl with {u['rules_loaded_for_sklookupctl']} rules loaded, the "
+            "benchmark's among them; floor: the one-socket floor program attached alone). "
+            "Delivered is what the receiver read; sent is what the sender sent in the same "
+            "window; dropped: datagrams the socket's queue had no room for (the receiver was "
+            "behind), over all rounds; CPU: busy share of the window (median); per sender "
+            "CPU-s: the paired ratio of datagrams delivered per second of the sender's CPU "
+            "time, which other work on the machine does not move:",
+            "",
+            "| mode | delivered/s (median) | sent/s (median) | × direct (paired median) "
+            "| × direct (min–max) | × direct per sender CPU-s | dropped | sender CPU "
+            "| receiver CPU |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for mode in sorted(u["rate_median"], key=UDP_MODES.index):
+            rate = u["rate_median"][mode]
+            total, cpu = u["totals"][mode], u["cpu_share_median"][mode]
+            if mode == "direct":
+                ratio_cells = "1 | | 1"
+            else:
+                lo, hi = u["ratio_to_direct_min_max"][mode]
+                ratio_cells = (
+                    f"{u['ratio_to_direct_median'][mode]:.3f} | {lo:.2f}–{hi:.2f} | "
+                    f"{u['ratio_per_sender_cpu_median'][mode]:.3f}"
+                )
+            out.append(
+                f"| {mode} | {rate:.0f}/s | {u['sent_rate_median'][mode]:.0f}/s | "
+                f"{ratio_cells} | {total['socket_drops']} of {total['sent']} | "
+                f"{cpu['sender']:.0%} | {cpu['receiver']:.0%} |"
+            )
+        out += [
+            "",
+            "Bottleneck (the receiver when its socket's queue overflowed, else the sender's "
+            "side: the sender's CPU, which also runs the server's receive path): "
+            + ", ".join(
+                f"{m} {u['bottleneck'][m]}" for m in sorted(u["bottleneck"], key=UDP_MODES.index)
+            )
+            + ".",
+            "",
+        ]
     mt = res.get("many_targets")
     if mt:
         out += [
@@ -855,6 +1210,9 @@ def one_cpu() -> Iterator[None]:
         os.sched_setaffinity(0, cpus)
 
 
+SECTIONS = ("datapath", "cli", "targets", "tcp", "udp")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1,1000,100000,1000000")
@@ -867,13 +1225,24 @@ def main() -> None:
     ap.add_argument("--cli-runs", type=int, default=7)
     ap.add_argument("--targets", default="2000,10000", help="target counts to apply")
     ap.add_argument("--targets-runs", type=int, default=5)
-    ap.add_argument("--skip", default="", help="comma list of: datapath,cli,targets,tcp")
+    ap.add_argument("--udp-rounds", type=int, default=11)
+    ap.add_argument("--udp-seconds", type=float, default=2.0)
+    ap.add_argument("--udp-rules", type=int, default=100_000, help="rules loaded beside ours")
+    ap.add_argument(
+        "--udp-senders", type=int, default=1, help="sender processes (on the CPUs but one)"
+    )
+    ap.add_argument("--skip", default="", help="comma list of: " + ",".join(SECTIONS))
+    ap.add_argument("--only", default="", help="comma list of the sections to run (no --skip)")
     ap.add_argument("--out", default="bench-results.json")
     ap.add_argument("--markdown", default="", help="also write the README tables here")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("scripts/bench: run as root (it makes namespaces and loads BPF programs)")
     skip = set(filter(None, args.skip.split(",")))
+    if args.only:
+        skip = set(SECTIONS) - set(args.only.split(","))
+    if unknown := (skip | set(filter(None, args.only.split(",")))) - set(SECTIONS):
+        sys.exit(f"scripts/bench: no section {', '.join(sorted(unknown))}")
     res: dict[str, Any] = {"machine": machine()}
     sb = Sandbox()
     try:
@@ -892,6 +1261,11 @@ def main() -> None:
         if "tcp" not in skip:
             log("TCP connection rates")
             res["tcp"] = connection_rates(sb, args.tcp_rounds, args.tcp_seconds, args.tcp_rules)
+        if "udp" not in skip:
+            log("UDP delivery rates")
+            res["udp"] = udp_delivery(
+                sb, args.udp_rounds, args.udp_seconds, args.udp_rules, args.udp_senders
+            )
     finally:
         sb.close()
     res["targets"] = judge(res)
@@ -958,7 +1332,19 @@ def judge(res: dict[str, Any]) -> list[str]:
             r["sklookupctl"] > max(r["nft redirect"], r["nft tproxy"]),
             f"ahead of nft redirect ({r['nft redirect']:.3f}) and tproxy ({r['nft tproxy']:.3f})",
         )
-    out.append("not measured: UDP datagrams/s delivered to one socket (issue 11)")
+    u = res.get("udp")
+    if u:
+        r, c = u["ratio_to_direct_median"], u.get("ratio_per_sender_cpu_median", {})
+        per_cpu = {m: f"; {c[m]:.3f} per sender CPU-s" if m in c else "" for m in r}
+        check(
+            r["sklookupctl"] >= 0.97,
+            f"UDP delivered {r['sklookupctl']:.3f}× direct (≥ 0.97{per_cpu['sklookupctl']})",
+        )
+        check(
+            r["sklookupctl"] >= r["floor"],
+            f"UDP delivered at least the floor program's ({r['floor']:.3f}× direct"
+            f"{per_cpu['floor']})",
+        )
     return out
 
 

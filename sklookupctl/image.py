@@ -19,10 +19,13 @@ from . import __version__, layout, record, trie
 from .plan import Effect, Slotted
 from .rules import DROP, PROTO_NAMES, PROTOCOLS, STEER, IPAddress, Rule, RuleKey, RuleSet
 
-RULE = struct.Struct("<BBBBB3xHHI16s")  # mirrors layout.RuleRecord
+RULE = struct.Struct("<BBBBB3xHHI16s")  # mirrors layout.RuleRecord, and is record.RULE
 TARGET = struct.Struct("<64sBBHBBHI16s4x")  # mirrors layout.TargetRecord
 COUNTERS = struct.Struct("<5Q")  # mirrors layout.Counters
 assert RULE.size == 32 and TARGET.size == 96 and COUNTERS.size == 40
+assert RULE.format == record.RULE.format
+assert (layout.ACTION_STEER, layout.ACTION_DROP) == (record.STEER_CODE, record.DROP_CODE)
+assert {layout.MISSING_DROP: "drop", layout.MISSING_PASS: "pass"} == record.MISSING
 
 _ACTIONS = {layout.ACTION_DROP: DROP, layout.ACTION_STEER: STEER}
 _MISSING = {layout.MISSING_PASS: "pass", layout.MISSING_DROP: "drop"}
@@ -116,9 +119,10 @@ def encode(
             "tbase": (len(names) + len(DROP_GROUPS), b""),
             "targets": (max(1, len(names)), b"".join(target_records)),
             "meta": (1, bytes(m)),
+            # the rules map's records are the record's too (record.py defines them for itself)
             "record": record.chunks(
                 record.encode(
-                    rules,
+                    b"".join(records[1:]),
                     {n: (t.proto, t.addr, t.port, t.exact) for n, t in targets.items()},
                     source,
                 )

@@ -426,41 +426,48 @@ def _parse_rows(
     already hold are made here, straight from the row; every other row goes the way of a
     table (_parse_rule), which makes and checks it, and words any problem."""
     seen = rs.rules
+    add = seen.setdefault
     protos, portss = cache["protocol"], cache["ports"]
-    total = len(rows)
-    step = max(1, total // 100)
+    pairs: set[tuple[str, str]] = set()  # (target, protocol) of the rules made here
+    pair = pairs.add
+    i = 0
     last_x, last_where = "", None
-    for i, row in enumerate(rows):
-        p, x, o, tk, target, _ak, _av, ok, _ov, _e = row
-        proto = protos.get(p)
-        # a prefix's rules are next to each other in export's order: only the last prefix is
-        # remembered (a cache of them all would keep every chunk's strings alive)
-        if x == last_x:
-            where = last_where
-        else:
-            last_x, where = x, quick_prefix(x)
-            last_where = where
-        ports = portss.get(o)
-        if tk and not ok and proto and where and ports and target in targets:
-            key = _new(RuleKey, (proto, *where, *ports))
-            rule: Rule = _new(Rule, (key, STEER, target, "drop"))
-        else:
-            try:
-                rule = _parse_rule(_Rows.table(row), targets, cache)
-            except _Bad as e:
-                where_ = f"{name}: rules[{i}]" + (f".{e.field}" if e.field else "")
-                raise FileError(where_, e.message, e.hint) from None
-        key = rule.key
-        if key in seen:
-            first = list(seen).index(key)
-            raise FileError(
-                f"{name}: rules[{i}]", f"rule {key} is also rules[{first}]", "keep one of them"
-            )
-        seen[key] = rule
-        if rule.target is not None:
-            protos_of.setdefault(rule.target, set()).add(key.proto)
-        if progress is not None and i % step == 0:
-            progress(i, total)
+    for chunk in rows.chunks():
+        if progress is not None:
+            progress(i, len(rows))
+        for row in chunk:
+            p, x, o, tk, target, _ak, _av, ok, _ov, _e = row
+            proto = protos.get(p)
+            # a prefix's rules are next to each other in export's order: only the last prefix
+            # is remembered (a cache of them all would keep every chunk's strings alive)
+            if x == last_x:
+                where = last_where
+            else:
+                last_x, where = x, quick_prefix(x)
+                last_where = where
+            ports = portss.get(o)
+            if tk and not ok and proto and where and ports and target in targets:
+                # the common rule, valid by the checks above: made without checking again
+                key = _new(RuleKey, (proto, *where, *ports))
+                rule: Rule = _new(Rule, (key, STEER, target, "drop"))
+                pair((target, proto))
+            else:
+                try:
+                    rule = _parse_rule(_Rows.table(row), targets, cache)
+                except _Bad as e:
+                    where_ = f"{name}: rules[{i}]" + (f".{e.field}" if e.field else "")
+                    raise FileError(where_, e.message, e.hint) from None
+                key = rule.key
+                if rule.target is not None:
+                    pair((rule.target, key.proto))
+            if add(key, rule) is not rule:
+                first = list(seen).index(key)
+                raise FileError(
+                    f"{name}: rules[{i}]", f"rule {key} is also rules[{first}]", "keep one of them"
+                )
+            i += 1
+    for target, proto in pairs:
+        protos_of.setdefault(target, set()).add(proto)
 
 
 @contextlib.contextmanager

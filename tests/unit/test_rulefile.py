@@ -244,7 +244,8 @@ def test_dumps_round_trips() -> None:
     assert rulefile._fast_parse(text) is not None  # what export writes takes the fast path
 
 
-def test_progress_is_reported() -> None:
+def test_progress_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rulefile._Rows, "CHUNK", 2000)  # reported a chunk at a time
     text = WEB + "".join(rule(ports=str(p)) for p in range(1, 501))
     seen: list[tuple[int, int]] = []
     rulefile.parse(text, "f", lambda done, total: seen.append((done, total)))

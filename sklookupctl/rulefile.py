@@ -436,7 +436,7 @@ def _parse_rows(
         if progress is not None:
             progress(i, len(rows))
         for row in chunk:
-            p, x, o, tk, target, _ak, _av, ok, _ov, _e = row
+            p, x, o, tk, target, _ak, av, ok, _ov, _e = row
             proto = protos.get(p)
             # a prefix's rules are next to each other in export's order: only the last prefix
             # is remembered (a cache of them all would keep every chunk's strings alive)
@@ -446,11 +446,23 @@ def _parse_rows(
                 last_x, where = x, quick_prefix(x)
                 last_where = where
             ports = portss.get(o)
-            if tk and not ok and proto and where and ports and target in targets:
-                # the common rule, valid by the checks above: made without checking again
+            if ports is None:
+                with contextlib.suppress(SklookupError):  # the way of a table words it
+                    ports = portss[o] = parse_ports(o)
+            if (
+                not ok
+                and proto
+                and where
+                and ports
+                and ((tk and target in targets) or (not tk and av == DROP))
+            ):
+                # the common rules, valid by the checks above: made without checking again
                 key = _new(RuleKey, (proto, *where, *ports))
-                rule: Rule = _new(Rule, (key, STEER, target, "drop"))
-                pair((target, proto))
+                if tk:
+                    rule: Rule = _new(Rule, (key, STEER, target, "drop"))
+                    pair((target, proto))
+                else:
+                    rule = _new(Rule, (key, DROP, None, "drop"))
             else:
                 try:
                     rule = _parse_rule(_Rows.table(row), targets, cache)

@@ -318,7 +318,8 @@ _ODD_FIELDS = {
     ],
     "ports": ["0", "65536", "90-80", "all", "ALL", " 80", "1-65535", "08", "x"],
     "protocol": ["TCP", "sctp", " udp"],
-    "target": ["nobody", "tcp-a"],
+    "target": ["nobody", "tcp-a", ""],
+    "action": ["steer", "Drop", "", "drop"],
 }
 
 
@@ -508,3 +509,17 @@ def test_a_file_digest_is_of_its_text_and_of_the_code() -> None:
             assert rulefile.source_digest("x") not in (a, "")
     finally:
         rulefile._code_digest.cache_clear()
+
+
+def test_a_steering_rule_without_target_beside_a_target_named_empty() -> None:
+    """The quick way makes drop rules too: only an action = "drop" row without a target is
+    one (a target named "" in the file must not turn `action = "steer"` into a drop rule)."""
+    text = (
+        '[targets.""]\nto = "127.0.0.1:9"\n\n'
+        + rule(prefix="198.51.100.0/24", target=None, action="drop")  # the caches filled
+        + rule(target=None, action="steer")
+    )
+    assert tables(rulefile._canonical(text)) is not None
+    want = outcome_general(text)
+    assert outcome(text) == want
+    assert want[0] == "error" and "rules[1].target" in str(want[1])

@@ -413,6 +413,21 @@ def _parse_rule(d: dict[str, Any], targets: dict[str, Any], cache: Cache) -> Rul
     return Rule(RuleKey.of(proto, version, net, plen, lo, hi), STEER, target, on_missing or "drop")
 
 
+def _quick_ports(text: str) -> tuple[int, int] | None:
+    """parse_ports for the common text, fast: N or LO-HI in plain digits, no leading zero,
+    within 1-65535, LO <= HI. None for anything else (parse_ports then decides)."""
+    lo_text, dash, hi_text = text.partition("-")
+    if not dash:
+        hi_text = lo_text
+    for t in (lo_text, hi_text):
+        if not (t.isascii() and t.isdigit() and len(t) <= 5 and t[0] != "0"):
+            return None
+    lo, hi = int(lo_text), int(hi_text)
+    if hi > 65535 or lo > hi:
+        return None
+    return lo, hi
+
+
 def _parse_rows(
     rows: _Rows,
     targets: dict[str, Any],
@@ -431,10 +446,11 @@ def _parse_rows(
     pairs: set[tuple[str, str]] = set()  # (target, protocol) of the rules made here
     pair = pairs.add
     i = 0
+    total = len(rows) if progress is not None else 0
     last_x, last_where = "", None
     for chunk in rows.chunks():
         if progress is not None:
-            progress(i, len(rows))
+            progress(i, total)
         for row in chunk:
             p, x, o, tk, target, _ak, av, ok, _ov, _e = row
             proto = protos.get(p)
@@ -447,8 +463,12 @@ def _parse_rows(
                 last_where = where
             ports = portss.get(o)
             if ports is None:
-                with contextlib.suppress(SklookupError):  # the way of a table words it
-                    ports = portss[o] = parse_ports(o)
+                ports = _quick_ports(o)
+                if ports is None:
+                    with contextlib.suppress(SklookupError):  # the way of a table words it
+                        ports = parse_ports(o)
+                if ports is not None:
+                    portss[o] = ports
             if (
                 not ok
                 and proto

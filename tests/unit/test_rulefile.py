@@ -523,3 +523,27 @@ def test_a_steering_rule_without_target_beside_a_target_named_empty() -> None:
     want = outcome_general(text)
     assert outcome(text) == want
     assert want[0] == "error" and "rules[1].target" in str(want[1])
+
+
+def test_quick_ports_agree_with_parse_ports() -> None:
+    from sklookupctl.errors import InvalidArgument
+    from sklookupctl.rules import parse_ports
+
+    rng = random.Random(8)
+    pieces = ["0", "1", "08", "80", "65535", "65536", "99999", "123456", "", " 1", "x", "١٢"]
+    texts = ["all", "ALL", "-", "1-", "-1", "1--2"]
+    for _ in range(3000):
+        a = rng.choice([*pieces, str(rng.randrange(70000))])
+        b = rng.choice([*pieces, str(rng.randrange(70000))])
+        texts += [a, f"{a}-{b}"]
+    for t in texts:
+        quick = rulefile._quick_ports(t)
+        try:
+            want: object = parse_ports(t)
+        except InvalidArgument:
+            want = None
+        if quick is not None:
+            assert quick == want, t
+        elif want is not None:
+            # left to parse_ports: only texts outside the plain shape
+            assert t.lower() == "all" or any(p[:1] == "0" or not p.isdigit() for p in t.split("-"))

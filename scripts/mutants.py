@@ -99,8 +99,8 @@ MUTANTS = [
     (
         "plan.py",
         "a detached link is not made again",
-        "attach=not live.attached",
-        "attach=False",
+        "attach = not live.attached",
+        "attach = False",
     ),
     (
         "slots.py",

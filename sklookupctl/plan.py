@@ -228,7 +228,8 @@ def make_plan(
     need = sum(t.slots for t in keep.values()) + sum(_size(w) for w, _ in fresh.values())
     targets, fills, frees, capacity, new_map = _assign(live, keep, fresh, need, min_capacity)
 
-    plan = Plan(rules or RuleSet(), targets, fills, frees, capacity, new_map, not live.attached)
+    attach = not live.attached
+    plan = Plan(rules or RuleSet(), targets, fills, frees, capacity, new_map, attach)
     plan.kept_missing = kept_missing
     if not same:
         assert rules is not None

@@ -1355,7 +1355,10 @@ class ApplyResult:
             "apply",
             self.netns,
             dry_run=self.dry_run,
-            changed=self.differs if self.dry_run else self.applied or bool(self.addresses_added),
+            # a dry run: a detached link made again is a change too (--exit-code)
+            changed=self.differs or bool(self.plan and self.plan.attach)
+            if self.dry_run
+            else self.applied or bool(self.addresses_added),
             loaded=self.loaded,
             generation=self.generation,
             plan=self.plan,
@@ -1619,7 +1622,9 @@ def _apply_in(
                     with contextlib.suppress(SklookupError, OSError):
                         nsmod.addr_del(ns, parse_prefix(a))
             if isinstance(e, TargetMismatch):
-                where = f"{path}: rules[{rf.index(e.rule)}].target"  # type: ignore[arg-type]
+                # the file's rules were not read (the same file again): read them to say which
+                located = rulefile.parse(rf.text, path) if rf.same_as_live else rf
+                where = f"{path}: rules[{located.index(e.rule)}].target"  # type: ignore[arg-type]
                 raise rulefile.FileError(where, e.message, e.hint) from None
             raise
         if made:

@@ -297,3 +297,22 @@ def test_rules_changed_between_the_look_and_the_lock(
     assert res["changed"] is True and [r["ports"] for r in res["rules"]["removed"]] == ["80"]
     assert ns.dial("tcp", "192.0.2.9", 80).endswith(" web")
     assert [r["ports"] for r in ns.status()["rules"]] == ["all"]
+
+
+def test_the_same_file_again_when_a_socket_cannot_take_its_rules(ns: NS, tmp_path: Path) -> None:
+    """The same file again, its target's socket now IPv6-only beside an IPv4 rule: the error
+    names the rule in the file, as for any other file (it was a KeyError: the file's rules had
+    not been read)."""
+    web = ns.proxy(tcp="[::]:0", tag="web")
+    f = write(
+        tmp_path,
+        "r.toml",
+        target("web", f"[::]:{web.port}") + rule("tcp", "192.0.2.0/24", "all", "web"),
+    )
+    ns.ok("apply", f)
+    web.stop()
+    ns.proxy(tcp=f"[::]:{web.port}", v6only=True, tag="six")
+    for args in (("apply", f), ("apply", "--dry-run", f)):
+        res = ns.cli(*args)
+        assert res.exit_code == 1, res.output
+        assert f"{f}: rules[0].target: the socket at [::]:{web.port} is IPv6-only" in res.output

@@ -161,9 +161,12 @@ def test_a_detached_link_is_shown_and_the_next_change_reattaches(ns: NS, tmp_pat
     assert st["state"] == "detached" and st["position"] is None
     text = ns.ok("status").output
     assert "DETACHED" in text and "not attached" in text
-    # said as it is: an unchanged file re-attaches, and says so
+    # said as it is: an unchanged file re-attaches, and says so; --dry-run and --exit-code
+    # count it as a change (they said "nothing to change")
     dry = ns.ok("apply", "--dry-run", f).output
     assert "this would attach it again" in dry
+    assert json.loads(ns.ok("apply", "--dry-run", "--json", f).stdout)["changed"] is True
+    assert ns.cli("apply", "--dry-run", "--exit-code", f).exit_code == 5
     res = ns.ok("apply", f)
     assert "attached it again" in res.output and "no rule or target changed" in res.output
     assert ns.status()["state"] == "steering"

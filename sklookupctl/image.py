@@ -133,21 +133,8 @@ def encode(
 
 
 def _records(rules: list[Rule], index: dict[str, int]) -> Iterator[bytes]:
-    """The rules map's record of each rule, in rule-number order."""
-    for r in rules:
-        k = r.key
-        v4 = k.version == 4
-        yield RULE.pack(
-            PROTOCOLS[k.proto],
-            socket.AF_INET if v4 else socket.AF_INET6,
-            k.plen,
-            layout.ACTION_DROP if r.action == DROP else layout.ACTION_STEER,
-            layout.MISSING_PASS if r.on_missing == "pass" else layout.MISSING_DROP,
-            k.lo,
-            k.hi,
-            index[r.target] if r.target is not None else 0,
-            k.net.to_bytes(4, "big") + bytes(12) if v4 else k.net.to_bytes(16, "big"),
-        )
+    """The rules map's record of each rule, in rule-number order (record.RULE: the same)."""
+    return (record.pack_rule(r, index) for r in rules)
 
 
 def _pack_target(t: Slotted) -> bytes:

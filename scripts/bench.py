@@ -452,6 +452,28 @@ def steering_file(
     return path, len(rules)
 
 
+def nft_on(srv: str, text: str, tproxy: bool) -> Callable[[], None]:
+    """Load an nftables ruleset in `srv` (tproxy: with the policy route it needs)."""
+
+    def on() -> None:
+        sh(srv, "nft", "-f", "-", stdin=text)
+        if tproxy:
+            sh(srv, "ip", "rule", "add", "fwmark", "1", "lookup", "100")
+            sh(srv, "ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
+
+    return on
+
+
+def nft_off(srv: str, table: str, tproxy: bool) -> Callable[[], None]:
+    def off() -> None:
+        sh(srv, "nft", "delete", "table", "ip", table)
+        if tproxy:
+            sh(srv, "ip", "rule", "del", "fwmark", "1", "lookup", "100")
+            sh(srv, "ip", "route", "flush", "table", "100")
+
+    return off
+
+
 def connection_rates(sb: Sandbox, rounds: int, seconds: float, extra_rules: int) -> dict[str, Any]:
     srv, cli = server_client(sb, "tcp")
     sh(cli, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000")
@@ -468,36 +490,18 @@ def connection_rates(sb: Sandbox, rounds: int, seconds: float, extra_rules: int)
     def sklookupctl_off() -> None:
         sb.cli(srv, "detach", "--all")
 
-    def nft_on(text: str, tproxy: bool) -> Callable[[], None]:
-        def on() -> None:
-            sh(srv, "nft", "-f", "-", stdin=text)
-            if tproxy:
-                sh(srv, "ip", "rule", "add", "fwmark", "1", "lookup", "100")
-                sh(srv, "ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
-
-        return on
-
-    def nft_off(table: str, tproxy: bool) -> Callable[[], None]:
-        def off() -> None:
-            sh(srv, "nft", "delete", "table", "ip", table)
-            if tproxy:
-                sh(srv, "ip", "rule", "del", "fwmark", "1", "lookup", "100")
-                sh(srv, "ip", "route", "flush", "table", "100")
-
-        return off
-
     modes: dict[str, tuple[str, Callable[[], None], Callable[[], None]]] = {
         "direct": ("http://198.51.100.1:8080/", lambda: None, lambda: None),
         "sklookupctl": ("http://203.0.113.10/", sklookupctl_on, sklookupctl_off),
         "nft redirect": (
             "http://203.0.113.70/",
-            nft_on(NFT_REDIRECT, False),
-            nft_off("sklb_redirect", False),
+            nft_on(srv, NFT_REDIRECT, False),
+            nft_off(srv, "sklb_redirect", False),
         ),
         "nft tproxy": (
             "http://203.0.113.130/",
-            nft_on(NFT_TPROXY, True),
-            nft_off("sklb_tproxy", True),
+            nft_on(srv, NFT_TPROXY, True),
+            nft_off(srv, "sklb_tproxy", True),
         ),
     }
     # warm up, and prove every mode reaches the listener
@@ -695,24 +699,6 @@ def udp_delivery(
         link.close()
         floor_map.delete(ctypes.c_uint32(0))
 
-    def nft_on(text: str, tproxy: bool) -> Callable[[], None]:
-        def on() -> None:
-            sh(srv, "nft", "-f", "-", stdin=text)
-            if tproxy:
-                sh(srv, "ip", "rule", "add", "fwmark", "1", "lookup", "100")
-                sh(srv, "ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
-
-        return on
-
-    def nft_off(table: str, tproxy: bool) -> Callable[[], None]:
-        def off() -> None:
-            sh(srv, "nft", "delete", "table", "ip", table)
-            if tproxy:
-                sh(srv, "ip", "rule", "del", "fwmark", "1", "lookup", "100")
-                sh(srv, "ip", "route", "flush", "table", "100")
-
-        return off
-
     every_port = "1-65535"
     # direct: the socket's own port on the server's AnyIP addresses (it is bound to the
     # wildcard), so every mode's datagrams leave the client by the same route, through the
@@ -724,13 +710,13 @@ def udp_delivery(
         "floor": (f"203.0.113.0/26:{every_port}", floor_on, floor_off),
         "nft redirect": (
             f"203.0.113.64/26:{every_port}",
-            nft_on(NFT_UDP_REDIRECT, False),
-            nft_off("sklb_udp_redirect", False),
+            nft_on(srv, NFT_UDP_REDIRECT, False),
+            nft_off(srv, "sklb_udp_redirect", False),
         ),
         "nft tproxy": (
             f"203.0.113.128/26:{every_port}",
-            nft_on(NFT_UDP_TPROXY, True),
-            nft_off("sklb_udp_tproxy", True),
+            nft_on(srv, NFT_UDP_TPROXY, True),
+            nft_off(srv, "sklb_udp_tproxy", True),
         ),
     }
     assert tuple(modes) == UDP_MODES

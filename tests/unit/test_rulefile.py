@@ -252,6 +252,15 @@ def test_progress_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seen[0] == (0, 500) and seen[-1] == (500, 500) and len(seen) > 10
 
 
+def loopback_targets(rs: Any, exact: Any = lambda: False) -> dict[str, tuple[str, Any, int, bool]]:
+    """The targets a random rule set (tests/rulegen) uses, for rulefile.dumps: each at
+    127.0.0.1:80, of its protocol, `exact()` deciding reuseport."""
+    return {
+        t: ("tcp" if t.startswith("tcp") else "udp", ipaddress.ip_address("127.0.0.1"), 80, exact())
+        for t in rs.targets_in_use()
+    }
+
+
 def test_canonical_reader_agrees_with_tomllib() -> None:
     """What export writes is read by two regular expressions; any change to that shape must
     either still mean the same to tomllib or send the file down the general path."""
@@ -260,15 +269,7 @@ def test_canonical_reader_agrees_with_tomllib() -> None:
     rng = random.Random(11)
     for _ in range(40):
         rs, _anchors = random_rules(rng, rng.choice([1, 5, 30]))
-        targets = {
-            t: (
-                "tcp" if t.startswith("tcp") else "udp",
-                ipaddress.ip_address("127.0.0.1"),
-                80,
-                rng.random() < 0.3,
-            )
-            for t in rs.targets_in_use()
-        }
+        targets = loopback_targets(rs, lambda: rng.random() < 0.3)
         text = rulefile.dumps(rs, targets, "header")
         assert tables(rulefile._canonical(text)) == tomllib.loads(text)
         for _ in range(30):
@@ -339,15 +340,7 @@ def test_the_canonical_way_parses_as_the_general_way(
     rounds = 0
     for _ in range(60):
         rs, _anchors = random_rules(rng, rng.choice([1, 5, 30]))
-        targets = {
-            t: (
-                "tcp" if t.startswith("tcp") else "udp",
-                ipaddress.ip_address("127.0.0.1"),
-                80,
-                False,
-            )
-            for t in rs.targets_in_use()
-        }
+        targets = loopback_targets(rs)
         text = rulefile.dumps(rs, targets)
         assert tables(rulefile._canonical(text)) == tomllib.loads(text)  # read whole, chunked
         for _ in range(8):
@@ -464,15 +457,7 @@ def test_a_file_whose_rules_are_live_has_only_its_head_read() -> None:
     rng = random.Random(31)
     for _ in range(30):
         rs, _anchors = random_rules(rng, rng.choice([1, 5, 30]))
-        targets = {
-            t: (
-                "tcp" if t.startswith("tcp") else "udp",
-                ipaddress.ip_address("127.0.0.1"),
-                80,
-                False,
-            )
-            for t in rs.targets_in_use()
-        }
+        targets = loopback_targets(rs)
         text = rulefile.dumps(rs, targets, "header")
         text = text.replace("[targets.", '[targets.unused]\nto = "127.0.0.1:9"\n\n[targets.', 1)
         whole = rulefile.parse(text, "f")

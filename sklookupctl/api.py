@@ -1107,8 +1107,8 @@ def _status_of(
     tag = bytes(prog_info.tag).hex()
     link = d.link.info() if d.link else None
     live = d.snapshot(rules=False)
-    columns = gen.raw_columns()
-    names = [t.name for t in gen.targets()]
+    counted, columns = gen.counts()
+    names = counted.names
     rows = rulerows.RuleRows.from_records(
         gen.rule_records(), gen.meta().rules, names, list(zip(*columns, strict=True))
     )
@@ -1131,7 +1131,7 @@ def _status_of(
         rules=rows,
         targets=[],
     )
-    totals, sizes = gen.group_stats(columns)
+    totals, sizes = counted.group_stats(columns)
     out["counted"] = dict(zip(layout.KERNEL_COUNTERS, map(sum, columns), strict=True))
     return out, live, (totals, sizes)
 

@@ -12,6 +12,7 @@ import ctypes
 import ipaddress
 import socket
 import struct
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -246,6 +247,92 @@ def sum_groups(
         members[g].append(i)
     sums = [[sum(map(col.__getitem__, idx)) for col in columns] for idx in members]
     return sums, [len(idx) for idx in members]
+
+
+@dataclass
+class Counted:
+    """What a generation counted, as read from its maps: the rules map (entry 0 unused), each
+    rule's `base` and per-CPU counters (entry 0 unused), `tbase` (b"": the generation has
+    none), and its targets' names by index."""
+
+    rules: bytes
+    count: int
+    base: bytes
+    raw: bytes  # the per-CPU counters map: `cpus` copies of COUNTERS per entry
+    cpus: int
+    tbase: bytes
+    names: list[str]
+
+    def any(self) -> bool:
+        """Whether any counter of any rule or group is non-zero."""
+        return any(b.count(0) != len(b) for b in (self.base, self.raw, self.tbase))
+
+    def columns(self) -> list[list[int]]:
+        """Each rule's counters (layout.KERNEL_COUNTERS), every CPU's plus `base`, as one list
+        per counter, by rule number from 1."""
+        n, size, ncpu = self.count, COUNTERS.size, self.cpus
+        width = size // 8
+        base = array("Q", self.base[: (n + 1) * size].ljust((n + 1) * size, b"\0"))
+        per = array("Q", self.raw[: size * ncpu * (n + 1)].ljust(size * ncpu * (n + 1), b"\0"))
+        # column j of rule i on cpu c is per[(i * ncpu + c) * width + j]: sum whole columns
+        stride = ncpu * width
+        columns = []
+        for j in range(width):
+            cpus = [per[c * width + j :: stride] for c in range(ncpu)]
+            sums = map(sum, zip(base[j::width], *cpus, strict=True))
+            columns.append([v % (1 << 64) for v in sums][1:])
+        return columns
+
+    def group_stats(
+        self, columns: list[list[int]] | None = None
+    ) -> tuple[dict[Group, tuple[int, ...]], dict[Group, int]]:
+        """Each group's counters as they grew since the group was made (its rules' counters
+        plus `tbase`, mod 2**64), and each group's number of rules."""
+        keys = groups(self.names)
+        cols = self.columns() if columns is None else columns
+        ids = rule_groups(self.rules, self.count, len(self.names))
+        sums, sizes = sum_groups(ids, cols, len(keys))
+        out = {}
+        for i, g in enumerate(keys):
+            extra = COUNTERS.unpack_from(self.tbase, i * COUNTERS.size) if self.tbase else None
+            t = sums[i] if extra is None else [a + b for a, b in zip(sums[i], extra, strict=True)]
+            out[g] = tuple(v % (1 << 64) for v in t)
+        return out, dict(zip(keys, sizes, strict=True))
+
+
+def carry(
+    old: Counted, rules: bytes, count: int, names: list[str], tbase: bool
+) -> tuple[bytes | None, bytes | None]:
+    """What a new generation (its rules map `rules` of `count` rules, its targets `names`)
+    continues of `old`'s counters: its `base` (each rule in both keeps counting from its old
+    total; None when no such rule counted anything) and, when it has a `tbase` (`tbase`), that
+    map's contents: each group's old total minus what its rules carried. Assignments, so
+    carrying again gives the same result. The reference: vector.carry does the same with numpy
+    for large rule sets."""
+    columns = old.columns()
+    old_counts = list(zip(*columns, strict=True))
+    by_key = {ident: i for i, ident in enumerate(rule_identities(old.rules, old.count))}
+    out = bytearray(COUNTERS.size * (count + 1))
+    carried = False
+    idents = rule_identities(rules, count)
+    for j, ident in enumerate(idents, 1):
+        i = by_key.get(ident)
+        if i is not None and any(old_counts[i]):
+            COUNTERS.pack_into(out, j * COUNTERS.size, *old_counts[i])
+            carried = True
+    if not tbase:
+        return (bytes(out) if carried else None), None
+    old_totals = old.group_stats(columns)[0]
+    width = len(layout.KERNEL_COUNTERS)
+    keys = groups(names)
+    adjust = [list(old_totals.get(g, (0,) * width)) for g in keys]
+    for ident, g in zip(idents, rule_groups(rules, count, len(names)), strict=True):
+        i = by_key.get(ident)
+        if i is not None:
+            for j in range(width):
+                adjust[g][j] -= old_counts[i][j]
+    adjusted = b"".join(COUNTERS.pack(*(v % (1 << 64) for v in a)) for a in adjust)
+    return (bytes(out) if carried else None), adjusted
 
 
 def counter_view(kernel: tuple[int, ...]) -> tuple[int, ...]:

@@ -104,8 +104,8 @@ def _read(d: store.Dispatcher, names: dict[int, str], per_rule: bool) -> NsMetri
     assert gen is not None
     meta = gen.meta()
     targets = gen.targets()
-    columns = gen.raw_columns()
-    totals = gen.group_totals(columns)
+    counted, columns = gen.counts()
+    totals = counted.group_stats(columns)[0]
     width = len(layout.KERNEL_COUNTERS)
     m = NsMetrics(
         namespace=_label(meta, names),

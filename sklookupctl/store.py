@@ -38,7 +38,6 @@ import ctypes
 import errno
 import fcntl
 import os
-from array import array
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -283,13 +282,21 @@ class Generation:
     def identities(self) -> list[tuple[int, int, int, int, int, bytes]]:
         return image.rule_identities(self._rule_bytes(), self.meta().rules)
 
-    def counted(self) -> bool:
-        """Whether any counter of any rule or group is non-zero (cheap: bulk reads)."""
+    def counted(self) -> image.Counted:
+        """What the generation counted: its rules, `base`, per-CPU counters and `tbase`, each
+        read once (bulk reads)."""
         n = self.meta().rules
-        base = _read_array(self.maps["base"], n + 1, image.COUNTERS.size)
-        raw = self.maps["counters"].lookup_batch_raw(n + 1, image.COUNTERS.size * possible_cpus())
-        tbase = self._tbase()
-        return any(b.count(0) != len(b) for b in (base, raw, tbase))
+        size = image.COUNTERS.size
+        ncpu = possible_cpus()
+        return image.Counted(
+            self._rule_bytes(),
+            n,
+            _read_array(self.maps["base"], n + 1, size),
+            self.maps["counters"].lookup_batch_raw(n + 1, size * ncpu),
+            ncpu,
+            self._tbase(),
+            [t.name for t in self.targets()],
+        )
 
     def _tbase(self) -> bytes:
         m = self.maps.get("tbase")
@@ -297,54 +304,16 @@ class Generation:
             return b""
         return _read_array(m, self.meta().targets + len(image.DROP_GROUPS), image.COUNTERS.size)
 
-    def groups(self) -> list[int]:
-        """Each rule's group, as its index in image.groups, by rule number from 1."""
-        return image.rule_groups(self._rule_bytes(), self.meta().rules, self.meta().targets)
-
-    def group_totals(
-        self, columns: list[list[int]] | None = None
-    ) -> dict[image.Group, tuple[int, ...]]:
-        """Each group's counters (layout.KERNEL_COUNTERS) as they grew since the group was
-        made, across every rule-set change: its rules' counters plus `tbase`. `columns`: the
-        rules' counters (raw_columns), when already read."""
-        return self.group_stats(columns)[0]
-
-    def group_stats(
-        self, columns: list[list[int]] | None = None
-    ) -> tuple[dict[image.Group, tuple[int, ...]], dict[image.Group, int]]:
-        """group_totals, and each group's number of rules."""
-        keys = image.groups([t.name for t in self.targets()])
-        tbase = self._tbase()
-        cols = self.raw_columns() if columns is None else columns
-        sums, sizes = image.sum_groups(self.groups(), cols, len(keys))
-        out = {}
-        for i, g in enumerate(keys):
-            extra = image.COUNTERS.unpack_from(tbase, i * image.COUNTERS.size) if tbase else None
-            t = sums[i] if extra is None else [a + b for a, b in zip(sums[i], extra, strict=True)]
-            out[g] = tuple(v % (1 << 64) for v in t)
-        return out, dict(zip(keys, sizes, strict=True))
+    def counts(self) -> tuple[image.Counted, list[list[int]]]:
+        """What the generation counted, and each rule's counters (layout.KERNEL_COUNTERS:
+        every CPU's plus `base`) as one list per counter, by rule number from 1."""
+        counted = self.counted()
+        return counted, _columns(counted)
 
     def raw_counters(self) -> list[tuple[int, ...]]:
         """Each rule's counters as the kernel keeps them (layout.KERNEL_COUNTERS): every CPU's,
         plus those carried over from earlier generations (entry 0 is rule number 1)."""
-        return list(zip(*self.raw_columns(), strict=True))
-
-    def raw_columns(self) -> list[list[int]]:
-        """raw_counters as columns: one list per counter, by rule number from 1."""
-        n = self.meta().rules
-        width = len(layout.KERNEL_COUNTERS)
-        size = image.COUNTERS.size
-        base = array("Q", _read_array(self.maps["base"], n + 1, size))
-        ncpu = possible_cpus()
-        raw = self.maps["counters"].lookup_batch_raw(n + 1, size * ncpu)
-        per = array("Q", raw.ljust(size * ncpu * (n + 1), b"\0"))
-        # column j of rule i on cpu c is per[(i * ncpu + c) * width + j]: sum whole columns
-        stride = ncpu * width
-        columns = []
-        for j in range(width):
-            cpus = [per[c * width + j :: stride] for c in range(ncpu)]
-            columns.append(list(map(sum, zip(base[j::width], *cpus, strict=True)))[1:])
-        return columns
+        return list(zip(*self.counts()[1], strict=True))
 
     def counters(self) -> list[tuple[int, ...]]:
         """Each rule's counters as layout.COUNTER_NAMES (entry 0 is rule number 1)."""
@@ -422,52 +391,37 @@ def _create_map(mtype: int, value: type[Any], count: int, name: str, flags: int)
         ) from None
 
 
+def _columns(counted: image.Counted) -> list[list[int]]:
+    """Counted.columns, with numpy for large rule sets."""
+    if counted.count >= image.VECTOR_MIN:
+        from . import vector
+
+        return vector.columns(counted)
+    return counted.columns()
+
+
 def _carry_counters(old: Generation, new: Generation) -> None:
-    """Counters of rules present in both generations continue in the new one's `base`.
+    """Counters of rules present in both generations continue in the new one's `base`, and
+    each group's total in its `tbase` (image.carry; vector.carry for large rule sets).
 
-    `base` is assigned, not added to: carrying again (a repair after a killed command) gives
-    the same result. Read after the swap, so the old program has stopped counting (bar
-    lookups already in flight when the link changed)."""
-    if not old.counted():
+    Assigned, not added to: carrying again (a repair after a killed command) gives the same
+    result. Read after the swap, so the old program has stopped counting (bar lookups already
+    in flight when the link changed)."""
+    counted = old.counted()
+    if not counted.any():
         return
-    old_columns = old.raw_columns()
-    old_counts = list(zip(*old_columns, strict=True))
-    by_key = {ident: i for i, ident in enumerate(old.identities())}
-    out = bytearray(image.COUNTERS.size * (new.meta().rules + 1))
-    carried = False
-    for j, ident in enumerate(new.identities(), 1):
-        i = by_key.get(ident)
-        if i is not None and any(old_counts[i]):
-            image.COUNTERS.pack_into(out, j * image.COUNTERS.size, *old_counts[i])
-            carried = True
-    if carried:
-        _write_array(new.maps["base"], bytes(out))
-    _carry_groups(old, new, old_columns, old_counts, by_key)
+    n = new.meta().rules
+    args = (new.rule_records(), n, [t.name for t in new.targets()], "tbase" in new.maps)
+    if max(counted.count, n) >= image.VECTOR_MIN:
+        from . import vector
 
-
-def _carry_groups(
-    old: Generation,
-    new: Generation,
-    old_columns: list[list[int]],
-    old_counts: list[tuple[int, ...]],
-    by_key: dict[tuple[int, int, int, int, int, bytes], int],
-) -> None:
-    """Each group of the new generation (image.groups) continues the old one's total: its
-    `tbase` is the old total minus what its rules were carried (assigned, like `base`)."""
-    m = new.maps.get("tbase")
-    if m is None:
-        return
-    old_totals = old.group_totals(old_columns)
-    width = len(layout.KERNEL_COUNTERS)
-    keys = image.groups([t.name for t in new.targets()])
-    adjust = [list(old_totals.get(g, (0,) * width)) for g in keys]
-    for ident, g in zip(new.identities(), new.groups(), strict=True):
-        i = by_key.get(ident)
-        if i is not None:
-            for j in range(width):
-                adjust[g][j] -= old_counts[i][j]
-    out = b"".join(image.COUNTERS.pack(*(v % (1 << 64) for v in a)) for a in adjust)
-    _write_array(m, out)
+        base, tbase = vector.carry(counted, *args)
+    else:
+        base, tbase = image.carry(counted, *args)
+    if base is not None:
+        _write_array(new.maps["base"], base)
+    if tbase is not None:
+        _write_array(new.maps["tbase"], tbase)
 
 
 # -- one namespace ----------------------------------------------------------------------------

@@ -500,3 +500,137 @@ def _trie(root: Any, hi: Any, lo: Any, plen: Any, leaf: Any) -> tuple[Any, Any]:
     nodes = np.concatenate(node_parts) if node_parts else np.zeros(0, NODE)
     entries = np.concatenate(entry_parts) if entry_parts else np.zeros(0, U64)
     return nodes, entries
+
+
+# -- counters -----------------------------------------------------------------------------------
+
+WIDTH = len(layout.KERNEL_COUNTERS)
+
+
+def _totals(counted: Any) -> Any:
+    """Each rule's counters, every CPU's plus `base`, mod 2**64: a (rules + 1, WIDTH) array
+    (image.Counted.columns, as an array)."""
+    n, ncpu = counted.count, counted.cpus
+    size = WIDTH * 8
+    base = np.zeros((n + 1) * WIDTH, dtype="<u8")
+    got = np.frombuffer(
+        counted.base, dtype="<u8", count=min(len(counted.base), (n + 1) * size) // 8
+    )
+    base[: got.size] = got
+    per = np.zeros((n + 1) * ncpu * WIDTH, dtype="<u8")
+    raw = np.frombuffer(
+        counted.raw, dtype="<u8", count=min(len(counted.raw), (n + 1) * ncpu * size) // 8
+    )
+    per[: raw.size] = raw
+    total: Any = base.reshape(n + 1, WIDTH) + per.reshape(n + 1, ncpu, WIDTH).sum(
+        axis=1, dtype="<u8"
+    )
+    return total
+
+
+def columns(counted: Any) -> list[list[int]]:
+    """image.Counted.columns, the same lists, with whole-array sums."""
+    out: list[list[int]] = _totals(counted)[1:].T.tolist()
+    return out
+
+
+def _records(raw: bytes, count: int) -> Any:
+    return np.frombuffer(raw, dtype=RULE, count=count + 1)[1:]
+
+
+def _identities(recs: Any) -> Any:
+    """What identifies each rule across generations (image.rule_identities: protocol, family,
+    prefix length, ports, address) as four uint64 words per rule."""
+    raw = recs.view("u1").reshape(-1, 32).copy()
+    raw[:, 3:8] = 0  # action, on_missing, pad
+    raw[:, 12:16] = 0  # target
+    return raw.view("<u8")
+
+
+def _matches(old: Any, new: Any) -> tuple[Any, Any]:
+    """The pairs (old index, new index) of rules with the same identity (four words each).
+
+    Each identity is hashed to one word; the new hashes are looked up among the sorted old
+    ones, and a hit counts only when all four words are equal. Identities are unique within a
+    generation, so when the old hashes are too, each new rule has at most one candidate. When
+    two old identities share a hash (never seen: 2**-64 per pair), the words are sorted whole
+    instead."""
+    mult = np.array(
+        [0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93],
+        dtype="<u8",
+    )
+
+    def hashed(words: Any) -> Any:
+        h: Any = (words * mult).sum(axis=1, dtype="<u8")
+        return h ^ (h >> U64(29))
+
+    if len(old) == 0 or len(new) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    ho, hn = hashed(old), hashed(new)
+    order = np.argsort(ho, kind="stable")
+    sorted_ho = ho[order]
+    if np.any(sorted_ho[1:] == sorted_ho[:-1]):
+        return _matches_sorted(old, new)
+    at = np.minimum(np.searchsorted(sorted_ho, hn), len(old) - 1)
+    olds = order[at]
+    hit = (sorted_ho[at] == hn) & np.all(old[olds] == new, axis=1)
+    return olds[hit], np.nonzero(hit)[0]
+
+
+def _matches_sorted(old: Any, new: Any) -> tuple[Any, Any]:
+    """_matches by sorting every identity whole: a run of equal words in the sorted union is
+    one old and one new."""
+    both = np.concatenate([old, new])
+    order = np.lexsort(both.T[::-1])
+    ranked = both[order]
+    same = np.all(ranked[1:] == ranked[:-1], axis=1)
+    first, second = order[:-1][same], order[1:][same]
+    n = len(old)
+    olds = np.where(first < n, first, second)
+    news = np.where(first < n, second, first) - n
+    return olds, news
+
+
+def _group_ids(recs: Any, ntargets: int) -> Any:
+    """Each rule's group (image.rule_groups): its target's index, or a drop group after them."""
+    from .rules import PROTOCOLS
+
+    ids = recs["target"].astype(np.int64)
+    drop = recs["action"] == layout.ACTION_DROP
+    udp = recs["proto"] == PROTOCOLS["udp"]
+    ids[drop] = ntargets + udp[drop]
+    return ids
+
+
+def carry(
+    old: Any, rules: bytes, count: int, names: list[str], tbase: bool
+) -> tuple[bytes | None, bytes | None]:
+    """image.carry, the same bytes, with whole-array operations (for large rule sets)."""
+    from . import image
+
+    totals = _totals(old)
+    old_recs, new_recs = _records(old.rules, old.count), _records(rules, count)
+    olds, news = _matches(_identities(old_recs), _identities(new_recs))
+    out = np.zeros((count + 1, WIDTH), dtype="<u8")
+    out[news + 1] = totals[olds + 1]
+    carried = bool(np.any(out))
+    base = out.tobytes() if carried else None
+    if not tbase:
+        return base, None
+    old_keys = image.groups(old.names)
+    sums = np.zeros((len(old_keys), WIDTH), dtype="<u8")
+    np.add.at(sums, _group_ids(old_recs, len(old.names)), totals[1:])
+    if old.tbase:
+        extra = np.frombuffer(old.tbase, dtype="<u8", count=len(old_keys) * WIDTH)
+        sums += extra.reshape(-1, WIDTH)
+    where = {g: i for i, g in enumerate(old_keys)}
+    keys = image.groups(names)
+    adjust = np.zeros((len(keys), WIDTH), dtype="<u8")
+    for i, g in enumerate(keys):
+        if g in where:
+            adjust[i] = sums[where[g]]
+    taken = np.zeros((len(keys), WIDTH), dtype="<u8")
+    np.add.at(taken, _group_ids(new_recs, len(names))[news], totals[olds + 1])
+    adjust -= taken
+    return base, adjust.tobytes()

@@ -4,6 +4,7 @@ the trie the same node for node (numbered otherwise: compared from the roots dow
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import random
@@ -15,7 +16,7 @@ import pytest
 
 from sklookupctl import image, layout
 from sklookupctl.plan import Slotted
-from sklookupctl.rules import RuleSet, make_rule
+from sklookupctl.rules import DROP, STEER, Rule, RuleSet, make_rule
 
 from ..rulegen import random_rules
 
@@ -174,7 +175,7 @@ def test_small_commands_do_not_import_numpy() -> None:
         "import sys, ipaddress\n"
         "from sklookupctl import image\n"
         "from sklookupctl.plan import Slotted\n"
-        "from sklookupctl.rules import RuleSet, make_rule\n"
+        "from sklookupctl.rules import DROP, STEER, Rule, RuleSet, make_rule\n"
         "rs = RuleSet()\n"
         "rs.add(make_rule('tcp', '192.0.2.0/24', '80', target='t'))\n"
         "t = {'t': Slotted('t', 'tcp', 2, ipaddress.ip_address('127.0.0.1'), 80, 0, 1)}\n"
@@ -187,3 +188,85 @@ def test_small_commands_do_not_import_numpy() -> None:
     subprocess.run(
         [sys.executable, "-c", code], check=True, cwd=os.path.dirname(image.__file__) + "/.."
     )
+
+
+def _counted(rng: random.Random, rs: RuleSet, targets: dict[str, Slotted]) -> image.Counted:
+    """A generation of `rs` that counted: random base, per-CPU counters and tbase, some of
+    them zero and some near 2**64 (sums wrap)."""
+    img = image.encode(rs, targets, image.MetaInfo(1, 1, 1, "t"), vectored=False)
+    n = img.rules
+    cpus = rng.choice([1, 2, 3, 8])
+
+    def words(k: int) -> bytes:
+        pick = [0, 0, 1, 7, 1 << 40, (1 << 64) - 3]
+        return struct.pack(f"<{k}Q", *(rng.choice(pick) for _ in range(k)))
+
+    quiet = rng.random() < 0.2  # most rules counted nothing
+    base = words((n + 1) * 5) if not quiet else bytes((n + 1) * 40)
+    raw = words((n + 1) * 5 * cpus) if not quiet else bytes((n + 1) * 40 * cpus)
+    names = sorted(targets)
+    tbase = words((len(names) + 2) * 5) if rng.random() < 0.8 else b""
+    return image.Counted(img.maps["rules"][1], n, base, raw, cpus, tbase, names)
+
+
+@pytest.mark.parametrize("seed", range(ROUNDS))
+def test_counters_carry_the_same(seed: int) -> None:
+    """vector.carry and vector.columns against image.carry and Counted.columns: an old
+    generation that counted, a new one keeping some of its rules (some with another action or
+    target: another group), adding others, with targets added and gone (indexes shift)."""
+    from sklookupctl import vector
+
+    rng = random.Random(5000 + seed)
+    old_rs = shaped(rng, rng.choice([0, 1, 10, 100, 600]))
+    old_targets = {**TARGETS, "tcp-old": dataclasses.replace(TARGETS["tcp-gone"], name="tcp-old")}
+    old = _counted(rng, old_rs, old_targets)
+    assert vector.columns(old) == old.columns()
+    new_rs = RuleSet()
+    for key, rule in old_rs.rules.items():
+        r = rng.random()
+        if r < 0.6:
+            new_rs.rules[key] = rule
+        elif r < 0.75:  # the same rule, another group
+            drop = rule.target is not None
+            proto = key.proto
+            new_rs.rules[key] = Rule(key, DROP) if drop else Rule(key, STEER, f"{proto}-live")
+    for key, rule in shaped(rng, rng.choice([0, 5, 50])).rules.items():
+        new_rs.rules.setdefault(key, rule)
+    new_targets = {**TARGETS, "a-first": dataclasses.replace(TARGETS["tcp-live"], name="a-first")}
+    img = image.encode(new_rs, new_targets, image.MetaInfo(2, 1, 1, "t"), vectored=False)
+    names = sorted(new_targets)
+    ids = [
+        vector._identities(vector._records(r, n))
+        for r, n in ((old.rules, old.count), (img.maps["rules"][1], img.rules))
+    ]
+    hashed, whole = vector._matches(*ids), vector._matches_sorted(*ids)
+    assert sorted(zip(*hashed, strict=True)) == sorted(zip(*whole, strict=True))
+    for tbase in (True, False):
+        want = image.carry(old, img.maps["rules"][1], img.rules, names, tbase)
+        got = vector.carry(old, img.maps["rules"][1], img.rules, names, tbase)
+        assert got == want
+
+
+def test_identities_whose_hashes_collide_are_told_apart() -> None:
+    """Two identities of one hash (made so: w0 + m1, w1 - m0 hashes as w0, w1): a new rule
+    with the other's hash is no match; two old rules of one hash have every identity compared
+    whole."""
+    import numpy as np
+
+    from sklookupctl import vector
+
+    m0, m1 = 0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F
+    mask = (1 << 64) - 1
+    a = [5, 6, 7, 8]
+    b = [(5 + m1) & mask, (6 - m0) & mask, 7, 8]
+    c = [1, 2, 3, 4]
+
+    def words(*rows: list[int]) -> Any:
+        return np.array(rows, dtype="<u8")
+
+    def pairs(found: tuple[Any, Any]) -> list[tuple[int, int]]:
+        return sorted((int(i), int(j)) for i, j in zip(*found, strict=True))
+
+    assert pairs(vector._matches(words(a, c), words(b))) == []
+    assert pairs(vector._matches(words(a, c), words(c, b, a))) == [(0, 2), (1, 0)]
+    assert pairs(vector._matches(words(a, b, c), words(b, c))) == [(1, 0), (2, 1)]

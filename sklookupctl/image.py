@@ -289,9 +289,14 @@ class Counted:
         """Each group's counters as they grew since the group was made (its rules' counters
         plus `tbase`, mod 2**64), and each group's number of rules."""
         keys = groups(self.names)
-        cols = self.columns() if columns is None else columns
-        ids = rule_groups(self.rules, self.count, len(self.names))
-        sums, sizes = sum_groups(ids, cols, len(keys))
+        if self.count >= VECTOR_MIN:
+            from . import vector
+
+            sums, sizes = vector.group_sums(self)
+        else:
+            cols = self.columns() if columns is None else columns
+            ids = rule_groups(self.rules, self.count, len(self.names))
+            sums, sizes = sum_groups(ids, cols, len(keys))
         out = {}
         for i, g in enumerate(keys):
             extra = COUNTERS.unpack_from(self.tbase, i * COUNTERS.size) if self.tbase else None

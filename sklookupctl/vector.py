@@ -603,6 +603,19 @@ def _group_ids(recs: Any, ntargets: int) -> Any:
     return ids
 
 
+def group_sums(counted: Any) -> tuple[list[list[int]], list[int]]:
+    """image.sum_groups of a generation's rules (mod 2**64): each group's counters added up,
+    and its number of rules."""
+    from . import image
+
+    ngroups = len(image.groups(counted.names))
+    ids = _group_ids(_records(counted.rules, counted.count), len(counted.names))
+    sums = np.zeros((ngroups, WIDTH), dtype="<u8")
+    np.add.at(sums, ids, _totals(counted)[1:])
+    out: list[list[int]] = sums.tolist()
+    return out, np.bincount(ids, minlength=ngroups).tolist()
+
+
 def carry(
     old: Any, rules: bytes, count: int, names: list[str], tbase: bool
 ) -> tuple[bytes | None, bytes | None]:

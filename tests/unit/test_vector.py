@@ -270,3 +270,15 @@ def test_identities_whose_hashes_collide_are_told_apart() -> None:
     assert pairs(vector._matches(words(a, c), words(b))) == []
     assert pairs(vector._matches(words(a, c), words(c, b, a))) == [(0, 2), (1, 0)]
     assert pairs(vector._matches(words(a, b, c), words(b, c))) == [(1, 0), (2, 1)]
+
+
+@pytest.mark.parametrize("seed", range(ROUNDS // 4))
+def test_group_totals_the_same(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counted.group_stats with numpy (large rule sets) against the Python sums."""
+    rng = random.Random(7000 + seed)
+    old_targets = {**TARGETS, "tcp-old": dataclasses.replace(TARGETS["tcp-gone"], name="tcp-old")}
+    counted = _counted(rng, shaped(rng, rng.choice([0, 1, 10, 300])), old_targets)
+    monkeypatch.setattr(image, "VECTOR_MIN", 10**9)
+    want = counted.group_stats()
+    monkeypatch.setattr(image, "VECTOR_MIN", 0)
+    assert counted.group_stats() == want

@@ -1507,6 +1507,7 @@ def _apply(
     rf.source = source
     if len(rf.rules) >= image.VECTOR_MIN:
         give_back_memory()  # what reading the file freed
+        keep_heap_small(len(rf.rules))
     require_privileges()
     _more_files()
     made = _made_netns(netns, rf, dry_run)

@@ -93,7 +93,7 @@ def test_dry_run_touches_nothing(ns: NS, tmp_path: Path) -> None:
     g = write(
         tmp_path,
         "g.toml",
-        target("web", f"127.0.0.1:{web.port}") + rule("tcp", "198.51.100.0/24", "80", "web"),
+        target("web", f"127.0.0.1:{web.port}") + rule("tcp", "192.0.2.200/32", "80", "web"),
     )
     res = ns.ok("apply", "-N", g)
     assert "+ tcp 198.51.100.0/24 80 -> web" in res.output
@@ -316,3 +316,80 @@ def test_the_same_file_again_when_a_socket_cannot_take_its_rules(ns: NS, tmp_pat
         res = ns.cli(*args)
         assert res.exit_code == 1, res.output
         assert f"{f}: rules[0].target: the socket at [::]:{web.port} is IPv6-only" in res.output
+
+
+def _steer_and_count(ns: NS, tmp_path: Path) -> list[tuple[str, str, int, int]]:
+    """apply, connections, attach one more rule, connections, detach it: each rule's
+    (prefix, ports, steered, dropped) at the end, and the target's totals last (which keep
+    what the detached rule counted)."""
+    web = ns.proxy(tcp="127.0.0.1:0", tag="web")
+    text = (
+        target("web", f"127.0.0.1:{web.port}")
+        + rule("tcp", "192.0.2.0/24", "all", "web")
+        + rule("tcp", "192.0.2.0/25", "22", None)
+        + rule("tcp", "203.0.113.0/24", "443", "web")
+    )
+    ns.ok("apply", write(tmp_path, "rules.toml", text))
+    for _ in range(3):
+        assert ns.dial("tcp", "192.0.2.5", 80) == "192.0.2.5 80 web"
+    assert ns.dial("tcp", "192.0.2.5", 22) == "refused"
+    ns.ok("attach", "tcp", "192.0.2.200/32", "80", "--to", f"127.0.0.1:{web.port}", "--name", "web")
+    assert ns.dial("tcp", "192.0.2.200", 80) == "192.0.2.200 80 web"
+    assert ns.dial("tcp", "192.0.2.6", 80) == "192.0.2.6 80 web"
+    ns.ok("detach", "tcp", "192.0.2.200/32", "80")
+    assert ns.dial("tcp", "203.0.113.1", 443) == "203.0.113.1 443 web"
+    st = ns.status()
+    rows = [
+        (r["prefix"], r["ports"], r["counters"]["steered"], r["counters"]["dropped"])
+        for r in st["rules"]  # type: ignore[attr-defined]
+    ]
+    (web_total,) = [t["counters"] for t in st["targets"] if t["name"] == "web"]  # type: ignore[attr-defined]
+    return [*rows, ("web", "", web_total["steered"], web_total["dropped"])]
+
+
+def test_large_rule_set_paths_steer_count_and_carry(
+    ns: NS, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """What only large rule sets take (tables built with numpy, the counters map made by
+    another thread, counters carried and added up with numpy), taken by a small set with
+    image.VECTOR_MIN lowered, against the small set's own paths: the same steering, and the
+    same counters carried across attach and detach. A build that fails leaks nothing."""
+    from sklookupctl import image, store, vector
+
+    from .conftest import PREFIXES, assert_no_leaks, kernel_objects, throwaway
+
+    base = kernel_objects()
+    calls: dict[str, int] = {"carry": 0, "ahead": 0}
+    carry, ahead = vector.carry, store._Ahead.__init__
+
+    def counting_carry(*a: Any) -> Any:
+        calls["carry"] += 1
+        return carry(*a)
+
+    def counting_ahead(self: Any, rules: int) -> None:
+        calls["ahead"] += 1
+        ahead(self, rules)
+
+    monkeypatch.setattr(vector, "carry", counting_carry)
+    monkeypatch.setattr(store._Ahead, "__init__", counting_ahead)
+    small = _steer_and_count(ns, tmp_path)
+    assert calls == {"carry": 0, "ahead": 0}
+    monkeypatch.setattr(image, "VECTOR_MIN", 1)
+    with throwaway(ns.bpffs, PREFIXES) as ns2:
+        large = _steer_and_count(ns2, tmp_path)
+        assert calls["carry"] >= 2 and calls["ahead"] >= 3
+
+        def fail(*a: Any, **k: Any) -> Any:
+            raise RuntimeError("injected")
+
+        monkeypatch.setattr(image, "encode", fail)
+        res = ns2.cli("attach", "tcp", "203.0.113.0/24", "80", "--drop")
+        assert res.exit_code == 70 and "injected" in res.output, res.output
+        assert_no_leaks(ns.bpffs, base)
+    assert large == small
+    assert small == [
+        ("192.0.2.0/25", "22", 0, 1),
+        ("192.0.2.0/24", "all", 4, 0),
+        ("203.0.113.0/24", "443", 1, 0),
+        ("web", "", 6, 0),
+    ]

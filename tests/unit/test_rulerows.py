@@ -28,7 +28,13 @@ def rows_of(rs: RuleSet, seed: int) -> tuple[RuleRows, list[Rule], list[tuple[in
     count, raw = img.maps["rules"]
     names = sorted(targets)
     rng = random.Random(seed)
-    counts = [tuple(rng.randrange(0, 1 << 40) for _ in range(5)) for _ in range(count - 1)]
+    # every rule's own counts, or a few counts many rules share (all zero, most often)
+    pool = [(0,) * 5] + [tuple(rng.randrange(0, 1 << 40) for _ in range(5)) for _ in range(3)]
+    shared = seed % 2 == 1
+    counts = [
+        rng.choice(pool) if shared else tuple(rng.randrange(0, 1 << 40) for _ in range(5))
+        for _ in range(count - 1)
+    ]
     decoded = image.decode_rules(raw, count - 1, names)
     rules = [Rule(k, *eff) for k, eff in decoded.items()]
     return RuleRows.from_records(raw, count - 1, names, counts), rules, counts

@@ -1,0 +1,188 @@
+"""Counters across rule-set changes, explored: a hypothesis state machine attaches, re-targets and
+detaches rules and makes real connections, in two namespaces at once: one through the paths of
+small rule sets, one through those of large ones (image.VECTOR_MIN lowered to 1: tables built
+with numpy, the counters map made by another thread, counters carried and added up with
+numpy). After every step both must show the same counters, per rule and per target, and they
+must agree with a plain model: a rule's counters follow it while it exists (and start again
+from zero when it comes back), a target's totals only grow, by exactly the connections its
+rules took.
+
+Bounded for CI (25 examples of up to 12 steps, the same ones every run); longer with
+SKLOOKUPCTL_COUNTERS_EXAMPLES and SKLOOKUPCTL_COUNTERS_STEPS, new examples each run with
+SKLOOKUPCTL_MODEL_RANDOM=1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+from collections.abc import Iterator
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
+
+from sklookupctl import image
+
+from .conftest import PREFIXES, throwaway
+
+EXAMPLES = int(os.environ.get("SKLOOKUPCTL_COUNTERS_EXAMPLES", "25"))
+STEPS = int(os.environ.get("SKLOOKUPCTL_COUNTERS_STEPS", "12"))
+
+# nested and disjoint prefixes, ranges that nest; where connections go
+RULES = [
+    ("192.0.2.0/24", "all"),
+    ("192.0.2.0/25", "80"),
+    ("192.0.2.7/32", "1000-2000"),
+    ("192.0.2.7/32", "1500"),
+    ("203.0.113.0/24", "80"),
+]
+DIALS = [("192.0.2.7", 1500), ("192.0.2.7", 1999), ("192.0.2.7", 80), ("192.0.2.200", 80),
+         ("203.0.113.9", 80), ("192.0.2.100", 443)]  # fmt: skip
+TARGETS = ("a", "b", "drop")
+
+
+def _covers(prefix: str, ports: str, addr: str, port: int) -> bool:
+    import ipaddress
+
+    if ipaddress.ip_address(addr) not in ipaddress.ip_network(prefix):
+        return False
+    lo, _, hi = ports.replace("all", "1-65535").partition("-")
+    return int(lo) <= port <= int(hi or lo)
+
+
+def _span(ports: str) -> int:
+    lo, _, hi = ports.replace("all", "1-65535").partition("-")
+    return int(hi or lo) - int(lo)
+
+
+@contextlib.contextmanager
+def _vector_min(value: int) -> Iterator[None]:
+    old = image.VECTOR_MIN
+    image.VECTOR_MIN = value
+    try:
+        yield
+    finally:
+        image.VECTOR_MIN = old
+
+
+class Counting(RuleBasedStateMachine):
+    def __init__(self, bpffs: str) -> None:
+        super().__init__()
+        self.stack = contextlib.ExitStack()
+        self.small = self.stack.enter_context(throwaway(bpffs, PREFIXES))
+        self.large = self.stack.enter_context(throwaway(bpffs, PREFIXES))
+        self.ports: dict[tuple[str, str], int] = {}  # (namespace, target) -> its proxy's port
+        for n in (self.small, self.large):
+            for t in ("a", "b"):
+                self.ports[n.name, t] = n.proxy(tcp="127.0.0.1:0", tag=t).port
+        self.rules: dict[tuple[str, str], str] = {}  # (prefix, ports) -> target or "drop"
+        self.rule_counts: Counter[tuple[str, str, str]] = Counter()  # (prefix, ports, kind)
+        self.totals: Counter[tuple[str, str]] = Counter()  # (target, kind)
+
+    def teardown(self) -> None:
+        self.stack.close()
+
+    def both(self, *args: str, target: str | None = None) -> None:
+        for n, vmin in ((self.small, 10**9), (self.large, 1)):
+            extra: tuple[str, ...] = ()
+            if target is not None:
+                extra = ("--to", f"127.0.0.1:{self.ports[n.name, target]}", "--name", target)
+            with _vector_min(vmin):
+                n.ok(*args, *extra)
+
+    @rule(which=st.sampled_from(RULES), to=st.sampled_from(TARGETS))
+    def attach(self, which: tuple[str, str], to: str) -> None:
+        target = to
+        prefix, ports = which
+        if target == "drop":
+            self.both("attach", "tcp", prefix, ports, "--drop", "--replace")
+        else:
+            self.both("attach", "tcp", prefix, ports, "--replace", target=target)
+        # a rule given another effect is the same rule: its counters go on, in another group
+        self.rules[which] = target
+        self._forget_gone_targets()
+
+    @rule(which=st.sampled_from(RULES))
+    def detach(self, which: tuple[str, str]) -> None:
+        prefix, ports = which
+        self.both("detach", "tcp", prefix, ports, "--if-exists")
+        if self.rules.pop(which, None) is not None:
+            for kind in ("steered", "dropped"):
+                self.rule_counts.pop((prefix, ports, kind), None)
+        self._forget_gone_targets()
+
+    def _forget_gone_targets(self) -> None:
+        """A target no rule uses is removed; made again, it counts from zero."""
+        used = set(self.rules.values())
+        for key in [k for k in self.totals if k[0] not in used]:
+            del self.totals[key]
+
+    @rule(dials=st.lists(st.sampled_from(DIALS), min_size=1, max_size=4))
+    def connect(self, dials: list[tuple[str, int]]) -> None:
+        for addr, port in dials:
+            matched = [k for k in self.rules if _covers(*k, addr, port)]
+            # the longest prefix, then the narrowest range
+            best = max(
+                matched,
+                key=lambda k: (int(k[0].split("/")[1]), -_span(k[1])),
+                default=None,
+            )
+            for n in (self.small, self.large):
+                got = n.dial("tcp", addr, port)
+                if best is None or self.rules[best] == "drop":
+                    assert got == "refused", (addr, port, got)
+                else:
+                    assert got == f"{addr} {port} {self.rules[best]}", (addr, port, got)
+            if best is None:
+                continue
+            target = self.rules[best]
+            kind = "dropped" if target == "drop" else "steered"
+            # both namespaces took it: the model counts it once
+            self.rule_counts[(*best, kind)] += 1
+            if target != "drop":
+                self.totals[target, kind] += 1
+        self.check()
+
+    def check(self) -> None:
+        shown = []
+        for n, vmin in ((self.small, 10**9), (self.large, 1)):
+            with _vector_min(vmin):
+                st_ = n.status()
+            rules = {
+                (r["prefix"], r["ports"]): r
+                for r in st_["rules"]  # type: ignore[attr-defined]
+            }
+            targets = {t["name"]: t for t in st_["targets"]}  # type: ignore[attr-defined]
+            shown.append(
+                (
+                    {
+                        k: (r["counters"]["steered"], r["counters"]["dropped"])
+                        for k, r in rules.items()
+                    },
+                    {k: t["counters"]["steered"] for k, t in targets.items()},
+                )
+            )
+        assert shown[0] == shown[1], shown
+        rule_view, target_view = shown[0]
+        want_rules = {
+            k: (self.rule_counts[(*k, "steered")], self.rule_counts[(*k, "dropped")])
+            for k in self.rules
+        }
+        assert rule_view == want_rules
+        want_targets = {t: self.totals[t, "steered"] for t in set(self.rules.values()) - {"drop"}}
+        assert target_view == want_targets
+
+
+def test_counters_follow_rules_and_targets_on_both_paths(bpffs: str) -> None:
+    run_state_machine_as_test(
+        lambda: Counting(bpffs),
+        settings=settings(
+            max_examples=EXAMPLES,
+            stateful_step_count=STEPS,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            derandomize=not os.environ.get("SKLOOKUPCTL_MODEL_RANDOM"),
+        ),
+    )

@@ -213,6 +213,8 @@ def _canonical(text: str) -> dict[str, Any] | None:
             doc = tomllib.loads(head)
         except (tomllib.TOMLDecodeError, RecursionError):
             return None
+        if validate.toml_depth(doc) > validate.TOML_DEPTH_MAX:
+            return None  # the general way words it
     if "rules" in doc:
         return None
     doc["rules"] = _Rows(text, m.start())
@@ -402,6 +404,8 @@ def _parse_rule(d: dict[str, Any], targets: dict[str, Any], cache: Cache) -> Rul
         return Rule(RuleKey.of(proto, version, net, plen, lo, hi), DROP, None, "drop")
     if target is None:
         raise _Bad("target", "missing", 'give a target, or action = "drop"')
+    if not target:
+        raise _Bad("target", "is empty", 'name a target, or action = "drop"')
     if on_missing is not None and on_missing not in ON_MISSING:
         raise _Bad("on_missing", f"{validate.show(on_missing)} is not valid", "use drop or pass")
     if target not in targets:

@@ -532,3 +532,22 @@ def test_quick_ports_agree_with_parse_ports() -> None:
         elif want is not None:
             # left to parse_ports: only texts outside the plain shape
             assert t.lower() == "all" or any(p[:1] == "0" or not p.isdigit() for p in t.split("-"))
+
+
+@pytest.mark.parametrize("on_missing", [None, "pass"])
+def test_an_empty_target_name_is_an_error_with_its_place(on_missing: str | None) -> None:
+    """`target = ""` beside a `[targets.""]`: the file is refused with where (it was an error
+    without a place, from the rule model, when on_missing was given), the same both ways."""
+    text = '[targets.""]\nto = "127.0.0.1:9"\n\n' + rule(target="", on_missing=on_missing)
+    want = outcome_general(text)
+    assert outcome(text) == want
+    assert want[0] == "error" and str(want[1]).startswith("f: "), want
+
+
+def test_a_deeply_nested_head_is_refused_as_the_general_way_does() -> None:
+    """A head that tomllib reads but that nests deeper than a rule file can: the export-shaped
+    reader refuses it in the general reader's words (it said `must be a string, not list`)."""
+    text = "x = " + "[" * 12 + "]" * 12 + "\n\n" + '[targets.web]\nto = "127.0.0.1:9"\n\n' + rule()
+    want = outcome_general(text)
+    assert want[0] == "error" and "nested too deeply" in str(want[1]), want
+    assert outcome(text) == want

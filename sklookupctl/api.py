@@ -283,6 +283,10 @@ def _change(
                 + ("" if dry_run else ": attached it again")
             )
         if dry_run or (plan.noop and not force):
+            if not dry_run and rules is not None and source and live.source != source:
+                # the file's rules, read whole, are the live ones: noted with the live
+                # generation, the same file again reads only its head
+                s.note_source(source)
             return Outcome(plan, False, False, live.generation, notes)
         notes += s.commit(plan, disc.socket_fd)
         out = Outcome(plan, not live.generation, True, live.generation + 1, notes)

@@ -31,6 +31,7 @@ POINTS = (
     "remove.unlinked",  # detach --all: the link's pin removed, link still attached
     "remove.detached",  # detach --all: link detached, pins not yet removed
     "unpin.partial",  # a directory half removed
+    "note.pinned",  # apply found the file's rules live: its note pinned, not renamed in place
     "report.write",  # the command's output is being written
     "trace.pinned",  # trace: the traced copy and its trace directory pinned, not swapped in
     "trace.swapped",  # trace: the link runs the traced copy, the trace not yet under way

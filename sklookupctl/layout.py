@@ -138,6 +138,12 @@ class Meta(ctypes.Structure):
 # pieces of this size
 RecordChunk = ctypes.c_uint8 * 4096
 
+# `source` beside a generation's maps (optional, pinned after it went live): the digest of a
+# rule file whose rules an apply found to be the generation's, written when the record's is
+# another or none (rulefile.source_digest: hex, NUL padded)
+SourceNote = ctypes.c_char * 64
+SOURCE_NOTE = "source"
+
 U32 = ctypes.c_uint32
 U64 = ctypes.c_uint64
 

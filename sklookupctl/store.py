@@ -336,14 +336,44 @@ class Generation:
         return record.decode(record.unchunk(_read_array(m, -(-total // size), size)))
 
     def source(self) -> str:
-        """The digest of the rule file the generation's rules were read from ("": none, or not
-        kept), from the record's first entry."""
+        """The digest of a rule file whose rules are the generation's ("": none known): the one
+        an apply noted later (note_source), else the one kept in the record's first entry."""
         from . import record
 
+        if self.path is not None:
+            try:
+                with Map.from_pin(
+                    os.path.join(self.path, layout.SOURCE_NOTE), U32, layout.SourceNote, True
+                ) as note:
+                    raw = _read_array(note, 1, ctypes.sizeof(layout.SourceNote))
+                    if note.info().value_size == len(raw) and raw.strip(b"\0"):
+                        return raw.rstrip(b"\0").decode("ascii", "replace")
+            except FileNotFoundError:
+                pass
+            except (BpfError, OSError):
+                return ""  # a note that cannot be read: nothing is known
         m = self.maps.get("record")
         if m is None:
             return ""
         return record.source(_read_array(m, 1, ctypes.sizeof(layout.RecordChunk)))
+
+    def note_source(self, digest: str) -> None:
+        """Note that the generation's rules are those of the rule file whose digest is
+        `digest` (an apply of it changed nothing): pinned beside its maps, so it goes with the
+        generation. Written to a pin of its own and renamed into place: a kill leaves the old
+        note or the new one (and maybe a stray `source-next`, replaced next time)."""
+        assert self.path is not None
+        size = ctypes.sizeof(layout.SourceNote)
+        nxt = os.path.join(self.path, layout.SOURCE_NOTE + "-next")  # bpffs refuses dots
+        with Map.create(
+            BPF_MAP_TYPE_ARRAY, U32, layout.SourceNote, 1, "skl_source", BPF_F_MMAPABLE
+        ) as note:
+            _write_array(note, digest.encode("ascii")[:size].ljust(size, b"\0"))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(nxt)
+            note.pin(nxt)
+            faults.point("note.pinned")
+            os.rename(nxt, os.path.join(self.path, layout.SOURCE_NOTE))
 
     def add_counters(self, carried: dict[Any, tuple[int, ...]]) -> None:
         """Add counters carried from elsewhere (an upgrade) to the rules' base, by rule key."""
@@ -1164,6 +1194,16 @@ class Session:
         what a killed first commit left."""
         d = self.dispatcher
         return d.snapshot() if d is not None and d.gen is not None else NOTHING
+
+    def note_source(self, digest: str) -> None:
+        """The live generation's rules are those of the rule file whose digest is `digest`
+        (Generation.note_source); best effort: the note only saves the next apply of the same
+        file a whole read."""
+        d = self.dispatcher
+        if d is None or d.gen is None:
+            return
+        with contextlib.suppress(BpfError, OSError):
+            d.gen.note_source(digest)
 
     def live_lazily(self) -> Live:
         """`live`, its rules decoded only if they are looked at within the session (a plan

@@ -93,7 +93,7 @@ def test_dry_run_touches_nothing(ns: NS, tmp_path: Path) -> None:
     g = write(
         tmp_path,
         "g.toml",
-        target("web", f"127.0.0.1:{web.port}") + rule("tcp", "192.0.2.200/32", "80", "web"),
+        target("web", f"127.0.0.1:{web.port}") + rule("tcp", "198.51.100.0/24", "80", "web"),
     )
     res = ns.ok("apply", "-N", g)
     assert "+ tcp 198.51.100.0/24 80 -> web" in res.output
@@ -263,6 +263,41 @@ def test_the_same_file_again_is_not_read_again(ns: NS, tmp_path: Path, monkeypat
     seen.clear()
     assert json.loads(ns.ok("apply", "--json", g).stdout)["changed"] is False
     assert seen == ["whole"]
+
+
+def test_a_file_found_live_is_noted(ns: NS, tmp_path: Path, monkeypatch: Any) -> None:
+    """An apply that reads a file whole and finds its rules live (here: a rule attached and
+    detached since the file was applied) notes the file with the live generation: the same
+    file again reads only its head. A dry run notes nothing; any change forgets the note."""
+    web = ns.proxy(tcp="127.0.0.1:0", tag="web")
+    f = write(
+        tmp_path,
+        "r.toml",
+        target("web", f"127.0.0.1:{web.port}") + rule("tcp", "192.0.2.0/24", "all", "web"),
+    )
+    seen = _rules_not_read(monkeypatch)
+    ns.ok("apply", f)
+    ns.ok("attach", "tcp", "192.0.2.0/24", "80", "--drop")
+    ns.ok("detach", "tcp", "192.0.2.0/24", "80")
+    gen = ns.status()["generation"]
+    seen.clear()
+    assert json.loads(ns.ok("apply", "--dry-run", "--json", f).stdout)["changed"] is False
+    assert json.loads(ns.ok("apply", "--json", f).stdout)["changed"] is False
+    assert seen == ["whole", "whole"]  # the dry run noted nothing
+    seen.clear()
+    assert json.loads(ns.ok("apply", "--json", f).stdout)["changed"] is False
+    assert seen == ["head"]
+    assert ns.status()["generation"] == gen  # noted, not rebuilt
+    assert ns.dial("tcp", "192.0.2.9", 80).endswith(" web")
+
+    ns.ok("attach", "tcp", "192.0.2.0/24", "80", "--drop")  # a change: the note goes with it
+    seen.clear()
+    res = json.loads(ns.ok("apply", "--json", f).stdout)
+    assert seen == ["whole"] and res["changed"] is True
+    seen.clear()
+    ns.ok("apply", f)
+    assert seen == ["head"]
+    assert ns.dial("tcp", "192.0.2.9", 80).endswith(" web")
 
 
 def f_text(path: str) -> str:

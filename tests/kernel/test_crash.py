@@ -122,6 +122,18 @@ def detach_all(ns: NS, tmp: Path) -> list[str]:
     return ["detach", "--all"]
 
 
+def apply_live_rules(ns: NS, tmp: Path) -> list[str]:
+    """The file's rules are live again (a rule attached and detached since it was applied):
+    the apply changes nothing, and notes the file with the live generation."""
+    a = ns.proxy(tcp="127.0.0.1:0", tag="a")
+    f = tmp / "live.toml"
+    f.write_text(_target("a", a.port) + _rule("192.0.2.0/24", "a"))
+    ns.ok("apply", str(f))
+    ns.ok("attach", "tcp", "198.51.100.0/24", "80", "--drop")
+    ns.ok("detach", "tcp", "198.51.100.0/24", "80")
+    return ["apply", str(f)]
+
+
 P1, P2, P3 = ("192.0.2.1", 80), ("198.51.100.1", 80), ("203.0.113.1", 80)
 A = ("tcp", "192.0.2.0/24", "a")
 B = ("tcp", "198.51.100.0/24", "b")
@@ -162,6 +174,7 @@ CASES = [
         {A, B},
         old_state="detached",
     ),
+    Case("apply of the live rules", apply_live_rules, {P1: "a"}, {P1: "a"}, {A}, {A}),
     Case(
         "detach --all",
         detach_all,

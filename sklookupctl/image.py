@@ -203,11 +203,23 @@ def decode_rules(raw: bytes, count: int, names: list[str]) -> dict[RuleKey, Effe
     kept by rule number)."""
     out: dict[RuleKey, Effect] = {}
     body = raw[RULE.size : (count + 1) * RULE.size]
-    for key, action, miss, target in records(body):
-        if action == layout.ACTION_DROP:
-            out[key] = (DROP, None, "drop")
+    # records() inlined, and each effect made once per (action, target, on_missing): a large
+    # rule set is decoded by every writer that edits it
+    new, v4, from_bytes, drop = tuple.__new__, socket.AF_INET, int.from_bytes, layout.ACTION_DROP
+    effects: dict[tuple[int, int, int], Effect] = {}
+    for proto, family, plen, action, miss, lo, hi, target, addr in RULE.iter_unpack(body):
+        if family == v4:
+            key = new(RuleKey, (PROTO_NAMES[proto], 4, from_bytes(addr[:4], "big"), plen, lo, hi))
         else:
-            out[key] = (_ACTIONS[action], names[target], _MISSING[miss])
+            key = new(RuleKey, (PROTO_NAMES[proto], 6, from_bytes(addr, "big"), plen, lo, hi))
+        effect = effects.get((action, miss, target))
+        if effect is None:
+            if action == drop:
+                effect = (DROP, None, "drop")
+            else:
+                effect = (_ACTIONS[action], names[target], _MISSING[miss])
+            effects[action, miss, target] = effect
+        out[key] = effect
     return out
 
 

@@ -349,12 +349,11 @@ def _assign(
 
 def _check_families(rules: RuleSet, keep: dict[str, Slotted], fresh: dict[str, Want]) -> None:
     """Every steering rule's target must be able to take its IP version: no IPv6 rule on an
-    IPv4 socket, no IPv4 rule on an IPv6-only socket. One check per (target, version)."""
-    firsts: dict[tuple[str, int], RuleKey] = {}
-    for key, rule in rules.rules.items():
-        if rule.target is not None:
-            firsts.setdefault((rule.target, key.version), key)
-    for (name, version), key in firsts.items():
+    IPv4 socket, no IPv4 rule on an IPv6-only socket. The rules are scanned only when some
+    target cannot take one of the versions, and the first rule that may not go there is named
+    (a dual-stack socket takes both: nothing to scan)."""
+    refused: dict[tuple[str, int], tuple[str, str]] = {}  # (target, version) -> (where, hint)
+    for name in {**keep, **fresh}:
         if name in fresh:
             w = fresh[name]
             family, v6only = _family(w)
@@ -362,24 +361,28 @@ def _check_families(rules: RuleSet, keep: dict[str, Slotted], fresh: dict[str, W
         else:
             t = keep[name]
             family, v6only, where = t.family, t.v6only, t.endpoint
-        if version == 6 and family == socket.AF_INET:
-            raise TargetMismatch(
-                f"the socket at {where} is IPv4 and cannot take IPv6 rule {key}",
+        if family == socket.AF_INET:
+            refused[name, 6] = (
+                f"the socket at {where} is IPv4 and cannot take IPv6 rule",
                 "use an IPv6 socket for IPv6 prefixes",
-                name,
-                key,
             )
-        if version == 4 and family == socket.AF_INET6 and v6only:
-            raise TargetMismatch(
-                f"the socket at {where} is IPv6-only (IPV6_V6ONLY) and cannot take IPv4 rule {key}",
+        elif v6only:
+            refused[name, 4] = (
+                f"the socket at {where} is IPv6-only (IPV6_V6ONLY) and cannot take IPv4 rule",
                 "use an IPv4 socket, or a dual-stack IPv6 one bound to [::]",
-                name,
-                key,
             )
+    if not refused:
+        return
+    for key, rule in rules.rules.items():
+        target = rule.target
+        if target is not None and (why := refused.get((target, key.version))) is not None:
+            raise TargetMismatch(f"{why[0]} {key}", why[1], target, key)
 
 
 def _diff_rules(plan: Plan, old: Mapping[RuleKey, Effect], new: RuleSet) -> None:
     """Added and changed rules in the new set's order, removed ones in the old set's."""
+    if isinstance(old, LazyEffects):
+        old = old.rules  # the dict itself: its lookups in C
     for key, rule in new.rules.items():
         effect = old.get(key)
         if effect is None:
@@ -392,6 +395,10 @@ def _diff_rules(plan: Plan, old: Mapping[RuleKey, Effect], new: RuleSet) -> None
 def live_rules(live: Live) -> RuleSet:
     """The live rule set as Rule objects (to edit one rule of it)."""
     out = RuleSet()
-    for key, (action, target, on_missing) in live.rules.items():
-        out.rules[key] = Rule(key, action, None if action == DROP else target, on_missing)
+    effects = live.rules.rules if isinstance(live.rules, LazyEffects) else live.rules
+    new = tuple.__new__  # Rule() checks what a generation's record already guarantees
+    out.rules = {
+        key: new(Rule, (key, action, None if action == DROP else target, on_missing))
+        for key, (action, target, on_missing) in effects.items()
+    }
     return out

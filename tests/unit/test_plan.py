@@ -380,3 +380,45 @@ def test_a_plan_that_keeps_the_live_rules_as_they_are(
         assert not looked  # nothing decoded
     else:
         assert p.rules.rules == same.rules
+
+
+def _families_reference(rules: RuleSet, sockets: dict[str, tuple[int, bool]]) -> object:
+    """The check as it was written first: the first rule of each (target, version), in the
+    order they appear, each checked against its target's socket."""
+    firsts: dict[tuple[str, int], RuleKey] = {}
+    for key, rule in rules.rules.items():
+        if rule.target is not None:
+            firsts.setdefault((rule.target, key.version), key)
+    for (name, version), key in firsts.items():
+        family, v6only = sockets[name]
+        if (version == 6 and family == V4) or (version == 4 and family == V6 and v6only):
+            return (name, key)
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    picks=st.lists(
+        st.tuples(st.integers(0, 5), st.sampled_from(["a", "b", "c", None])), max_size=12
+    ),
+    kinds=st.tuples(*[st.sampled_from([(V4, False), (V6, False), (V6, True)])] * 3),
+)
+def test_families_name_the_rule_the_first_check_named(
+    picks: list[tuple[int, str | None]], kinds: tuple[tuple[int, bool], ...]
+) -> None:
+    """Which rule a family mismatch names: the first that may not go to its target (the
+    check scans the rules only when some target refuses a version)."""
+    prefixes = ["192.0.2.0/24", "2001:db8::/64", "198.51.100.7", "2001:db8::1", "0.0.0.0/0", "::/0"]
+    rs = RuleSet()
+    for i, (p, target) in enumerate(picks):
+        rule = make_rule("tcp", prefixes[p], str(1000 + i), target=target, drop=target is None)
+        rs.rules[rule.key] = rule
+    sockets = dict(zip("abc", kinds, strict=True))
+    wants = {n: want(n, 1, family=f, v6only=v) for n, (f, v) in sockets.items()}
+    expected = _families_reference(rs, sockets)
+    try:
+        make_plan(NOTHING, rs, wants)
+    except TargetMismatch as e:
+        assert (e.target, e.rule) == expected
+    else:
+        assert expected is None

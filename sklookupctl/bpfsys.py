@@ -722,10 +722,11 @@ def keep_heap_small(rules: int = 0) -> None:
     """Have glibc's malloc give every allocation of 1 MiB or more its own mapping, returned
     when freed (its default threshold is 128 KiB until the first such free: then it rises, up
     to 32 MiB, and freed memory is kept). Large rule sets make many arrays of that size, one
-    after another. For `rules` rules (known once the file is read), the threshold is 16 bytes
-    a rule if that is more: arrays of a few bytes a rule are then reused from the heap rather
-    than mapped (and their pages faulted in) each time, which at a million rules saves a
-    second and some memory is worth."""
+    after another. For `rules` rules (known once the file is read), more than 262,144 of
+    them, the threshold is 16 bytes a rule: the arrays of a few bytes a rule are then reused
+    from the heap rather than mapped (and their pages faulted in) each time, which at a
+    million rules saves a second; below that the few MB it would cost count more."""
     mallopt = getattr(_libc, "mallopt", None)
     if mallopt is not None:
-        mallopt(_M_MMAP_THRESHOLD, min(32 << 20, max(1 << 20, 16 * rules)))
+        per_rule = 16 * rules
+        mallopt(_M_MMAP_THRESHOLD, min(32 << 20, per_rule if per_rule >= 4 << 20 else 1 << 20))

@@ -281,7 +281,9 @@ class Counted:
 
     def columns(self) -> list[list[int]]:
         """Each rule's counters (layout.KERNEL_COUNTERS), every CPU's plus `base`, as one list
-        per counter, by rule number from 1."""
+        per counter, by rule number from 1. Summed in C, without numpy: readers (status,
+        metrics) take this for every rule set (numpy's import and arrays would cost them more
+        memory than the sums take time)."""
         n, size, ncpu = self.count, COUNTERS.size, self.cpus
         width = size // 8
         base = array("Q", self.base[: (n + 1) * size].ljust((n + 1) * size, b"\0"))
@@ -291,8 +293,7 @@ class Counted:
         columns = []
         for j in range(width):
             cpus = [per[c * width + j :: stride] for c in range(ncpu)]
-            sums = map(sum, zip(base[j::width], *cpus, strict=True))
-            columns.append([v % (1 << 64) for v in sums][1:])
+            columns.append(list(map(sum, zip(base[j::width], *cpus, strict=True)))[1:])
         return columns
 
     def group_stats(
@@ -301,14 +302,9 @@ class Counted:
         """Each group's counters as they grew since the group was made (its rules' counters
         plus `tbase`, mod 2**64), and each group's number of rules."""
         keys = groups(self.names)
-        if self.count >= VECTOR_MIN:
-            from . import vector
-
-            sums, sizes = vector.group_sums(self)
-        else:
-            cols = self.columns() if columns is None else columns
-            ids = rule_groups(self.rules, self.count, len(self.names))
-            sums, sizes = sum_groups(ids, cols, len(keys))
+        cols = self.columns() if columns is None else columns
+        ids = rule_groups(self.rules, self.count, len(self.names))
+        sums, sizes = sum_groups(ids, cols, len(keys))
         out = {}
         for i, g in enumerate(keys):
             extra = COUNTERS.unpack_from(self.tbase, i * COUNTERS.size) if self.tbase else None
@@ -335,7 +331,7 @@ def carry(
     for j, ident in enumerate(idents, 1):
         i = by_key.get(ident)
         if i is not None and any(old_counts[i]):
-            COUNTERS.pack_into(out, j * COUNTERS.size, *old_counts[i])
+            COUNTERS.pack_into(out, j * COUNTERS.size, *(v % (1 << 64) for v in old_counts[i]))
             carried = True
     if not tbase:
         return (bytes(out) if carried else None), None

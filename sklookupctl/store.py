@@ -309,7 +309,7 @@ class Generation:
         """What the generation counted, and each rule's counters (layout.KERNEL_COUNTERS:
         every CPU's plus `base`) as one list per counter, by rule number from 1."""
         counted = self.counted()
-        return counted, _columns(counted)
+        return counted, counted.columns()
 
     def raw_counters(self) -> list[tuple[int, ...]]:
         """Each rule's counters as the kernel keeps them (layout.KERNEL_COUNTERS): every CPU's,
@@ -453,15 +453,6 @@ def _create_map(mtype: int, value: type[Any], count: int, name: str, flags: int)
             f"cannot create map {name} of {count} entries: {e.strerror}",
             "the kernel is short of memory for this rule set" if e.errno == errno.ENOMEM else "",
         ) from None
-
-
-def _columns(counted: image.Counted) -> list[list[int]]:
-    """Counted.columns, with numpy for large rule sets."""
-    if counted.count >= image.VECTOR_MIN:
-        from . import vector
-
-        return vector.columns(counted)
-    return counted.columns()
 
 
 def _carry_counters(old: Generation, new: Generation) -> None:

@@ -528,12 +528,6 @@ def _totals(counted: Any) -> Any:
     return total
 
 
-def columns(counted: Any) -> list[list[int]]:
-    """image.Counted.columns, the same lists, with whole-array sums."""
-    out: list[list[int]] = _totals(counted)[1:].T.tolist()
-    return out
-
-
 def _records(raw: bytes, count: int) -> Any:
     return np.frombuffer(raw, dtype=RULE, count=count + 1)[1:]
 
@@ -601,19 +595,6 @@ def _group_ids(recs: Any, ntargets: int) -> Any:
     udp = recs["proto"] == PROTOCOLS["udp"]
     ids[drop] = ntargets + udp[drop]
     return ids
-
-
-def group_sums(counted: Any) -> tuple[list[list[int]], list[int]]:
-    """image.sum_groups of a generation's rules (mod 2**64): each group's counters added up,
-    and its number of rules."""
-    from . import image
-
-    ngroups = len(image.groups(counted.names))
-    ids = _group_ids(_records(counted.rules, counted.count), len(counted.names))
-    sums = np.zeros((ngroups, WIDTH), dtype="<u8")
-    np.add.at(sums, ids, _totals(counted)[1:])
-    out: list[list[int]] = sums.tolist()
-    return out, np.bincount(ids, minlength=ngroups).tolist()
 
 
 def carry(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import ipaddress
 import json
 import os
 import signal
@@ -147,6 +148,23 @@ class NS:
             if proto == "tcp":
                 return echo.dial_tcp(host, port, payload=payload)
             return echo.dial_udp(host, port)
+
+    def look(self, proto: str, host: str, port: int) -> str:
+        """One lookup by the live program (BPF_PROG_TEST_RUN, counted in its live maps, as a
+        packet's would be): "steer", "drop" or "pass". Exactly one lookup each, where a real
+        connection may make more (a segment that arrives after its socket is gone is looked
+        up again), so counters can be checked exactly."""
+        from sklookupctl import testrun
+
+        st = self.status()
+        if not st["loaded"]:
+            return "pass"  # no program: nothing decides, nothing counts
+        prog_id = int(str(st["program_id"]))
+        with bpfsys.Program.from_id(prog_id) as prog:
+            out = testrun.run(prog, testrun.lookup_ctx(proto, ipaddress.ip_address(host), port))
+        if out.steered:
+            return "steer"
+        return "drop" if out.verdict == testrun.SK_DROP else "pass"
 
     def script_argv(self, *args: str) -> list[str]:
         """The installed console script, aimed at this netns and the test bpffs."""

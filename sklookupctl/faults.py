@@ -35,6 +35,7 @@ POINTS = (
     "report.write",  # the command's output is being written
     "trace.pinned",  # trace: the traced copy and its trace directory pinned, not swapped in
     "trace.swapped",  # trace: the link runs the traced copy, the trace not yet under way
+    "trace.stopping",  # trace: about to swap the plain program back (signals held)
 )
 
 _SIGNALS = {"KILL": signal.SIGKILL, "INT": signal.SIGINT, "TERM": signal.SIGTERM}

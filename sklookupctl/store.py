@@ -1326,6 +1326,7 @@ class Tracing:
     def stop(self) -> None:
         if self.lock < 0:
             return
+        faults.point("trace.stopping")
         with contextlib.suppress(BpfError):  # it no longer runs the traced copy
             self.link.update(self.plain, self.program)
         unpin_dir(self.path)

@@ -15,6 +15,7 @@ so).
 from __future__ import annotations
 
 import ipaddress
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -162,7 +163,8 @@ class Trace:
             self.tracing = d.trace(self.size)
 
     def stop(self) -> None:
-        """Swap the plain program back (SIGINT and SIGTERM wait until it is done)."""
+        """Swap the plain program back (SIGINT and SIGTERM wait until it is done, and are then
+        acted on: one that came meanwhile still ends the trace)."""
         t = self.tracing
         if t is None:
             return
@@ -172,7 +174,9 @@ class Trace:
             t.stop()
         finally:
             self.tracing = None
-            interrupts.release()
+            caught = interrupts.release()
+        for name in caught:
+            signal.raise_signal(signal.Signals[name])
 
     def _follow(self) -> str:
         """The traced copy no longer runs: a writer changed the rule set (trace the new

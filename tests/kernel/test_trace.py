@@ -43,11 +43,15 @@ def trace_dirs(ns: NS) -> list[str]:
     return [n for n in os.listdir(state_dir(ns)) if n.startswith("trace-")]
 
 
-def start_trace(ns: NS, *args: str) -> subprocess.Popen[str]:
+def start_trace(ns: NS, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """`trace` in a process of its own, returned once the traced copy runs."""
     before = ns.status()["program_id"]
     proc = subprocess.Popen(
-        ns.script_argv("trace", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ns.script_argv("trace", *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -335,3 +339,21 @@ def test_a_reader_opening_as_the_trace_ends(ns: NS, monkeypatch: pytest.MonkeyPa
     st = ns.status()
     assert proc.returncode == 0 and len(calls) >= 2
     assert st["tracing"] is None and st["program_id"] == plain
+
+
+@pytest.mark.parametrize("how", ["TERM", "INT"])
+def test_a_signal_while_the_trace_follows_a_change_ends_it(ns: NS, how: str) -> None:
+    """A signal that arrives while the tracer swaps the plain program back to follow a change
+    (signals held meanwhile) still ends the trace, once the swap is done (it was dropped: the
+    trace went on until its --seconds)."""
+    steered_ns(ns)
+    proc = start_trace(ns, "--seconds", "60", env={"SKLOOKUPCTL_FAULT": f"trace.stopping:1:{how}"})
+    try:
+        ns.ok("attach", "tcp", "203.0.113.0/24", "all", "--drop")  # a change: the trace follows
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert f"trace ended (SIG{how})" in err, err
+    assert running_program(ns)[1] == "skl_dispatch"

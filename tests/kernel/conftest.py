@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -309,4 +310,27 @@ def assert_no_leaks(bpffs: str, base: Objects, wait: float = 5.0) -> None:
     assert made == pinned, f"made {made}, pinned {pinned}"
 
 
-__all__ = ["MADE", "NS", "Objects", "Proxy", "assert_no_leaks", "kernel_objects", "throwaway"]
+def machine_settings(examples: int, steps: int) -> Any:
+    """hypothesis settings of the kernel's state machines: bounded, no deadline (the kernel
+    takes its time), the same examples every run unless SKLOOKUPCTL_MODEL_RANDOM is set."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(
+        max_examples=examples,
+        stateful_step_count=steps,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=not os.environ.get("SKLOOKUPCTL_MODEL_RANDOM"),
+    )
+
+
+__all__ = [
+    "MADE",
+    "NS",
+    "Objects",
+    "Proxy",
+    "assert_no_leaks",
+    "kernel_objects",
+    "machine_settings",
+    "throwaway",
+]

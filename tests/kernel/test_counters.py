@@ -20,13 +20,12 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
 
 from sklookupctl import image
 
-from .conftest import PREFIXES, throwaway
+from .conftest import PREFIXES, machine_settings, throwaway
 
 EXAMPLES = int(os.environ.get("SKLOOKUPCTL_COUNTERS_EXAMPLES", "25"))
 STEPS = int(os.environ.get("SKLOOKUPCTL_COUNTERS_STEPS", "12"))
@@ -181,13 +180,4 @@ class Counting(RuleBasedStateMachine):
 
 
 def test_counters_follow_rules_and_targets_on_both_paths(bpffs: str) -> None:
-    run_state_machine_as_test(
-        lambda: Counting(bpffs),
-        settings=settings(
-            max_examples=EXAMPLES,
-            stateful_step_count=STEPS,
-            deadline=None,
-            suppress_health_check=list(HealthCheck),
-            derandomize=not os.environ.get("SKLOOKUPCTL_MODEL_RANDOM"),
-        ),
-    )
+    run_state_machine_as_test(lambda: Counting(bpffs), settings=machine_settings(EXAMPLES, STEPS))

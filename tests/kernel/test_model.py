@@ -31,6 +31,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -44,7 +45,7 @@ from sklookupctl import api, faults, rulefile, testrun
 from sklookupctl.bpfsys import BpfError, Program
 from sklookupctl.rules import DROP, STEER, Rule, RuleKey, RuleSet, make_rule
 
-from .conftest import MADE, NS, Objects, Proxy, assert_no_leaks, kernel_objects, machine_settings
+from .conftest import MADE, NS, Objects, Proxy, assert_no_leaks, kernel_objects
 
 EXAMPLES = int(os.environ.get("SKLOOKUPCTL_MODEL_EXAMPLES", "30"))
 STEPS = int(os.environ.get("SKLOOKUPCTL_MODEL_STEPS", "15"))
@@ -580,7 +581,16 @@ def _rules(st_: dict[str, object]) -> list[Rule]:
 def test_steering_follows_the_model(bpffs: str) -> None:
     STATS.clear()
     start = time.monotonic()
-    run_state_machine_as_test(lambda: Steering(bpffs), settings=machine_settings(EXAMPLES, STEPS))
+    run_state_machine_as_test(
+        lambda: Steering(bpffs),
+        settings=settings(
+            max_examples=EXAMPLES,
+            stateful_step_count=STEPS,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            derandomize=not os.environ.get("SKLOOKUPCTL_MODEL_RANDOM"),
+        ),
+    )
     took = time.monotonic() - start
     print(f"\nmodel run: {EXAMPLES} examples of up to {STEPS} steps, {took:.0f} s:", dict(STATS))
     for what in (

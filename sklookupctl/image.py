@@ -275,7 +275,7 @@ class Counted:
     tbase: bytes
     names: list[str]
 
-    def any(self) -> bool:
+    def anything(self) -> bool:
         """Whether any counter of any rule or group is non-zero."""
         return any(b.count(0) != len(b) for b in (self.base, self.raw, self.tbase))
 

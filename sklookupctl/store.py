@@ -280,9 +280,6 @@ class Generation:
         """The rules, key -> (action, target, on_missing), by rule number."""
         return image.decode_rules(self._rule_bytes(), self.meta().rules, names)
 
-    def identities(self) -> list[tuple[int, int, int, int, int, bytes]]:
-        return image.rule_identities(self._rule_bytes(), self.meta().rules)
-
     def counted(self) -> image.Counted:
         """What the generation counted: its rules, `base`, per-CPU counters and `tbase`, each
         read once (bulk reads)."""
@@ -345,8 +342,11 @@ class Generation:
                 with Map.from_pin(
                     os.path.join(self.path, layout.SOURCE_NOTE), U32, layout.SourceNote, True
                 ) as note:
-                    raw = _read_array(note, 1, ctypes.sizeof(layout.SourceNote))
-                    if note.info().value_size == len(raw) and raw.strip(b"\0"):
+                    size = ctypes.sizeof(layout.SourceNote)
+                    if note.info().value_size != size:
+                        return ""  # not a note this version wrote: nothing is known
+                    raw = _read_array(note, 1, size)
+                    if raw.strip(b"\0"):
                         return raw.rstrip(b"\0").decode("ascii", "replace")
             except FileNotFoundError:
                 pass
@@ -463,7 +463,7 @@ def _carry_counters(old: Generation, new: Generation) -> None:
     result. Read after the swap, so the old program has stopped counting (bar lookups already
     in flight when the link changed)."""
     counted = old.counted()
-    if not counted.any():
+    if not counted.anything():
         return
     n = new.meta().rules
     args = (new.rule_records(), n, [t.name for t in new.targets()], "tbase" in new.maps)

@@ -38,6 +38,13 @@ def target(name: str, to: str) -> str:
     return f'[targets.{name}]\nto = "{to}"\n'
 
 
+def web_file(tmp_path: Path, web: Any, host: str = "127.0.0.1") -> str:
+    """A file of one target, web (the proxy `web`, listening on `host`), and one rule: all of
+    192.0.2.0/24 over TCP to it."""
+    text = target("web", f"{host}:{web.port}") + rule("tcp", "192.0.2.0/24", "all", "web")
+    return write(tmp_path, "r.toml", text)
+
+
 def test_apply_steers_and_export_round_trips(ns: NS, tmp_path: Path) -> None:
     web = ns.proxy(tcp="127.0.0.1:0", tag="web")
     dns = ns.proxy(udp="127.0.0.1:0", tag="dns")
@@ -78,11 +85,7 @@ def test_apply_steers_and_export_round_trips(ns: NS, tmp_path: Path) -> None:
 
 def test_dry_run_touches_nothing(ns: NS, tmp_path: Path) -> None:
     web = ns.proxy(tcp="127.0.0.1:0", tag="web")
-    f = write(
-        tmp_path,
-        "r.toml",
-        target("web", f"127.0.0.1:{web.port}") + rule("tcp", "192.0.2.0/24", "all", "web"),
-    )
+    f = web_file(tmp_path, web)
     res = ns.ok("apply", "--dry-run", f)
     assert "dry run: would apply" in res.output and "+ tcp 192.0.2.0/24 all -> web" in res.output
     assert ns.files() == [] and not ns.status()["loaded"]
@@ -270,11 +273,7 @@ def test_a_file_found_live_is_noted(ns: NS, tmp_path: Path, monkeypatch: Any) ->
     detached since the file was applied) notes the file with the live generation: the same
     file again reads only its head. A dry run notes nothing; any change forgets the note."""
     web = ns.proxy(tcp="127.0.0.1:0", tag="web")
-    f = write(
-        tmp_path,
-        "r.toml",
-        target("web", f"127.0.0.1:{web.port}") + rule("tcp", "192.0.2.0/24", "all", "web"),
-    )
+    f = web_file(tmp_path, web)
     seen = _rules_not_read(monkeypatch)
     ns.ok("apply", f)
     ns.ok("attach", "tcp", "192.0.2.0/24", "80", "--drop")
@@ -312,11 +311,7 @@ def test_rules_changed_between_the_look_and_the_lock(
     from sklookupctl import api as apimod
 
     web = ns.proxy(tcp="127.0.0.1:0", tag="web")
-    f = write(
-        tmp_path,
-        "r.toml",
-        target("web", f"127.0.0.1:{web.port}") + rule("tcp", "192.0.2.0/24", "all", "web"),
-    )
+    f = web_file(tmp_path, web)
     ns.ok("apply", f)
     look = apimod._live_from
 
@@ -339,11 +334,7 @@ def test_the_same_file_again_when_a_socket_cannot_take_its_rules(ns: NS, tmp_pat
     names the rule in the file, as for any other file (it was a KeyError: the file's rules had
     not been read)."""
     web = ns.proxy(tcp="[::]:0", tag="web")
-    f = write(
-        tmp_path,
-        "r.toml",
-        target("web", f"[::]:{web.port}") + rule("tcp", "192.0.2.0/24", "all", "web"),
-    )
+    f = web_file(tmp_path, web, "[::]")
     ns.ok("apply", f)
     web.stop()
     ns.proxy(tcp=f"[::]:{web.port}", v6only=True, tag="six")

@@ -1111,7 +1111,7 @@ def _status_of(
     tag = bytes(prog_info.tag).hex()
     link = d.link.info() if d.link else None
     live = d.snapshot(rules=False)
-    counted, columns = gen.counts()
+    counted, columns = d.counts()
     names = counted.names
     rows = rulerows.RuleRows.from_records(
         gen.rule_records(), gen.meta().rules, names, list(zip(*columns, strict=True))

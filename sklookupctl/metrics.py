@@ -104,7 +104,7 @@ def _read(d: store.Dispatcher, names: dict[int, str], per_rule: bool) -> NsMetri
     assert gen is not None
     meta = gen.meta()
     targets = gen.targets()
-    counted, columns = gen.counts()
+    counted, columns = d.counts()
     totals = counted.group_stats(columns)[0]
     width = len(layout.KERNEL_COUNTERS)
     m = NsMetrics(

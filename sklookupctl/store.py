@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import os
@@ -455,16 +456,13 @@ def _create_map(mtype: int, value: type[Any], count: int, name: str, flags: int)
         ) from None
 
 
-def _carry_counters(old: Generation, new: Generation) -> None:
-    """Counters of rules present in both generations continue in the new one's `base`, and
-    each group's total in its `tbase` (image.carry; vector.carry for large rule sets).
-
-    Assigned, not added to: carrying again (a repair after a killed command) gives the same
-    result. Read after the swap, so the old program has stopped counting (bar lookups already
-    in flight when the link changed)."""
+def _carried(old: Generation, new: Generation) -> tuple[bytes, bytes | None] | None:
+    """What `new` continues of `old`'s counters: its `base` and, when it has one, its `tbase`
+    (image.carry; vector.carry for large rule sets). None when `old` counted nothing (nothing
+    to carry: `new`'s maps stay as built)."""
     counted = old.counted()
     if not counted.anything():
-        return
+        return None
     n = new.meta().rules
     args = (new.rule_records(), n, [t.name for t in new.targets()], "tbase" in new.maps)
     if max(counted.count, n) >= image.VECTOR_MIN:
@@ -473,8 +471,23 @@ def _carry_counters(old: Generation, new: Generation) -> None:
         base, tbase = vector.carry(counted, *args)
     else:
         base, tbase = image.carry(counted, *args)
-    if base is not None:
-        _write_array(new.maps["base"], base)
+    return (base if base is not None else bytes(image.COUNTERS.size * (n + 1))), tbase
+
+
+def _carry_counters(old: Generation, new: Generation) -> None:
+    """Counters of rules present in both generations continue in the new one's `base`, and
+    each group's total in its `tbase` (_carried).
+
+    Assigned, not added to: carrying again (a repair after a killed command) gives the same
+    result. Made after the switch, so the old program has stopped counting (bar lookups
+    already in flight when the link changed). Readers that find the old generation still
+    pinned (its writer was killed before this) make the same carry in memory
+    (Dispatcher.counts)."""
+    carried = _carried(old, new)
+    if carried is None:
+        return
+    base, tbase = carried
+    _write_array(new.maps["base"], base)
     if tbase is not None:
         _write_array(new.maps["tbase"], tbase)
 
@@ -576,6 +589,45 @@ class Dispatcher:
             self.close()
             raise
         return self
+
+    def counts(self) -> tuple[image.Counted, list[list[int]]]:
+        """The live generation's counters (Generation.counts) as the next writer will leave
+        them: when a writer was killed after its switch and before it carried the counters of
+        the generation it replaced over (that generation still pinned here), the carry is made
+        in memory, as the next writer's repair will make it in the maps."""
+        assert self.gen is not None
+        counted = self.gen.counted()
+        replaced = self._replaced()
+        if replaced is not None:
+            with replaced:
+                carried = _carried(replaced, self.gen)
+            n = counted.count
+            base, tbase = carried or (bytes(image.COUNTERS.size * (n + 1)), None)
+            if tbase is None and counted.tbase:
+                tbase = bytes(len(counted.tbase))
+            counted = dataclasses.replace(counted, base=base, tbase=tbase or b"")
+        return counted, counted.columns()
+
+    def _replaced(self) -> Generation | None:
+        """The newest generation pinned beside the live one that the live one replaced (the
+        one whose counters the repair carries over); None when there is none."""
+        assert self.gen is not None
+        live = self.gen.meta().generation
+        best: Generation | None = None
+        for p in self.stale:
+            try:
+                g = Generation.open(p, readonly=True)
+            except (EnvironmentProblem, OSError):
+                continue  # half removed: the repair sweeps it; nothing to carry from
+            if g.meta().generation < live and (
+                best is None or g.meta().generation > best.meta().generation
+            ):
+                if best is not None:
+                    best.close()
+                best = g
+            else:
+                g.close()
+        return best
 
     # -- tracing
 
@@ -794,11 +846,9 @@ class Dispatcher:
                     ) from None
                 filled.append(slot)
             faults.point("commit.filled")
-            if old is not None:
-                # counters carried once before the switch too: a command killed between the
-                # switch and the carry after it leaves totals behind by the lookups in between,
-                # never at zero (the carry after the switch, or the repair, assigns the rest)
-                _carry_counters(old, gen)
+            # no carry yet: a command killed between the switch and its carry leaves the old
+            # generation pinned, from which readers make the carry themselves
+            # (Dispatcher.counts) until the next writer's repair makes it
             interrupts.hold()  # a switch that happened is never undone, nor reported as failed
             self._switch(gen, old, plan.attach, ns)
         except BaseException:

@@ -1,12 +1,13 @@
 """Counters across rule-set changes, explored: a hypothesis state machine attaches, re-targets and
-detaches rules and runs lookups through the live programs, in two namespaces at once: one
-through the paths of small rule sets, one through those of large ones (image.VECTOR_MIN
-lowered to 1: tables built with numpy, the counters map made by another thread, counters
-carried with numpy). After every step both must show the same counters, per rule and per
-target, and they must agree with a plain model: a rule's counters follow it while it exists
-(and start again from zero when it comes back), a target's totals only grow, by exactly the
-lookups its rules took. (Lookups by BPF_PROG_TEST_RUN, not connections: a connection may be
-looked up more than once, when a segment arrives after its socket is gone.)
+detaches rules and runs lookups through the live programs, in two namespaces at once: one through
+the paths of small rule sets, one through those of large ones (image.VECTOR_MIN lowered to 1:
+tables built with numpy, the counters map made by another thread, counters carried with numpy).
+After every step both must show the same counters, per rule and per target, and they must agree
+with a plain model: a rule's counters follow it while it exists (and start again from zero when it
+comes back), a target's totals only grow, by exactly the lookups its rules took. Some changes are
+killed after their switch, before (or after) they carried the counters over: readers then make that
+carry themselves, and must show the same. (Lookups by BPF_PROG_TEST_RUN, not connections: a
+connection may be looked up more than once, when a segment arrives after its socket is gone.)
 
 Bounded for CI (25 examples of up to 12 steps, the same ones every run); longer with
 SKLOOKUPCTL_COUNTERS_EXAMPLES and SKLOOKUPCTL_COUNTERS_STEPS, new examples each run with
@@ -17,6 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
 
@@ -80,6 +84,7 @@ class Counting(RuleBasedStateMachine):
         self.rules: dict[tuple[str, str], str] = {}  # (prefix, ports) -> target or "drop"
         self.rule_counts: Counter[tuple[str, str, str]] = Counter()  # (prefix, ports, kind)
         self.totals: Counter[tuple[str, str]] = Counter()  # (target, kind)
+        self.built = False  # whether the namespaces have a generation (from the first change)
 
     def teardown(self) -> None:
         self.stack.close()
@@ -102,7 +107,55 @@ class Counting(RuleBasedStateMachine):
             self.both("attach", "tcp", prefix, ports, "--replace", target=target)
         # a rule given another effect is the same rule: its counters go on, in another group
         self.rules[which] = target
+        self.built = True
         self._forget_gone_targets()
+
+    @rule(
+        which=st.sampled_from(RULES),
+        to=st.sampled_from((*TARGETS, None)),
+        point=st.sampled_from(("commit.switched", "retire.carried")),
+    )
+    def killed(self, which: tuple[str, str], to: str | None, point: str) -> None:
+        """A change (attach, re-target, or detach: `to` None) killed after its switch: it
+        happened, and the generation it replaced is left pinned for the next writer."""
+        prefix, ports = which
+        for n, vmin in ((self.small, 10**9), (self.large, 1)):
+            if to is None:
+                args: tuple[str, ...] = ("detach", "tcp", prefix, ports, "--if-exists")
+            elif to == "drop":
+                args = ("attach", "tcp", prefix, ports, "--drop", "--replace")
+            else:
+                port = self.ports[n.name, to]
+                args = ("attach", "tcp", prefix, ports, "--replace")
+                args += ("--to", f"127.0.0.1:{port}", "--name", to)
+            # the CLI in a process of its own, with the paths of the namespace's rule-set size
+            code = (
+                "import sys; from sklookupctl import image; "
+                f"image.VECTOR_MIN = {vmin}; from sklookupctl.cli import main; main(sys.argv[1:])"
+            )
+            argv = [sys.executable, "-c", code, "--netns", n.name, "--bpffs", n.bpffs, *args]
+            res = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**os.environ, "SKLOOKUPCTL_FAULT": point},
+            )
+            unchanged = which not in self.rules if to is None else self.rules.get(which) == to
+            if unchanged or (point == "retire.carried" and not self.built):
+                # nothing to change, or no generation replaced: nothing killed
+                assert res.returncode == 0, res.stderr
+            else:
+                assert res.returncode == -signal.SIGKILL, (res.returncode, res.stderr)
+        if to is None:
+            if self.rules.pop(which, None) is not None:
+                for kind in ("steered", "dropped"):
+                    self.rule_counts.pop((prefix, ports, kind), None)
+        else:
+            self.rules[which] = to
+            self.built = True
+        self._forget_gone_targets()
+        self.check()
 
     @rule(which=st.sampled_from(RULES))
     def detach(self, which: tuple[str, str]) -> None:

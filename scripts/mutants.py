@@ -204,6 +204,24 @@ MUTANTS = [
         "spec = _target(tname, t, where, used or set())  # checked whole, used or not",
         "spec = _target(tname, t, where, used) if used else None  # type: ignore",
     ),
+    (
+        "plan.py",
+        "an edit of the live rules never reports a removed rule",
+        "                removed.append(was)",
+        "                pass",
+    ),
+    (
+        "plan.py",
+        "a live rule is found by its prefix and low port alone",
+        "_record_order(raw, at + 1) == want else 0",
+        "_record_order(raw, at + 1)[:5] == want[:5] else 0",
+    ),
+    (
+        "vector.py",
+        "live rules keep their old target index when the targets change",
+        "remap = np.array([index.get(n, len(index)) for n in names] + [len(index)], np.int64)",
+        "remap = np.array([*range(len(names)), len(index)], np.int64)",
+    ),
 ]
 
 

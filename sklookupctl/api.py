@@ -586,7 +586,7 @@ def detach(
                 f"no sklookupctl dispatcher in {ns.label}, so no rule {key}",
                 "see `sklookupctl status`; --if-exists makes this no error",
             )
-        if if_exists and key not in rs.rules:
+        if if_exists and key not in rs:
             absent.append(f"no rule {key}: nothing to remove")
             return rs, wants
         removed.append(rs.remove(key))

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import __version__, layout, record, trie
-from .plan import Effect, Slotted
+from .plan import Effect, LiveEdit, Slotted
 from .rules import DROP, PROTO_NAMES, PROTOCOLS, STEER, IPAddress, Rule, RuleKey, RuleSet
 
 RULE = struct.Struct("<BBBBB3xHHI16s")  # mirrors layout.RuleRecord, and is record.RULE
@@ -74,7 +74,16 @@ def encode(
     if vectored:
         from . import vector
 
-        built = vector.build(list(rules.rules.values()), blocks, index)
+        if isinstance(rules, LiveEdit) and not rules.whole and rules.base.searchable:
+            # the live rules edited (attach, detach): from the records, no Rule per live rule
+            base = rules.base
+            gone = [base.number(k) for k in rules.edits if rules.live(k) is not None]
+            more = [r for r in rules.edits.values() if r is not None]
+            built = vector.build_edited(
+                base.raw(), base.count, base.names, gone, more, blocks, index
+            )
+        else:
+            built = vector.build(list(rules.rules.values()), blocks, index)
         n = built.rules
         if n >= 1 << 31 or built.segment_count >= 1 << 31:
             raise ValueError(f"{n} rules is more than a generation holds")

@@ -17,15 +17,19 @@ the old rules reach the old sockets until the switch; its old block is emptied a
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import socket
+import struct
+from array import array
+from collections import Counter
 from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, ValuesView
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import slots as slotsmod
 from .errors import NotFound, RuleConflict, TargetMismatch
-from .rules import DROP, IPAddress, Rule, RuleKey, RuleSet, format_endpoint
+from .rules import DROP, STEER, IPAddress, Rule, RuleKey, RuleSet, format_endpoint, no_rule
 
 Effect = tuple[str, str | None, str]  # (action, target, on_missing) of a rule
 
@@ -56,18 +60,98 @@ class Slotted:
 
 class LazyEffects(Mapping[RuleKey, Effect]):
     """A generation's rules, decoded when first looked at (a large set takes a while, and a
-    plan that keeps them as they are never looks)."""
+    plan that keeps them as they are never looks). With the generation's rules map
+    (`records`, read when first needed) and its targets' `names`, single rules are found
+    without decoding the set: the records are in rule-number order, which is the order of
+    `_order` (compile_rules numbers them so), so a binary search finds any key."""
 
-    def __init__(self, decode: Callable[[], dict[RuleKey, Effect]], count: int) -> None:
+    def __init__(
+        self,
+        decode: Callable[[], dict[RuleKey, Effect]],
+        count: int,
+        records: Callable[[], bytes | None] | None = None,
+        names: list[str] | None = None,
+    ) -> None:
         self._decode: Callable[[], dict[RuleKey, Effect]] | None = decode
         self._rules: dict[RuleKey, Effect] = {}
         self.count = count
+        self._records: Callable[[], bytes | None] | None = records
+        self._raw: bytes | None = None
+        self.names = names or []
 
     @property
     def rules(self) -> dict[RuleKey, Effect]:
         if self._decode is not None:
             self._rules, self._decode = self._decode(), None
         return self._rules
+
+    @property
+    def searchable(self) -> bool:
+        """Whether single rules are found in the records: not decoded yet, and `records` gave
+        them (it gives None for records it cannot vouch are in order)."""
+        if self._decode is None or self._records is None:
+            return False
+        if self._raw is None:
+            self._raw = self._records()
+            if self._raw is None:
+                self._records = None
+                return False
+        return True
+
+    def raw(self) -> bytes:
+        """The generation's rules map (record 0 unused), when searchable."""
+        assert self._raw is not None
+        return self._raw
+
+    def number(self, key: RuleKey) -> int:
+        """The rule number of `key` (0: no such rule), by a binary search of the records."""
+        raw = self.raw()
+        want = _order(key)
+        at = bisect.bisect_left(range(1, self.count + 1), want, key=lambda i: _record_order(raw, i))
+        return at + 1 if at < self.count and _record_order(raw, at + 1) == want else 0
+
+    def find(self, key: RuleKey) -> Effect | None:
+        if not self.searchable:
+            return self.rules.get(key)
+        n = self.number(key)
+        return _record_effect(self.raw(), n, self.names) if n else None
+
+    def same_prefix(self, key: RuleKey) -> list[RuleKey]:
+        """The keys of the rules of `key`'s protocol and prefix."""
+        if not self.searchable:
+            k = key
+            return [
+                o
+                for o in self.rules
+                if (o.proto, o.version, o.net, o.plen) == (k.proto, k.version, k.net, k.plen)
+            ]
+        raw, count = self.raw(), self.count
+        head = _order(key)[:4]
+        first = bisect.bisect_left(
+            range(1, count + 1), head, key=lambda i: _record_order(raw, i)[:4]
+        )
+        out = []
+        for i in range(first + 1, count + 1):
+            if _record_order(raw, i)[:4] != head:
+                break
+            out.append(_record_key(raw, i))
+        return out
+
+    def target_uses(self) -> dict[str, int]:
+        """How many rules steer to each target (by name)."""
+        if not self.searchable:
+            uses: dict[str, int] = {}
+            for _action, target, _m in self.rules.values():
+                if target is not None:
+                    uses[target] = uses.get(target, 0) + 1
+            return uses
+        raw = self.raw()
+        body = raw[_RULE.size : (self.count + 1) * _RULE.size]
+        actions = body[3 :: _RULE.size]
+        targets = array("I", body)[3 :: _RULE.size // 4]
+        steered = [t for a, t in zip(actions, targets, strict=True) if a == _STEER]
+        counted = Counter(steered)
+        return {self.names[t]: c for t, c in counted.items()}
 
     def __getitem__(self, key: RuleKey) -> Effect:
         return self.rules[key]
@@ -80,6 +164,8 @@ class LazyEffects(Mapping[RuleKey, Effect]):
 
     # the dict's own, in C (Mapping's would look every key up again, in Python)
     def __contains__(self, key: object) -> bool:
+        if self.searchable and isinstance(key, RuleKey):
+            return bool(self.number(key))
         return key in self.rules
 
     def get(self, key: RuleKey, default: Any = None) -> Any:
@@ -93,6 +179,149 @@ class LazyEffects(Mapping[RuleKey, Effect]):
 
     def values(self) -> ValuesView[Effect]:
         return self.rules.values()
+
+
+# a generation's rules map: struct layout.RuleRecord (image.RULE, record.RULE)
+_RULE = struct.Struct("<BBBBB3xHHI16s")
+_STEER, _DROP = 1, 2  # layout.ACTION_STEER, ACTION_DROP
+_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
+
+
+def _order(key: RuleKey) -> tuple[str, int, int, int, int, int]:
+    """Rule-number order: compile_rules' (protocol, version, network, length, lo, -hi)."""
+    return key.proto, key.version, key.net, key.plen, key.lo, -key.hi
+
+
+def _record_key(raw: bytes, i: int) -> RuleKey:
+    proto, family, plen, _a, _m, lo, hi, _t, addr = _RULE.unpack_from(raw, i * _RULE.size)
+    if family == socket.AF_INET:
+        return RuleKey.of(_NAMES[proto], 4, int.from_bytes(addr[:4], "big"), plen, lo, hi)
+    return RuleKey.of(_NAMES[proto], 6, int.from_bytes(addr, "big"), plen, lo, hi)
+
+
+def _record_order(raw: bytes, i: int) -> tuple[str, int, int, int, int, int]:
+    return _order(_record_key(raw, i))
+
+
+def _record_effect(raw: bytes, i: int, names: list[str]) -> Effect:
+    _p, _f, _l, action, miss, _lo, _hi, target, _addr = _RULE.unpack_from(raw, i * _RULE.size)
+    if action == _DROP:
+        return (DROP, None, "drop")
+    return (STEER, names[target], "pass" if miss == 1 else "drop")
+
+
+class LiveEdit(RuleSet):
+    """The live rule set with a few rules added, replaced or removed (attach, detach): the
+    edits are kept apart from the live rules, which are looked up one by one in the
+    generation's records (LazyEffects) rather than decoded, unless something needs the whole
+    set (`rules` then makes it, once). make_plan diffs the edits alone, and the commit builds
+    a large set's tables from the records and the edits (vector.build_edited)."""
+
+    def __init__(self, base: LazyEffects) -> None:  # RuleSet.__init__ not called: no dict
+        self.base = base
+        self.edits: dict[RuleKey, Rule | None] = {}  # None: removed
+        self._whole: dict[RuleKey, Rule] | None = None
+        self._live: dict[RuleKey, Rule | None] = {}  # the live rules looked up so far
+        self.replaced = False  # `rules` was given a whole other set: the edits say nothing
+
+    @property
+    def rules(self) -> dict[RuleKey, Rule]:
+        if self._whole is None:
+            new = tuple.__new__  # Rule() checks what a generation's record already guarantees
+            whole = {
+                key: new(Rule, (key, action, None if action == DROP else target, on_missing))
+                for key, (action, target, on_missing) in self.base.rules.items()
+            }
+            for key, rule in self.edits.items():
+                if rule is None:
+                    whole.pop(key, None)
+                else:
+                    whole[key] = rule
+            self._whole = whole
+        return self._whole
+
+    @rules.setter
+    def rules(self, value: dict[RuleKey, Rule]) -> None:
+        self._whole, self.replaced = value, True
+
+    @property
+    def whole(self) -> bool:
+        """Whether the whole set was made (`rules` was looked at)."""
+        return self._whole is not None
+
+    def live(self, key: RuleKey) -> Rule | None:
+        """The live rule of `key` (before the edits)."""
+        if key not in self._live:
+            effect = self.base.find(key)
+            self._live[key] = None if effect is None else Rule(key, *effect)
+        return self._live[key]
+
+    def get(self, key: RuleKey) -> Rule | None:
+        if self._whole is not None:
+            return self._whole.get(key)
+        if key in self.edits:
+            return self.edits[key]
+        return self.live(key)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, RuleKey) and self.get(key) is not None
+
+    def __len__(self) -> int:
+        if self._whole is not None:
+            return len(self._whole)
+        n = self.base.count
+        for key, rule in self.edits.items():
+            n += (rule is not None) - (self.live(key) is not None)
+        return n
+
+    def same_prefix(self, key: RuleKey) -> Iterator[RuleKey]:
+        if self._whole is not None:
+            yield from super().same_prefix(key)
+            return
+        k = key
+        for o in self.base.same_prefix(key):
+            if o not in self.edits:
+                yield o
+        for o, rule in self.edits.items():
+            if rule is not None and (o.proto, o.version, o.net, o.plen) == (
+                k.proto,
+                k.version,
+                k.net,
+                k.plen,
+            ):
+                yield o
+
+    def add(self, rule: Rule, replace: bool = False) -> bool:
+        if not self.check_add(rule, replace):
+            return False
+        self._put(rule.key, rule)
+        return True
+
+    def remove(self, key: RuleKey) -> Rule:
+        rule = self.get(key)
+        if rule is None:
+            raise no_rule(key)
+        self._put(key, None)
+        return rule
+
+    def _put(self, key: RuleKey, rule: Rule | None) -> None:
+        self.edits[key] = rule
+        if self._whole is not None:
+            if rule is None:
+                self._whole.pop(key, None)
+            else:
+                self._whole[key] = rule
+
+    def targets_in_use(self) -> set[str]:
+        if self._whole is not None:
+            return super().targets_in_use()
+        uses = self.base.target_uses()
+        for key, rule in self.edits.items():
+            old = self.live(key)
+            for r, d in ((old, -1), (rule, 1)):
+                if r is not None and r.target is not None:
+                    uses[r.target] = uses.get(r.target, 0) + d
+        return {t for t, n in uses.items() if n > 0}
 
 
 @dataclass(frozen=True)
@@ -189,7 +418,7 @@ def make_plan(
     same = rules is None
     # a generation's targets are exactly those its rules use
     used = set(live.targets) if rules is None else rules.targets_in_use()
-    if not live.capacity and (rules is None or not rules.rules):
+    if not live.capacity and (rules is None or not len(rules)):
         # nothing, and none wanted (nothing live: no live rules either)
         plan = Plan(rules or RuleSet(), {}, {}, [], 0, new_map=False, attach=False)
         plan.source = live.source if rules is None else ""
@@ -381,6 +610,27 @@ def _check_families(rules: RuleSet, keep: dict[str, Slotted], fresh: dict[str, W
 
 def _diff_rules(plan: Plan, old: Mapping[RuleKey, Effect], new: RuleSet) -> None:
     """Added and changed rules in the new set's order, removed ones in the old set's."""
+    if isinstance(new, LiveEdit) and new.base is old and not new.replaced:
+        # the live rules edited: only the edits can differ (in the orders above: added ones
+        # as they were made, changed and removed ones by rule number)
+        changed, removed = [], []
+        for key, rule in new.edits.items():
+            was = new.live(key)
+            if was is None:
+                if rule is not None:
+                    plan.added.append(rule)
+            elif rule is None:
+                removed.append(was)
+            elif (was.action, was.target, was.on_missing) != (
+                rule.action,
+                rule.target,
+                rule.on_missing,
+            ):
+                changed.append((was, rule))
+        number = new.base.number if new.base.searchable else list(new.base).index
+        plan.changed = sorted(changed, key=lambda c: number(c[0].key))
+        plan.removed = sorted(removed, key=lambda r: number(r.key))
+        return
     if isinstance(old, LazyEffects):
         old = old.rules  # the dict itself: its lookups in C
     for key, rule in new.rules.items():
@@ -393,7 +643,9 @@ def _diff_rules(plan: Plan, old: Mapping[RuleKey, Effect], new: RuleSet) -> None
 
 
 def live_rules(live: Live) -> RuleSet:
-    """The live rule set as Rule objects (to edit one rule of it)."""
+    """The live rule set, to edit (a LiveEdit of a generation's rules), or as Rule objects."""
+    if isinstance(live.rules, LazyEffects):
+        return LiveEdit(live.rules)
     out = RuleSet()
     effects = live.rules.rules if isinstance(live.rules, LazyEffects) else live.rules
     new = tuple.__new__  # Rule() checks what a generation's record already guarantees

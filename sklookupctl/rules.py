@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -312,7 +312,7 @@ class RuleSet:
         Raises RuleConflict for a partial port overlap with a rule of the same protocol and
         prefix, or for the same key with another effect (unless `replace`).
         """
-        existing = self.rules.get(rule.key)
+        existing = self.get(rule.key)
         if existing is not None:
             if existing.same_effect(rule):
                 return False
@@ -323,10 +323,7 @@ class RuleSet:
                 )
             return True
         k = rule.key
-        for other in self.rules.values():
-            o = other.key
-            if (o.proto, o.version, o.net, o.plen) != (k.proto, k.version, k.net, k.plen):
-                continue
+        for o in self.same_prefix(k):
             disjoint = k.hi < o.lo or o.hi < k.lo
             nested = (k.lo <= o.lo and o.hi <= k.hi) or (o.lo <= k.lo and k.hi <= o.hi)
             if not disjoint and not nested:
@@ -335,6 +332,19 @@ class RuleSet:
                     "port ranges of one protocol and prefix must nest or be disjoint",
                 )
         return True
+
+    def get(self, key: RuleKey) -> Rule | None:
+        return self.rules.get(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.rules
+
+    def same_prefix(self, key: RuleKey) -> Iterator[RuleKey]:
+        """The keys of the rules of `key`'s protocol and prefix."""
+        k = key
+        for o in self.rules:
+            if (o.proto, o.version, o.net, o.plen) == (k.proto, k.version, k.net, k.plen):
+                yield o
 
     def add(self, rule: Rule, replace: bool = False) -> bool:
         """Add `rule`; False when it was already there unchanged."""
@@ -347,9 +357,7 @@ class RuleSet:
         try:
             return self.rules.pop(key)
         except KeyError:
-            raise NotFound(
-                f"no rule {key}", "see `sklookupctl status` for the rules in place"
-            ) from None
+            raise no_rule(key) from None
 
     def targets_in_use(self) -> set[str]:
         return {r.target for r in self.rules.values() if r.target is not None}
@@ -366,6 +374,10 @@ class RuleSet:
 
     def compile(self) -> Compiled:
         return compile_rules(self.rules.values())
+
+
+def no_rule(key: RuleKey) -> NotFound:
+    return NotFound(f"no rule {key}", "see `sklookupctl status` for the rules in place")
 
 
 # A segment list: (first port, rule number) pairs sorted by port, starting at port 0; rule number

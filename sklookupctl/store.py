@@ -764,7 +764,19 @@ class Dispatcher:
         names = [t.name for t in targets]
         effects: Mapping[Any, Any] = {}
         if lazy:
-            effects = LazyEffects(lambda: g.effects(names), g.meta().rules)
+            n = g.meta().rules
+
+            def in_order() -> bytes | None:
+                """The rules map, for single rules to be found in it (a large set's, which
+                numpy checks is in rule-number order; a small set is decoded whole)."""
+                if n < image.VECTOR_MIN:
+                    return None
+                from . import vector
+
+                raw = g.rule_records()
+                return raw if vector.in_rule_order(raw, n) else None
+
+            effects = LazyEffects(lambda: g.effects(names), n, in_order, names)
         elif rules:
             effects = g.effects(names)
         return Live(
@@ -800,7 +812,7 @@ class Dispatcher:
         change has happened: SIGINT and SIGTERM wait until the old generation is retired, and
         a failure to retire it is a note (the next writer finishes it), never an error."""
         old = self.gen
-        if plan.targets and not plan.rules.rules:
+        if plan.targets and not len(plan.rules):
             raise AssertionError("a plan with targets but no rules")  # make_plan's rules=None
         # a trace running: the plain program back first (the switch replaces it; the tracer
         # then traces the new generation)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from socket import AF_INET6
+from socket import IPPROTO_UDP as PROTO_UDP
 from typing import Any
 
 import numpy as np
@@ -93,10 +95,21 @@ class Built:
 
 def build(rules: Sequence[Rule], blocks: dict[str, Block], index: dict[str, int]) -> Built:
     """`blocks`: each target's SOCKMAP block; `index`: each target's index in the targets map."""
-    n = len(rules)
-    if not n:
+    if not rules:
         return _empty()
-    # columns, transposed in C (zip) rather than picked out rule by rule
+    return _build(_columns(rules, index), blocks, index)
+
+
+# A rule set as columns, one entry per rule: root (layout.ROOTS), address (hi, lo words), prefix
+# length, ports (lo, hi), IP version, steers (else drops), on_missing (layout.MISSING_*), target
+# index (a drop rule: the number of targets)
+Columns = tuple[Any, Any, Any, Any, Any, Any, Any, Any, Any, Any]
+
+
+def _columns(rules: Sequence[Rule], index: dict[str, int]) -> Columns:
+    """Rule objects as columns, in their order."""
+    n = len(rules)
+    # transposed in C (zip) rather than picked out rule by rule
     keys, actions, targets, on_missing = zip(*rules, strict=True)
     protos, versions, nets, plens, los, his = zip(*keys, strict=True)
     # arrays typed Any: numpy's stubs follow dtypes through few of the operations below
@@ -110,25 +123,100 @@ def build(rules: Sequence[Rule], blocks: dict[str, Block], index: dict[str, int]
     plo: Any = np.array(los, np.int64)
     phi: Any = np.array(his, np.int64)
     del keys, protos, versions, nets, plens, los, his, big  # large rule sets: memory counts
+    steer = np.fromiter(map(DROP.__ne__, actions), bool, n)
+    missing = np.fromiter(map("pass".__eq__, on_missing), bool, n)
+    missing = np.where(missing, layout.MISSING_PASS, layout.MISSING_DROP).astype(np.uint8)
+    of: dict[str | None, int] = {None: len(index)}
+    of.update(index)
+    tid = np.fromiter(map(of.__getitem__, targets), np.int64, n)
+    return root, hi, lo, plen, plo, phi, version, steer, missing, tid
 
-    # rule-number order: compile_rules' (protocol, family, network, length, lo, -hi)
-    order = np.lexsort((-phi, plo, plen, lo, hi, root))
-    root, hi, lo, plen, plo, phi, version = (
-        a[order] for a in (root, hi, lo, plen, plo, phi, version)
+
+def _record_columns(raw: bytes, count: int, names: list[str], index: dict[str, int]) -> Columns:
+    """A generation's rules map (records 1..count, its targets `names` by index) as columns,
+    with target indexes in `index` (another generation's targets)."""
+    recs = np.frombuffer(raw, RULE, count=count, offset=RULE.itemsize)
+    v6 = recs["family"] == AF_INET6
+    root = ((recs["proto"] == PROTO_UDP) * 2 + v6).astype(np.uint8)
+    steer = recs["action"] == layout.ACTION_STEER
+    # a drop rule's record names target 0: its index is the number of targets
+    remap = np.array([index.get(n, len(index)) for n in names] + [len(index)], np.int64)
+    tid = np.where(steer, remap[np.minimum(recs["target"], len(names))], len(index))
+    return (
+        root,
+        recs["addr_hi"].astype(U64),
+        recs["addr_lo"].astype(U64),
+        recs["plen"].astype(np.int64),
+        recs["lo"].astype(np.int64),
+        recs["hi"].astype(np.int64),
+        np.where(v6, 6, 4).astype(np.uint8),
+        steer,
+        recs["on_missing"].astype(np.uint8),
+        tid,
     )
 
-    # -- per rule: what its segments say (index 0: no rule); read in the given order (the
-    # rules' objects in memory order), then put in rule-number order
-    steer = np.fromiter(map(DROP.__ne__, actions), bool, n)[order]
-    missing = np.fromiter(map("pass".__eq__, on_missing), bool, n)[order]
-    missing = np.where(missing, layout.MISSING_PASS, layout.MISSING_DROP).astype(np.uint8)
-    # each rule's target as its index in the targets map (a drop rule: the extra last one,
-    # all zeros), and the targets' blocks by index
+
+def in_rule_order(raw: bytes, count: int) -> bool:
+    """Whether a rules map's records 1..count are in rule-number order, strictly (each rule
+    once): what plan.LazyEffects' binary search needs."""
+    if count < 2:
+        return True
+    recs = np.frombuffer(raw, RULE, count=count, offset=RULE.itemsize)
+    v6 = (recs["family"] == AF_INET6).astype(np.int64)
+    keys = (
+        recs["proto"].astype(np.int64),
+        v6,
+        recs["addr_hi"].astype(U64),
+        recs["addr_lo"].astype(U64),
+        recs["plen"].astype(np.int64),
+        recs["lo"].astype(np.int64),
+        -recs["hi"].astype(np.int64),
+    )
+    before = np.zeros(count - 1, bool)  # row i comes before row i + 1: decided
+    tied = np.ones(count - 1, bool)
+    for k in keys:
+        a, b = k[:-1], k[1:]
+        before |= tied & (a < b)
+        tied &= a == b
+    return bool(before.all())
+
+
+def build_edited(
+    raw: bytes,
+    count: int,
+    names: list[str],
+    drop: list[int],
+    add: Sequence[Rule],
+    blocks: dict[str, Block],
+    index: dict[str, int],
+) -> Built:
+    """build() of a generation's rules (its rules map `raw` of `count` rules, targets `names`)
+    without the rules numbered in `drop` and with the rules `add`: the same bytes, without a
+    Rule object per live rule (a one-rule attach or detach of a large set)."""
+    cols = _record_columns(raw, count, names, index)
+    if drop:
+        keep = np.ones(count, bool)
+        keep[np.array(drop, np.int64) - 1] = False
+        cols = tuple(c[keep] for c in cols)
+    if add:
+        more = _columns(add, index)
+        cols = tuple(np.concatenate((a, b)) for a, b in zip(cols, more, strict=True))  # type: ignore[assignment]
+    if not len(cols[0]):
+        return _empty()
+    return _build(cols, blocks, index)
+
+
+def _build(cols: Columns, blocks: dict[str, Block], index: dict[str, int]) -> Built:
+    root, hi, lo, plen, plo, phi, version, steer, missing, tid = cols
+    n = len(root)
+    # rule-number order: compile_rules' (protocol, family, network, length, lo, -hi)
+    order = np.lexsort((-phi, plo, plen, lo, hi, root))
+    root, hi, lo, plen, plo, phi, version, steer, missing, tid = (
+        a[order] for a in (root, hi, lo, plen, plo, phi, version, steer, missing, tid)
+    )
+
+    # -- per rule: what its segments say (index 0: no rule)
     names = sorted(index, key=index.__getitem__)
-    of: dict[str | None, int] = {None: len(names)}
-    of.update(index)
-    tid = np.fromiter(map(of.__getitem__, targets), np.int64, n)[order]
-    del actions, targets, on_missing
     by_index = np.array([blocks[t] for t in names] + [(0, 0, 0)], np.int64).reshape(-1, 3)
     what_action = np.zeros(n + 1, np.uint8)
     what_action[1:] = np.where(steer, layout.ACTION_STEER, layout.ACTION_DROP)

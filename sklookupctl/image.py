@@ -12,8 +12,9 @@ import ctypes
 import ipaddress
 import socket
 import struct
+import threading
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from . import __version__, layout, record, trie
@@ -36,8 +37,33 @@ _MISSING = {layout.MISSING_PASS: "pass", layout.MISSING_DROP: "drop"}
 class Image:
     """Entries and contents of each map of a generation (the SOCKMAP aside)."""
 
-    maps: dict[str, tuple[int, bytes]]
+    maps: dict[str, tuple[int, bytes] | Later]
     rules: int  # rules in it (rule numbers 1..rules)
+
+
+class Later:
+    """A map's entries and contents made by another thread: a large rule set's record is
+    compressed (zlib lets go of the GIL) while the other maps are made and the program is
+    loaded (store.build)."""
+
+    def __init__(self, make: Callable[[], tuple[int, bytes]]) -> None:
+        self._out: tuple[int, bytes] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(make,), daemon=True)
+        self._thread.start()
+
+    def _run(self, make: Callable[[], tuple[int, bytes]]) -> None:
+        try:
+            self._out = make()
+        except BaseException as e:  # handed to the caller of result()
+            self._error = e
+
+    def result(self) -> tuple[int, bytes]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._out is not None
+        return self._out
 
 
 @dataclass(frozen=True)
@@ -59,11 +85,13 @@ def encode(
     meta: MetaInfo,
     vectored: bool | None = None,
     source: str = "",
+    later: bool = False,
 ) -> Image:
     """`vectored`: build the tables with numpy (vector.py) or in Python (rules.compile_rules
     and trie.build, the reference); None: numpy from VECTOR_MIN rules on. Both give the same
     lookups, the same segments and the same rule records. `source`: the digest of the rule
-    file the rules were read from, kept in the record."""
+    file the rules were read from, kept in the record. `later`: the record is made by
+    another thread (Later)."""
     blocks = {
         n: (t.slot, t.slots, layout.TARGET_EXACT if t.exact else 0) for n, t in targets.items()
     }
@@ -118,6 +146,11 @@ def encode(
     # whole: ctypes would stop at the NUL
     label = meta.label.encode()[:40] + b"\0" + f"v{__version__}".encode()[:22]
     ctypes.memmove(ctypes.addressof(m) + layout.Meta.label.offset, label, len(label))
+    declared = {n: (t.proto, t.addr, t.port, t.exact) for n, t in targets.items()}
+
+    def make_record() -> tuple[int, bytes]:
+        return record.chunks(record.encode(b"".join(records[1:]), declared, source))
+
     return Image(
         {
             "nodes": tables[0],
@@ -130,13 +163,7 @@ def encode(
             "targets": (max(1, len(names)), b"".join(target_records)),
             "meta": (1, bytes(m)),
             # the rules map's records are the record's too (record.py defines them for itself)
-            "record": record.chunks(
-                record.encode(
-                    b"".join(records[1:]),
-                    {n: (t.proto, t.addr, t.port, t.exact) for n, t in targets.items()},
-                    source,
-                )
-            ),
+            "record": Later(make_record) if later else make_record(),
         },
         n,
     )

@@ -23,7 +23,15 @@ import socket
 import struct
 from array import array
 from collections import Counter
-from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, ValuesView
+from collections.abc import (
+    Callable,
+    ItemsView,
+    Iterable,
+    Iterator,
+    KeysView,
+    Mapping,
+    ValuesView,
+)
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,8 +107,10 @@ class LazyEffects(Mapping[RuleKey, Effect]):
         return True
 
     def raw(self) -> bytes:
-        """The generation's rules map (record 0 unused), when searchable."""
-        assert self._raw is not None
+        """The generation's rules map (record 0 unused), when `records` gave it."""
+        if self._raw is None and self._records is not None:
+            self._raw = self._records()
+        assert self._raw is not None, "no records to search"
         return self._raw
 
     def number(self, key: RuleKey) -> int:
@@ -602,7 +612,15 @@ def _check_families(rules: RuleSet, keep: dict[str, Slotted], fresh: dict[str, W
             )
     if not refused:
         return
-    for key, rule in rules.rules.items():
+    scan: Iterable[tuple[RuleKey, Rule]] | None = None
+    if isinstance(rules, LiveEdit) and not rules.replaced:
+        # the live rules of a target that keeps its sockets were checked when they were
+        # committed: only the edits may not fit, unless a target with live rules gets other
+        # sockets (then every rule is looked at)
+        uses = rules.base.target_uses() if fresh else {}
+        if not any(uses.get(name) for name in fresh):
+            scan = [(k, r) for k, r in rules.edits.items() if r is not None]
+    for key, rule in rules.rules.items() if scan is None else scan:
         target = rule.target
         if target is not None and (why := refused.get((target, key.version))) is not None:
             raise TargetMismatch(f"{why[0]} {key}", why[1], target, key)

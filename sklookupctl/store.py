@@ -400,20 +400,37 @@ def build(
     (whose fd the generation then owns). `made`: maps already made, of the sizes `img` needs
     (the generation owns them too). Nothing is pinned."""
     maps: dict[str, Map[Any, Any]] = {"sockets": sockets, **(made or {})}
+
+    def make(name: str, count: int, data: bytes) -> None:
+        mtype, value, flags = GEN_MAPS[name]
+        if name in maps:
+            if maps[name].info().max_entries != count:
+                raise AssertionError(f"map {name} made ahead for another size")
+        else:
+            maps[name] = _create_map(mtype, value, count, name, flags)
+        if data:
+            _write_array(maps[name], data)
+
     try:
-        for name, (mtype, value, flags) in GEN_MAPS.items():
-            count, data = img.maps[name]
-            if name in maps:
-                if maps[name].info().max_entries != count:
-                    raise AssertionError(f"map {name} made ahead for another size")
+        later = []
+        for name in GEN_MAPS:
+            entry = img.maps[name]
+            if isinstance(entry, image.Later):
+                later.append((name, entry))  # made meanwhile by another thread
             else:
-                maps[name] = _create_map(mtype, value, count, name, flags)
-            if data:
-                _write_array(maps[name], data)
+                make(name, *entry)
         from . import program  # loads the compiler only when a program must be built
 
         prog = program.load({name: maps[name].fd for name in layout.PROGRAM_MAPS})
     except BaseException:
+        for m in maps.values():
+            m.close()
+        raise
+    try:
+        for name, entry in later:
+            make(name, *entry.result())
+    except BaseException:
+        prog.close()
         for m in maps.values():
             m.close()
         raise
@@ -821,7 +838,9 @@ class Dispatcher:
         # 100,000 rules): made by another thread while this one builds the tables
         ahead = _Ahead(len(plan.rules)) if len(plan.rules) >= image.VECTOR_MIN else None
         try:
-            img = image.encode(plan.rules, plan.targets, meta, source=plan.source)
+            img = image.encode(
+                plan.rules, plan.targets, meta, source=plan.source, later=ahead is not None
+            )
             if img.rules >= image.VECTOR_MIN:
                 give_back_memory()  # what building the tables freed, before the maps are made
             if plan.new_map or old is None:

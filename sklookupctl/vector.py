@@ -685,6 +685,52 @@ def _group_ids(recs: Any, ntargets: int) -> Any:
     return ids
 
 
+EDITED_MAX = 4096  # rules between the common start and end of two generations: the edit
+
+
+def _carry_edited(
+    old: Any, old_recs: Any, new_recs: Any, totals: Any, tbase: bool
+) -> tuple[bytes | None, bytes | None] | None:
+    """carry() when the new generation is the old one edited (attach, detach: the same
+    targets, and the same records but for a few in one place): the records both start with
+    and end with are the same rules in the same groups, so only those between are matched,
+    and only they move counts between groups. None when more than EDITED_MAX records differ."""
+    na, nb = len(old_recs), len(new_recs)
+    m = min(na, nb)
+    wo = old_recs.view("<u8").reshape(-1, 4)
+    wn = new_recs.view("<u8").reshape(-1, 4)
+    differ = np.flatnonzero(np.any(wo[:m] != wn[:m], axis=1))
+    head = int(differ[0]) if len(differ) else m
+    differ = np.flatnonzero(np.any(wo[na - (m - head) :] != wn[nb - (m - head) :], axis=1))
+    tail = (m - head) - (int(differ[-1]) + 1 if len(differ) else 0)
+    if (na - head - tail) + (nb - head - tail) > EDITED_MAX:
+        return None
+    mid_o, mid_n = _matches(
+        _identities(old_recs[head : na - tail]), _identities(new_recs[head : nb - tail])
+    )
+    mid_o, mid_n = mid_o + head, mid_n + head
+    out = np.zeros((nb + 1, WIDTH), dtype="<u8")
+    out[1 : head + 1] = totals[1 : head + 1]
+    out[nb - tail + 1 : nb + 1] = totals[na - tail + 1 : na + 1]
+    out[mid_n + 1] = totals[mid_o + 1]
+    base = out.tobytes() if np.any(out) else None
+    if not tbase:
+        return base, None
+    groups = len(old.names) + 2  # image.DROP_GROUPS after the targets
+    adjust = np.zeros((groups, WIDTH), dtype="<u8")
+    if old.tbase:
+        adjust += np.frombuffer(old.tbase, dtype="<u8", count=groups * WIDTH).reshape(-1, WIDTH)
+    # what the old rules in between counted leaves their groups; what the new ones there
+    # carried comes out of theirs (the rules at both ends cancel out)
+    np.add.at(
+        adjust,
+        _group_ids(old_recs[head : na - tail], len(old.names)),
+        totals[head + 1 : na - tail + 1],
+    )
+    np.subtract.at(adjust, _group_ids(new_recs[mid_n], len(old.names)), totals[mid_o + 1])
+    return base, adjust.tobytes()
+
+
 def carry(
     old: Any, rules: bytes, count: int, names: list[str], tbase: bool
 ) -> tuple[bytes | None, bytes | None]:
@@ -693,6 +739,10 @@ def carry(
 
     totals = _totals(old)
     old_recs, new_recs = _records(old.rules, old.count), _records(rules, count)
+    if old.names == names:
+        edited = _carry_edited(old, old_recs, new_recs, totals, tbase)
+        if edited is not None:
+            return edited
     olds, news = _matches(_identities(old_recs), _identities(new_recs))
     out = np.zeros((count + 1, WIDTH), dtype="<u8")
     out[news + 1] = totals[olds + 1]

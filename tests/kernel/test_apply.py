@@ -380,38 +380,53 @@ def test_large_rule_set_paths_steer_count_and_carry(
     """What only large rule sets take (tables built with numpy, the counters map made by
     another thread, counters carried and added up with numpy), taken by a small set with
     image.VECTOR_MIN lowered, against the small set's own paths: the same steering, and the
-    same counters carried across attach and detach. A build that fails leaks nothing."""
-    from sklookupctl import image, store, vector
+    same counters carried across attach and detach (the live rules edited: tables built from
+    the records). A build that fails leaks nothing, nor does a record that fails to be made
+    (by another thread)."""
+    from sklookupctl import image, record, store, vector
 
     from .conftest import PREFIXES, assert_no_leaks, kernel_objects, throwaway
 
     base = kernel_objects()
-    calls: dict[str, int] = {"carry": 0, "ahead": 0}
-    carry, ahead = vector.carry, store._Ahead.__init__
+    calls: dict[str, int] = {"carry": 0, "ahead": 0, "edited": 0}
+    carry, ahead, edited = vector.carry, store._Ahead.__init__, vector.build_edited
 
     def counting_carry(*a: Any) -> Any:
         calls["carry"] += 1
         return carry(*a)
+
+    def counting_edited(*a: Any) -> Any:
+        calls["edited"] += 1
+        return edited(*a)
 
     def counting_ahead(self: Any, rules: int) -> None:
         calls["ahead"] += 1
         ahead(self, rules)
 
     monkeypatch.setattr(vector, "carry", counting_carry)
+    monkeypatch.setattr(vector, "build_edited", counting_edited)
     monkeypatch.setattr(store._Ahead, "__init__", counting_ahead)
     small = _steer_and_count(ns, tmp_path)
-    assert calls == {"carry": 0, "ahead": 0}
+    assert calls == {"carry": 0, "ahead": 0, "edited": 0}
     monkeypatch.setattr(image, "VECTOR_MIN", 1)
     with throwaway(ns.bpffs, PREFIXES) as ns2:
         large = _steer_and_count(ns2, tmp_path)
-        assert calls["carry"] >= 2 and calls["ahead"] >= 3
+        assert calls["carry"] >= 2 and calls["ahead"] >= 3 and calls["edited"] >= 2
 
         def fail(*a: Any, **k: Any) -> Any:
             raise RuntimeError("injected")
 
+        encode = image.encode
         monkeypatch.setattr(image, "encode", fail)
         res = ns2.cli("attach", "tcp", "203.0.113.0/24", "80", "--drop")
         assert res.exit_code == 70 and "injected" in res.output, res.output
+        assert_no_leaks(ns.bpffs, base)
+        monkeypatch.setattr(image, "encode", encode)
+        monkeypatch.setattr(record, "encode", fail)  # in the thread that makes the record
+        files = ns2.files()
+        res = ns2.cli("attach", "tcp", "203.0.113.0/24", "80", "--drop")
+        assert res.exit_code == 70 and "injected" in res.output, res.output
+        assert ns2.files() == files
         assert_no_leaks(ns.bpffs, base)
     assert large == small
     assert small == [

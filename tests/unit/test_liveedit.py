@@ -6,16 +6,18 @@ generation the same bytes. Random rule sets and random edits (SKLOOKUPCTL_VECTOR
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import random
+import socket
 from typing import Any
 
 import pytest
 
 from sklookupctl import image, vector
 from sklookupctl.errors import SklookupError
-from sklookupctl.plan import LazyEffects, LiveEdit, Plan, _diff_rules
+from sklookupctl.plan import LazyEffects, Live, LiveEdit, Member, Plan, Want, _diff_rules, make_plan
 from sklookupctl.rules import Rule, RuleSet, make_rule
 
 from .test_vector import TARGETS, shaped
@@ -44,7 +46,17 @@ def _live(rs: RuleSet, vectored: bool, in_order: bool = True) -> tuple[LazyEffec
         return image.decode_rules(raw, count, names)
 
     records = (lambda: raw if vector.in_rule_order(raw, count) else None) if count else None
-    return LazyEffects(decode, count, records, names), decoded
+    lazy = LazyEffects(decode, count, records, names)
+    lazy.plain = RuleSet(  # type: ignore[attr-defined]
+        {k: Rule(k, *e) for k, e in image.decode_rules(raw, count, names).items()}
+    )
+    return lazy, decoded
+
+
+def _plain(lazy: LazyEffects) -> RuleSet:
+    """The live rules as a writer decodes them (in rule-number order), to edit as they are."""
+    rs: RuleSet = lazy.plain  # type: ignore[attr-defined]
+    return RuleSet(dict(rs.rules))
 
 
 def _sorted(raw: bytes, count: int) -> bool:
@@ -112,7 +124,7 @@ def test_edits_of_the_live_rules_answer_and_build_as_a_plain_rule_set(seed: int)
     vectored = rng.random() < 0.7
     lazy, decoded = _live(rs, vectored)
     assert lazy.searchable
-    edit, plain = LiveEdit(lazy), RuleSet(dict(rs.rules))
+    edit, plain = LiveEdit(lazy), _plain(lazy)
     _edit_both(rng, rs, edit, plain)
     assert not decoded, "an edit decoded the whole live set"
 
@@ -120,7 +132,11 @@ def test_edits_of_the_live_rules_answer_and_build_as_a_plain_rule_set(seed: int)
     ours, theirs = (Plan(RuleSet(), {}, {}, [], 0, False, False) for _ in range(2))
     _diff_rules(ours, lazy, edit)
     assert not decoded
-    _diff_rules(theirs, image.decode_rules(lazy.raw(), lazy.count, lazy.names), plain)
+    _diff_rules(
+        theirs,
+        {k: (r.action, r.target, r.on_missing) for k, r in _plain(lazy).rules.items()},
+        plain,
+    )
     assert ours.added == theirs.added and ours.removed == theirs.removed
     assert sorted(ours.changed) == sorted(theirs.changed)
 
@@ -142,7 +158,7 @@ def test_records_out_of_order_are_decoded_instead(seed: int) -> None:
     rs = shaped(rng, 40)
     lazy, decoded = _live(rs, True, in_order=False)
     assert not lazy.searchable, "shuffled records taken as in order"
-    edit, plain = LiveEdit(lazy), RuleSet(dict(rs.rules))
+    edit, plain = LiveEdit(lazy), _plain(lazy)
     _edit_both(rng, rs, edit, plain)
     used = {n: TARGETS[n] for n in plain.targets_in_use()}
     assert image.encode(edit, used, META, vectored=True).maps == (
@@ -160,3 +176,59 @@ def test_a_generation_of_no_rules_is_edited_too() -> None:
     assert image.encode(edit, used, META, vectored=True).maps == (
         image.encode(RuleSet({r.key: r}), used, META, vectored=True).maps
     )
+
+
+def _family_fits(family: int, v6only: bool, versions: set[int]) -> bool:
+    return not ((family == socket.AF_INET and 6 in versions) or (v6only and 4 in versions))
+
+
+@pytest.mark.parametrize("seed", range(ROUNDS))
+def test_plans_of_edits_are_the_plans_of_a_plain_rule_set(seed: int) -> None:
+    """make_plan of the live rules edited (a LiveEdit, its family check looking only at the
+    edits unless a target with live rules gets other sockets) against make_plan of a plain
+    RuleSet edited the same way: the same plan, or the same error naming the same rule."""
+    rng = random.Random(9000 + seed)
+    rs = shaped(rng, rng.choice([1, 5, 40, 200]))
+    lazy, _ = _live(rs, vectored=True)
+    kinds = [(socket.AF_INET, False), (socket.AF_INET6, False), (socket.AF_INET6, True)]
+    targets, filled = {}, {}
+    for i, name in enumerate(sorted(rs.targets_in_use())):
+        versions = {k.version for k, r in rs.rules.items() if r.target == name}
+        family, v6only = rng.choice([k for k in kinds if _family_fits(*k, versions)])
+        t = dataclasses.replace(TARGETS[name], slot=i, slots=1, family=family, v6only=v6only)
+        targets[name] = t
+        if rng.random() < 0.8:
+            filled[i] = 100 + i
+    live_lazy = Live(lazy, targets, filled, 64, 3, True)
+    live_plain = Live(
+        dict(image.decode_rules(lazy.raw(), lazy.count, lazy.names)), targets, filled, 64, 3, True
+    )
+    edit, plain = LiveEdit(lazy), _plain(lazy)
+    _edit_both(rng, rs, edit, plain)
+    wants = {}
+    for name in TARGETS:
+        old = targets.get(name)
+        if old is not None and rng.random() < 0.7:  # the same sockets
+            members = tuple(Member(c, old.family, old.v6only) for c in live_lazy.alive(old))
+        else:  # other sockets, of any family
+            family, v6only = rng.choice(kinds)
+            members = (Member(500 + len(wants), family, v6only),)
+        t = TARGETS[name]
+        wants[name] = Want(name, t.proto, t.addr, t.port, members, t.exact)
+
+    def plan_of(live: Live, rules: RuleSet) -> Any:
+        try:
+            p = make_plan(live, rules, wants)
+        except SklookupError as e:
+            return (
+                type(e).__name__,
+                e.message,
+                getattr(e, "target", None),
+                getattr(e, "rule", None),
+            )
+        return (
+            p.added, p.removed, sorted(p.changed), p.targets, p.fills, sorted(p.frees),
+            p.capacity, p.new_map, p.attach, p.target_changes, p.noop,
+        )  # fmt: skip
+
+    assert plan_of(live_lazy, edit) == plan_of(live_plain, plain)

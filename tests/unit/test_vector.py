@@ -250,6 +250,42 @@ def test_counters_carry_the_same(seed: int) -> None:
         assert got == want
 
 
+@pytest.mark.parametrize("seed", range(ROUNDS))
+def test_counters_carry_the_same_after_an_edit(seed: int) -> None:
+    """vector.carry's way for a generation edited (the same targets, a few rules added,
+    removed or put in another group, in one place or several) against image.carry."""
+    from sklookupctl import vector
+
+    rng = random.Random(7000 + seed)
+    old_rs = shaped(rng, rng.choice([1, 10, 100, 600]))
+    old = _counted(rng, old_rs, TARGETS)
+    new_rs = RuleSet(dict(old_rs.rules))
+    keys = list(old_rs.rules)
+    for _ in range(rng.choice([1, 1, 2, 5])):
+        r, key = rng.random(), rng.choice(keys)
+        if r < 0.3:
+            new_rs.rules.pop(key, None)
+        elif r < 0.6 and key in new_rs.rules:  # the same rule, another group
+            rule = new_rs.rules[key]
+            to = None if rule.target is not None else f"{key.proto}-live"
+            new_rs.rules[key] = Rule(key, DROP) if to is None else Rule(key, STEER, to)
+        else:
+            for k, rule in shaped(rng, 1).rules.items():
+                new_rs.rules.setdefault(k, rule)
+    img = image.encode(new_rs, TARGETS, image.MetaInfo(2, 1, 1, "t"), vectored=False)
+    names = sorted(TARGETS)
+    recs = [
+        vector._records(r, n)
+        for r, n in ((old.rules, old.count), (img.maps["rules"][1], img.rules))
+    ]
+    for tbase in (True, False):
+        want = image.carry(old, img.maps["rules"][1], img.rules, names, tbase)
+        edited = vector._carry_edited(old, *recs, vector._totals(old), tbase)
+        assert edited is not None, "an edit of a few rules not carried as one"
+        assert edited == want
+        assert vector.carry(old, img.maps["rules"][1], img.rules, names, tbase) == want
+
+
 def test_identities_whose_hashes_collide_are_told_apart() -> None:
     """Two identities of one hash (made so: w0 + m1, w1 - m0 hashes as w0, w1): a new rule
     with the other's hash is no match; two old rules of one hash have every identity compared

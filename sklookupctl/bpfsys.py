@@ -85,9 +85,12 @@ def _bpf(cmd: int, attr: ctypes.Structure, op: str) -> int:
     buf = _Attr()
     ctypes.memmove(ctypes.byref(buf), ctypes.byref(attr), ctypes.sizeof(attr))
     ret = _libc.syscall(SYS_BPF, cmd, ctypes.byref(buf), ctypes.sizeof(buf))
-    if ret < 0:
-        raise BpfError(op, ctypes.get_errno())
+    err = ctypes.get_errno()
+    # what the kernel wrote back, also with an error (a batch lookup that reached the end of
+    # its map fails with ENOENT and says in `count` how many it copied)
     ctypes.memmove(ctypes.byref(attr), ctypes.byref(buf), ctypes.sizeof(attr))
+    if ret < 0:
+        raise BpfError(op, err)
     return int(ret)
 
 
@@ -381,36 +384,45 @@ class Map(Fd, Generic[K, V]):
 
     def lookup_batch_raw(self, count: int, value_size: int) -> bytes:
         """The values of keys 0..count-1 of an ARRAY (per-CPU: `value_size` covers every
-        CPU's copy), in one BPF_MAP_LOOKUP_BATCH per chunk."""
-        out = bytearray()
-        start: int | None = None
+        CPU's copy), in one BPF_MAP_LOOKUP_BATCH per chunk, written by the kernel straight
+        into one buffer (a large per-CPU map is megabytes: copies cost)."""
+        if count <= 0:
+            return b""
+        out = bytearray(count * value_size)
+        view = (ctypes.c_char * len(out)).from_buffer(out)
         chunk = 65536
-        while len(out) < count * value_size:
-            want = min(chunk, count - len(out) // value_size)
-            keys = (ctypes.c_uint32 * want)()
-            values = (ctypes.c_uint8 * (want * value_size))()
-            in_b = ctypes.c_uint32(start or 0)
-            out_b = ctypes.c_uint32(0)
-            attr = _BatchAttr(
-                in_batch=ctypes.addressof(in_b) if start is not None else 0,
-                out_batch=ctypes.addressof(out_b),
-                keys=ctypes.addressof(keys),
-                values=ctypes.addressof(values),
-                count=want,
-                map_fd=self.fd,
-            )
-            done = False
-            try:
-                _bpf(BPF_MAP_LOOKUP_BATCH, attr, "map batch lookup")
-            except BpfError as e:
-                if e.errno != errno.ENOENT:
-                    raise
-                done = True
-            out += bytes(values)[: attr.count * value_size]
-            if done or attr.count == 0:
-                break
-            start = out_b.value
-        return bytes(out)
+        keys = (ctypes.c_uint32 * min(chunk, count))()
+        start: int | None = None
+        got = 0
+        try:
+            while got < count:
+                want = min(chunk, count - got)
+                in_b = ctypes.c_uint32(start or 0)
+                out_b = ctypes.c_uint32(0)
+                attr = _BatchAttr(
+                    in_batch=ctypes.addressof(in_b) if start is not None else 0,
+                    out_batch=ctypes.addressof(out_b),
+                    keys=ctypes.addressof(keys),
+                    values=ctypes.addressof(view) + got * value_size,
+                    count=want,
+                    map_fd=self.fd,
+                )
+                done = False
+                try:
+                    _bpf(BPF_MAP_LOOKUP_BATCH, attr, "map batch lookup")
+                except BpfError as e:
+                    if e.errno != errno.ENOENT:
+                        raise
+                    done = True
+                got += attr.count
+                if done or attr.count == 0:
+                    break
+                start = out_b.value
+        finally:
+            del view  # the buffer is ours again
+        if got == count:
+            return bytes(out)
+        return bytes(memoryview(out)[: got * value_size])
 
     def lookup(self, key: K) -> V | None:
         value: V = self.value_type()

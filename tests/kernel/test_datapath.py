@@ -164,3 +164,28 @@ def test_an_empty_rule_set_passes_everything(ns: NS) -> None:
                     gen.program, testrun.lookup_ctx(proto, ipaddress.ip_address(addr), 80)
                 )
                 assert (out.verdict, out.cookie) == (testrun.SK_PASS, 0)
+
+
+def test_batch_reads_of_large_arrays_give_every_entry(bpffs: str) -> None:
+    """Map.lookup_batch_raw, which readers and the counters' carry read every array with: more
+    entries than one batch, fewer, and more than the map has; through a read-only fd too."""
+    from sklookupctl.bpfsys import BPF_F_MMAPABLE, BPF_MAP_TYPE_ARRAY
+
+    entries = 65536 * 2 + 5  # three batches
+    data = random.Random(11).randbytes(entries * 40)
+    pin = os.path.join(bpffs, f"skl-batch-{os.getpid()}")
+    with Map.create(
+        BPF_MAP_TYPE_ARRAY, ctypes.c_uint32, layout.Counters, entries, "skl_t", BPF_F_MMAPABLE
+    ) as m:
+        store._write_array(m, data)
+        m.pin(pin)
+        try:
+            with Map.from_pin(pin, ctypes.c_uint32, layout.Counters, True) as ro:
+                for fd in (m, ro):
+                    assert fd.lookup_batch_raw(entries, 40) == data
+                    assert fd.lookup_batch_raw(70000, 40) == data[: 70000 * 40]
+                    assert fd.lookup_batch_raw(3, 40) == data[:120]
+                    assert fd.lookup_batch_raw(entries + 100, 40) == data  # no more than it has
+                    assert fd.lookup_batch_raw(0, 40) == b""
+        finally:
+            os.unlink(pin)

@@ -225,8 +225,14 @@ MUTANTS = [
     (
         "plan.py",
         "an edit's family check skips the live rules of a target that gets other sockets",
-        "        if not any(uses.get(name) for name in fresh):",
-        "        if True:",
+        "        and not any(rules.base.uses(name) for name in fresh)",
+        "        and True",
+    ),
+    (
+        "vector.py",
+        "rules added to the live ones are put in place in the order they came",
+        "        mine = sorted(range(len(add)), key=lambda j: _order_of(more, j))",
+        "        mine = list(range(len(add)))",
     ),
     (
         "vector.py",

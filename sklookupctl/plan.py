@@ -22,7 +22,6 @@ import dataclasses
 import socket
 import struct
 from array import array
-from collections import Counter
 from collections.abc import (
     Callable,
     ItemsView,
@@ -147,21 +146,18 @@ class LazyEffects(Mapping[RuleKey, Effect]):
             out.append(_record_key(raw, i))
         return out
 
-    def target_uses(self) -> dict[str, int]:
-        """How many rules steer to each target (by name)."""
+    def uses(self, name: str) -> int:
+        """How many rules steer to the target `name`."""
         if not self.searchable:
-            uses: dict[str, int] = {}
-            for _action, target, _m in self.rules.values():
-                if target is not None:
-                    uses[target] = uses.get(target, 0) + 1
-            return uses
-        raw = self.raw()
-        body = raw[_RULE.size : (self.count + 1) * _RULE.size]
-        actions = body[3 :: _RULE.size]
-        targets = array("I", body)[3 :: _RULE.size // 4]
-        steered = [t for a, t in zip(actions, targets, strict=True) if a == _STEER]
-        counted = Counter(steered)
-        return {self.names[t]: c for t, c in counted.items()}
+            return sum(1 for _a, target, _m in self.rules.values() if target == name)
+        if name not in self.names:
+            return 0
+        t = self.names.index(name)
+        body = self.raw()[_RULE.size : (self.count + 1) * _RULE.size]
+        n = array("I", body)[3 :: _RULE.size // 4].count(t)  # the records' target field
+        if t == 0:
+            n -= body[3 :: _RULE.size].count(_DROP)  # a drop rule's record names target 0
+        return n
 
     def __getitem__(self, key: RuleKey) -> Effect:
         return self.rules[key]
@@ -323,15 +319,17 @@ class LiveEdit(RuleSet):
                 self._whole[key] = rule
 
     def targets_in_use(self) -> set[str]:
-        if self._whole is not None:
+        if self._whole is not None or not self.base.searchable:
             return super().targets_in_use()
-        uses = self.base.target_uses()
+        # the live generation's targets are exactly those its rules use: only a target that
+        # the edits take rules from may fall out of use
+        delta: dict[str, int] = {}
         for key, rule in self.edits.items():
-            old = self.live(key)
-            for r, d in ((old, -1), (rule, 1)):
+            for r, d in ((self.live(key), -1), (rule, 1)):
                 if r is not None and r.target is not None:
-                    uses[r.target] = uses.get(r.target, 0) + d
-        return {t for t, n in uses.items() if n > 0}
+                    delta[r.target] = delta.get(r.target, 0) + d
+        used = set(self.base.names) | {t for t, d in delta.items() if d > 0}
+        return {t for t in used if delta.get(t, 0) >= 0 or self.base.uses(t) + delta[t] > 0}
 
 
 @dataclass(frozen=True)
@@ -613,13 +611,15 @@ def _check_families(rules: RuleSet, keep: dict[str, Slotted], fresh: dict[str, W
     if not refused:
         return
     scan: Iterable[tuple[RuleKey, Rule]] | None = None
-    if isinstance(rules, LiveEdit) and not rules.replaced:
-        # the live rules of a target that keeps its sockets were checked when they were
-        # committed: only the edits may not fit, unless a target with live rules gets other
-        # sockets (then every rule is looked at)
-        uses = rules.base.target_uses() if fresh else {}
-        if not any(uses.get(name) for name in fresh):
-            scan = [(k, r) for k, r in rules.edits.items() if r is not None]
+    # the live rules of a target that keeps its sockets were checked when they were committed:
+    # only the edits may not fit, unless a target with live rules gets other sockets (then
+    # every rule is looked at)
+    if (
+        isinstance(rules, LiveEdit)
+        and not rules.replaced
+        and not any(rules.base.uses(name) for name in fresh)
+    ):
+        scan = [(k, r) for k, r in rules.edits.items() if r is not None]
     for key, rule in rules.rules.items() if scan is None else scan:
         target = rule.target
         if target is not None and (why := refused.get((target, key.version))) is not None:

@@ -20,6 +20,7 @@ is the same for both families, and an IPv4 prefix's length is its length.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from socket import AF_INET6
@@ -193,6 +194,8 @@ def build_edited(
     """build() of a generation's rules (its rules map `raw` of `count` rules, targets `names`)
     without the rules numbered in `drop` and with the rules `add`: the same bytes, without a
     Rule object per live rule (a one-rule attach or detach of a large set)."""
+    # the records are in rule-number order (plan.LazyEffects took them only so), and stay so
+    # without the dropped ones: the added ones are put in their places, no sort
     cols = _record_columns(raw, count, names, index)
     if drop:
         keep = np.ones(count, bool)
@@ -200,20 +203,36 @@ def build_edited(
         cols = tuple(c[keep] for c in cols)
     if add:
         more = _columns(add, index)
-        cols = tuple(np.concatenate((a, b)) for a, b in zip(cols, more, strict=True))  # type: ignore[assignment]
+        mine = sorted(range(len(add)), key=lambda j: _order_of(more, j))
+        kept = len(cols[0])
+        at = [
+            bisect.bisect_left(range(kept), _order_of(more, j), key=lambda i: _order_of(cols, i))
+            for j in mine
+        ]
+        cols = tuple(np.insert(a, at, b[mine]) for a, b in zip(cols, more, strict=True))  # type: ignore[assignment]
     if not len(cols[0]):
         return _empty()
-    return _build(cols, blocks, index)
+    return _build(cols, blocks, index, ordered=True)
 
 
-def _build(cols: Columns, blocks: dict[str, Block], index: dict[str, int]) -> Built:
+def _order_of(cols: Columns, i: int) -> tuple[int, ...]:
+    """Row i's place in rule-number order (as _build sorts)."""
+    root, hi, lo, plen, plo, phi = (int(c[i]) for c in cols[:6])
+    return root, hi, lo, plen, plo, -phi
+
+
+def _build(
+    cols: Columns, blocks: dict[str, Block], index: dict[str, int], ordered: bool = False
+) -> Built:
+    """The tables of rules given as columns; `ordered`: already in rule-number order."""
     root, hi, lo, plen, plo, phi, version, steer, missing, tid = cols
     n = len(root)
-    # rule-number order: compile_rules' (protocol, family, network, length, lo, -hi)
-    order = np.lexsort((-phi, plo, plen, lo, hi, root))
-    root, hi, lo, plen, plo, phi, version, steer, missing, tid = (
-        a[order] for a in (root, hi, lo, plen, plo, phi, version, steer, missing, tid)
-    )
+    if not ordered:
+        # rule-number order: compile_rules' (protocol, family, network, length, lo, -hi)
+        order = np.lexsort((-phi, plo, plen, lo, hi, root))
+        root, hi, lo, plen, plo, phi, version, steer, missing, tid = (
+            a[order] for a in (root, hi, lo, plen, plo, phi, version, steer, missing, tid)
+        )
 
     # -- per rule: what its segments say (index 0: no rule)
     names = sorted(index, key=index.__getitem__)

@@ -232,3 +232,28 @@ def test_plans_of_edits_are_the_plans_of_a_plain_rule_set(seed: int) -> None:
         )  # fmt: skip
 
     assert plan_of(live_lazy, edit) == plan_of(live_plain, plain)
+
+
+def test_a_target_falls_out_of_use_with_its_last_rule() -> None:
+    """The first target (index 0 in the records, as drop rules' records say too) and the
+    others: in use while a rule steers to them, whatever the drop rules around."""
+    rs = RuleSet()
+    for prefix, target in [
+        ("192.0.2.0/24", "tcp-gone"),  # index 0
+        ("192.0.2.0/25", None),
+        ("198.51.100.0/24", None),
+        ("203.0.113.0/24", "tcp-live"),
+        ("203.0.113.0/25", "tcp-live"),
+    ]:
+        rs.add(make_rule("tcp", prefix, "80", target=target, drop=target is None))
+    lazy, decoded = _live(rs, vectored=True)
+    assert lazy.uses("tcp-gone") == 1 and lazy.uses("tcp-live") == 2 and lazy.uses("x") == 0
+    edit = LiveEdit(lazy)
+    assert edit.targets_in_use() == {"tcp-gone", "tcp-live"}
+    edit.remove(make_rule("tcp", "203.0.113.0/24", "80", drop=True).key)
+    assert edit.targets_in_use() == {"tcp-gone", "tcp-live"}
+    edit.remove(make_rule("tcp", "192.0.2.0/24", "80", drop=True).key)
+    assert edit.targets_in_use() == {"tcp-live"}
+    edit.add(make_rule("tcp", "192.0.2.0/24", "80", target="tcp-gone"))
+    assert edit.targets_in_use() == {"tcp-gone", "tcp-live"}
+    assert not decoded

@@ -461,3 +461,47 @@ def test_a_signal_while_the_modules_load_ends_in_one_line(sig: int, code: int, w
     )
     assert p.returncode == code, p
     assert p.stderr == f"error: {word}: nothing was changed\n", p.stderr
+
+
+EXITING = """
+import atexit, runpy, sys
+atexit.register(lambda: sys.stdout.write("atexit ran\\n"))  # not flushed
+sys.argv = ["sklookupctl", *sys.argv[1:]]
+runpy.run_module("sklookupctl", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "out", "err"),
+    [
+        (["--version"], 0, "sklookupctl, version", ""),
+        (["nosuch"], 2, "", "No such command"),
+        (["attach", "tcp", "192.0.2.0/24", "99999", "--drop"], 1, "", "error: port 99999"),
+    ],
+)
+def test_the_command_ends_without_tearing_the_interpreter_down(
+    args: list[str], code: int, out: str, err: str
+) -> None:
+    """The console script ends with os._exit once its output is flushed (a large rule set's
+    objects are not freed one by one): the exit status, the output and atexit handlers as a
+    normal exit has them."""
+    import subprocess
+    import sys
+
+    p = subprocess.run(
+        [sys.executable, "-I", "-c", EXITING, *args], capture_output=True, text=True, timeout=30
+    )
+    assert p.returncode == code, p
+    assert out in p.stdout and p.stdout.rstrip().endswith("atexit ran"), p.stdout
+    assert err in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_output_cut_short_by_its_reader_ends_quietly() -> None:
+    """`sklookupctl --help | head -c 20`: the reader goes away, the command ends as it
+    would, with no complaint about the pipe."""
+    import subprocess
+    import sys
+
+    script = f"{sys.executable} -I -m sklookupctl --help | head -c 20"
+    p = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+    assert p.stdout == "Usage: sklookupctl [" and p.stderr == "", p

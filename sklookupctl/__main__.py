@@ -38,9 +38,10 @@ def _exit(code: object) -> None:
         status = 1
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
-        # a reader that went away, or a stream closed: nothing more to say
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
+        # a reader that went away, or a stream closed (None: closed when the command started)
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
     os._exit(status & 0xFF)
 
 

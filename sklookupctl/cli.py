@@ -186,7 +186,11 @@ class Group(click.Group):
         except click.ClickException as e:  # click's own (a file it could not open, say)
             fail(errors.EXIT_REFUSED, e.format_message(), as_json=_json_given[0] or written)
         except (click.Abort, KeyboardInterrupt, Stopped) as e:
-            term = (isinstance(e, Stopped) and e.term) or isinstance(e, errors.Terminated)
+            # click makes a SIGTERM (errors.Terminated) that lands while it parses the
+            # arguments, or closes its context, a click.Abort from it
+            term = (isinstance(e, Stopped) and e.term) or any(
+                isinstance(x, errors.Terminated) for x in (e, e.__cause__, e.__context__)
+            )
             fail(
                 errors.EXIT_TERMINATED if term else errors.EXIT_INTERRUPTED,
                 f"{'terminated' if term else 'interrupted'}: nothing was changed",

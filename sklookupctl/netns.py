@@ -227,7 +227,8 @@ def addr_list(ns: Netns) -> list[IPNetwork]:
                     continue
                 if r.get_attr("RTA_OIF") != lo:
                     continue
-                dst = r.get_attr("RTA_DST")
+                # a route of the whole family (/0) has no RTA_DST
+                dst = r.get_attr("RTA_DST") or ("0.0.0.0" if family == socket.AF_INET else "::")
                 out.append(ipaddress.ip_network(f"{dst}/{r['dst_len']}"))
     return sorted(out, key=lambda n: (n.version, n))
 

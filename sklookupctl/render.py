@@ -24,6 +24,8 @@ class _Stdout:
     (`| head -1`) ends the output, not the command: what the command did stands."""
 
     def write(self, text: str) -> int:
+        if sys.stdout is None:  # closed when the command started: nobody reads
+            return len(text)
         try:
             return sys.stdout.write(text)
         except BrokenPipeError:
@@ -31,17 +33,19 @@ class _Stdout:
             return len(text)
 
     def flush(self) -> None:
+        if sys.stdout is None:
+            return
         try:
             sys.stdout.flush()
         except BrokenPipeError:
             _stop_output()
 
     def isatty(self) -> bool:
-        return sys.stdout.isatty()
+        return sys.stdout is not None and sys.stdout.isatty()
 
     @property
     def encoding(self) -> str:
-        return sys.stdout.encoding or "utf-8"
+        return (sys.stdout.encoding if sys.stdout is not None else None) or "utf-8"
 
 
 _stopped = [False]

@@ -24,6 +24,16 @@ def test_addr_add_list_del(ns: NS) -> None:
     assert ns.dial("tcp", "192.0.2.77", 80) == "192.0.2.77 80"
 
 
+def test_a_whole_family_as_anyip_is_listed_and_exported(ns: NS) -> None:
+    """0.0.0.0/0 and ::/0 (every address local: the kernel's route has no destination)."""
+    for prefix in ("0.0.0.0/0", "::/0"):
+        ns.ok("addr", "add", prefix)
+        assert prefix in json.loads(ns.ok("addr", "list", "--json").stdout)
+        assert f'"{prefix}"' in ns.ok("export").stdout
+        ns.ok("addr", "del", prefix)
+        assert prefix not in json.loads(ns.ok("addr", "list", "--json").stdout)
+
+
 def test_netns_add_list_del(ns: NS) -> None:
     name = f"sklt-{uuid.uuid4().hex[:10]}"
     try:

@@ -578,3 +578,24 @@ def test_json_errors_follow_the_option_as_parsed(ns: NS) -> None:
     )
     res = ns.cli("attach", "tcp", "192.0.2.0/24", "80", "--to", "127.0.0.1:1", "--name", "--json")
     assert res.exit_code == 1 and "target name '--json' is not valid" in res.stderr
+
+
+@pytest.mark.parametrize("closed", [">&-", "2>&-", ">&- 2>&-"])
+def test_closed_output_streams_change_nothing_in_the_outcome(ns: NS, closed: str) -> None:
+    """stdout or stderr closed when the command starts (Python makes them None): the command
+    does what it does and ends with its own exit status, never a traceback's."""
+    import shlex
+
+    def run(*args: str) -> int:
+        line = " ".join(shlex.quote(a) for a in ns.script_argv(*args)) + " " + closed
+        return subprocess.run(["sh", "-c", line], timeout=60).returncode
+
+    assert run("--version") == 0
+    assert run("attach", "tcp", "192.0.2.0/24", "80", "--drop") == 0
+    assert [r["prefix"] for r in ns.status()["rules"]] == ["192.0.2.0/24"]  # type: ignore[index]
+    assert run("attach", "tcp", "192.0.2.0/24", "80", "--to", "127.0.0.1:9") == 1  # conflict
+    assert run("status", "--json") == 0
+    assert run("export") == 0
+    assert run("detach", "tcp", "192.0.2.0/24", "80") == 0
+    assert run("detach", "tcp", "192.0.2.0/24", "80") == 1  # no such rule
+    assert ns.status()["rules"] == []

@@ -505,3 +505,37 @@ def test_output_cut_short_by_its_reader_ends_quietly() -> None:
     script = f"{sys.executable} -I -m sklookupctl --help | head -c 20"
     p = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
     assert p.stdout == "Usage: sklookupctl [" and p.stderr == "", p
+
+
+PARSING = """
+import os, signal, sys
+import click
+made = click.Group.make_context
+def make_context(self, *a, **k):
+    os.kill(os.getpid(), int(sys.argv[1]))  # while click parses the arguments
+    return made(self, *a, **k)
+click.Group.make_context = make_context
+from sklookupctl.cli import main
+main(["--version"])
+"""
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "word"), [(2, 130, "interrupted"), (15, 143, "terminated")]
+)
+def test_a_signal_while_click_parses_ends_as_it_would_later(sig: int, code: int, word: str) -> None:
+    """Ctrl-C or SIGTERM while click parses the arguments (click turns either into its Abort):
+    130 or 143, as later."""
+    import signal
+    import subprocess
+    import sys
+
+    p = subprocess.run(
+        [sys.executable, "-c", PARSING, str(sig)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert p.returncode == code, p
+    assert f"error: {word}: nothing was changed" in p.stderr, p.stderr

@@ -98,7 +98,7 @@ def build(rules: Sequence[Rule], blocks: dict[str, Block], index: dict[str, int]
     """`blocks`: each target's SOCKMAP block; `index`: each target's index in the targets map."""
     if not rules:
         return _empty()
-    return _build(_columns(rules, index), blocks, index)
+    return _build(list(_columns(rules, index)), blocks, index)
 
 
 # A rule set as columns, one entry per rule: root (layout.ROOTS), address (hi, lo words), prefix
@@ -222,17 +222,31 @@ def _order_of(cols: Columns, i: int) -> tuple[int, ...]:
 
 
 def _build(
-    cols: Columns, blocks: dict[str, Block], index: dict[str, int], ordered: bool = False
+    cols: Columns | list[Any],
+    blocks: dict[str, Block],
+    index: dict[str, int],
+    ordered: bool = False,
 ) -> Built:
     """The tables of rules given as columns; `ordered`: already in rule-number order."""
     root, hi, lo, plen, plo, phi, version, steer, missing, tid = cols
     n = len(root)
     if not ordered:
-        # rule-number order: compile_rules' (protocol, family, network, length, lo, -hi)
+        # rule-number order: compile_rules' (protocol, family, network, length, lo, -hi);
+        # one column at a time, each unsorted one freed as its sorted copy is made (large
+        # rule sets: memory counts), when the caller handed its columns over (a list, emptied)
         order = np.lexsort((-phi, plo, plen, lo, hi, root))
-        root, hi, lo, plen, plo, phi, version, steer, missing, tid = (
-            a[order] for a in (root, hi, lo, plen, plo, phi, version, steer, missing, tid)
-        )
+        if isinstance(cols, list):
+            cols.clear()
+        root = root[order]
+        hi = hi[order]
+        lo = lo[order]
+        plen = plen[order]
+        plo = plo[order]
+        phi = phi[order]
+        version = version[order]
+        steer = steer[order]
+        missing = missing[order]
+        tid = tid[order]
 
     # -- per rule: what its segments say (index 0: no rule)
     names = sorted(index, key=index.__getitem__)

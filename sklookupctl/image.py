@@ -105,10 +105,8 @@ def encode(
         if isinstance(rules, LiveEdit) and not rules.whole and rules.base.searchable:
             # the live rules edited (attach, detach): from the records, no Rule per live rule
             base = rules.base
-            gone = [base.number(k) for k in rules.edits if rules.live(k) is not None]
-            more = [r for r in rules.edits.values() if r is not None]
             built = vector.build_edited(
-                base.raw(), base.count, base.names, gone, more, blocks, index
+                base.raw(), base.count, base.names, *rules.changes(), blocks, index
             )
         else:
             built = vector.build(list(rules.rules.values()), blocks, index)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import socket
-import struct
 from array import array
 from collections.abc import (
     Callable,
@@ -34,9 +33,21 @@ from collections.abc import (
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import layout
 from . import slots as slotsmod
 from .errors import NotFound, RuleConflict, TargetMismatch
-from .rules import DROP, STEER, IPAddress, Rule, RuleKey, RuleSet, format_endpoint, no_rule
+from .record import RULE
+from .rules import (
+    DROP,
+    PROTO_NAMES,
+    STEER,
+    IPAddress,
+    Rule,
+    RuleKey,
+    RuleSet,
+    format_endpoint,
+    no_rule,
+)
 
 Effect = tuple[str, str | None, str]  # (action, target, on_missing) of a rule
 
@@ -187,10 +198,8 @@ class LazyEffects(Mapping[RuleKey, Effect]):
         return self.rules.values()
 
 
-# a generation's rules map: struct layout.RuleRecord (image.RULE, record.RULE)
-_RULE = struct.Struct("<BBBBB3xHHI16s")
-_STEER, _DROP = 1, 2  # layout.ACTION_STEER, ACTION_DROP
-_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
+_RULE = RULE  # a generation's rules map: struct layout.RuleRecord
+_DROP = layout.ACTION_DROP
 
 
 def _order(key: RuleKey) -> tuple[str, int, int, int, int, int]:
@@ -201,8 +210,8 @@ def _order(key: RuleKey) -> tuple[str, int, int, int, int, int]:
 def _record_key(raw: bytes, i: int) -> RuleKey:
     proto, family, plen, _a, _m, lo, hi, _t, addr = _RULE.unpack_from(raw, i * _RULE.size)
     if family == socket.AF_INET:
-        return RuleKey.of(_NAMES[proto], 4, int.from_bytes(addr[:4], "big"), plen, lo, hi)
-    return RuleKey.of(_NAMES[proto], 6, int.from_bytes(addr, "big"), plen, lo, hi)
+        return RuleKey.of(PROTO_NAMES[proto], 4, int.from_bytes(addr[:4], "big"), plen, lo, hi)
+    return RuleKey.of(PROTO_NAMES[proto], 6, int.from_bytes(addr, "big"), plen, lo, hi)
 
 
 def _record_order(raw: bytes, i: int) -> tuple[str, int, int, int, int, int]:
@@ -213,7 +222,7 @@ def _record_effect(raw: bytes, i: int, names: list[str]) -> Effect:
     _p, _f, _l, action, miss, _lo, _hi, target, _addr = _RULE.unpack_from(raw, i * _RULE.size)
     if action == _DROP:
         return (DROP, None, "drop")
-    return (STEER, names[target], "pass" if miss == 1 else "drop")
+    return (STEER, names[target], "pass" if miss == layout.MISSING_PASS else "drop")
 
 
 class LiveEdit(RuleSet):
@@ -233,11 +242,7 @@ class LiveEdit(RuleSet):
     @property
     def rules(self) -> dict[RuleKey, Rule]:
         if self._whole is None:
-            new = tuple.__new__  # Rule() checks what a generation's record already guarantees
-            whole = {
-                key: new(Rule, (key, action, None if action == DROP else target, on_missing))
-                for key, (action, target, on_missing) in self.base.rules.items()
-            }
+            whole = _as_rules(self.base.rules)
             for key, rule in self.edits.items():
                 if rule is None:
                     whole.pop(key, None)
@@ -317,6 +322,12 @@ class LiveEdit(RuleSet):
                 self._whole.pop(key, None)
             else:
                 self._whole[key] = rule
+
+    def changes(self) -> tuple[list[int], list[Rule]]:
+        """The numbers of the live rules the edits remove or replace, and the rules they
+        add or put in their place (what vector.build_edited takes); base searchable."""
+        gone = [self.base.number(k) for k in self.edits if self.live(k) is not None]
+        return gone, [r for r in self.edits.values() if r is not None]
 
     def targets_in_use(self) -> set[str]:
         if self._whole is not None or not self.base.searchable:
@@ -664,11 +675,12 @@ def live_rules(live: Live) -> RuleSet:
     """The live rule set, to edit (a LiveEdit of a generation's rules), or as Rule objects."""
     if isinstance(live.rules, LazyEffects):
         return LiveEdit(live.rules)
-    out = RuleSet()
-    effects = live.rules.rules if isinstance(live.rules, LazyEffects) else live.rules
+    return RuleSet(_as_rules(live.rules))
+
+
+def _as_rules(effects: Mapping[RuleKey, Effect]) -> dict[RuleKey, Rule]:
     new = tuple.__new__  # Rule() checks what a generation's record already guarantees
-    out.rules = {
+    return {
         key: new(Rule, (key, action, None if action == DROP else target, on_missing))
         for key, (action, target, on_missing) in effects.items()
     }
-    return out

@@ -411,6 +411,7 @@ def build(
         if data:
             _write_array(maps[name], data)
 
+    prog: Program | None = None
     try:
         later = []
         for name in GEN_MAPS:
@@ -422,15 +423,11 @@ def build(
         from . import program  # loads the compiler only when a program must be built
 
         prog = program.load({name: maps[name].fd for name in layout.PROGRAM_MAPS})
-    except BaseException:
-        for m in maps.values():
-            m.close()
-        raise
-    try:
         for name, entry in later:
             make(name, *entry.result())
     except BaseException:
-        prog.close()
+        if prog is not None:
+            prog.close()
         for m in maps.values():
             m.close()
         raise

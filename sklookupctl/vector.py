@@ -137,12 +137,18 @@ def _record_columns(raw: bytes, count: int, names: list[str], index: dict[str, i
     """A generation's rules map (records 1..count, its targets `names` by index) as columns,
     with target indexes in `index` (another generation's targets)."""
     recs = np.frombuffer(raw, RULE, count=count, offset=RULE.itemsize)
-    v6 = recs["family"] == AF_INET6
-    root = ((recs["proto"] == PROTO_UDP) * 2 + v6).astype(np.uint8)
     steer = recs["action"] == layout.ACTION_STEER
     # a drop rule's record names target 0: its index is the number of targets
     remap = np.array([index.get(n, len(index)) for n in names] + [len(index)], np.int64)
     tid = np.where(steer, remap[np.minimum(recs["target"], len(names))], len(index))
+    version = np.where(recs["family"] == AF_INET6, 6, 4).astype(np.uint8)
+    return (*_record_keys(recs), version, steer, recs["on_missing"].astype(np.uint8), tid)
+
+
+def _record_keys(recs: Any) -> tuple[Any, Any, Any, Any, Any, Any]:
+    """Records' root, address words, prefix length and ports: rule-number order is theirs
+    (the high port descending)."""
+    root = ((recs["proto"] == PROTO_UDP) * 2 + (recs["family"] == AF_INET6)).astype(np.uint8)
     return (
         root,
         recs["addr_hi"].astype(U64),
@@ -150,10 +156,6 @@ def _record_columns(raw: bytes, count: int, names: list[str], index: dict[str, i
         recs["plen"].astype(np.int64),
         recs["lo"].astype(np.int64),
         recs["hi"].astype(np.int64),
-        np.where(v6, 6, 4).astype(np.uint8),
-        steer,
-        recs["on_missing"].astype(np.uint8),
-        tid,
     )
 
 
@@ -162,17 +164,10 @@ def in_rule_order(raw: bytes, count: int) -> bool:
     once): what plan.LazyEffects' binary search needs."""
     if count < 2:
         return True
-    recs = np.frombuffer(raw, RULE, count=count, offset=RULE.itemsize)
-    v6 = (recs["family"] == AF_INET6).astype(np.int64)
-    keys = (
-        recs["proto"].astype(np.int64),
-        v6,
-        recs["addr_hi"].astype(U64),
-        recs["addr_lo"].astype(U64),
-        recs["plen"].astype(np.int64),
-        recs["lo"].astype(np.int64),
-        -recs["hi"].astype(np.int64),
+    root, hi, lo, plen, plo, phi = _record_keys(
+        np.frombuffer(raw, RULE, count=count, offset=RULE.itemsize)
     )
+    keys = (root, hi, lo, plen, plo, -phi)
     before = np.zeros(count - 1, bool)  # row i comes before row i + 1: decided
     tied = np.ones(count - 1, bool)
     for k in keys:
@@ -749,7 +744,9 @@ def _carry_edited(
     base = out.tobytes() if np.any(out) else None
     if not tbase:
         return base, None
-    groups = len(old.names) + 2  # image.DROP_GROUPS after the targets
+    from .image import DROP_GROUPS
+
+    groups = len(old.names) + len(DROP_GROUPS)  # after the targets
     adjust = np.zeros((groups, WIDTH), dtype="<u8")
     if old.tbase:
         adjust += np.frombuffer(old.tbase, dtype="<u8", count=groups * WIDTH).reshape(-1, WIDTH)

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import sys
-import traceback
 from typing import Any
 
 import click
@@ -204,6 +203,8 @@ class Group(click.Group):
             code, hint = _errno_code(e)
             fail(code, _os_message(e), hint, as_json=_json_given[0])
         except Exception:
+            import traceback
+
             traceback.print_exc()
             fail(
                 errors.EXIT_INTERNAL,

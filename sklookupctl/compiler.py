@@ -12,12 +12,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import importlib.resources
 import os
-import shutil
 import stat
 import struct
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -69,6 +66,8 @@ _INSN = struct.Struct("<BBhi")
 
 
 def read_source() -> str:
+    import importlib.resources  # (this module's heavier imports wait until a compile)
+
     return importlib.resources.files("sklookupctl.bpf").joinpath("dispatcher.c").read_text()
 
 
@@ -133,6 +132,8 @@ def kernel_source() -> Iterator[str]:
     """The directory for BCC_KERNEL_SOURCE: the kernel's own header tree when it is complete,
     else the stand-in, kept in the cache (made in a private temporary directory, removed after,
     without a trusted one)."""
+    import shutil
+
     tree = _kernel_tree()
     if tree is not None:
         yield tree
@@ -186,6 +187,8 @@ def _ours(path: str) -> bool:
 def _private_tmp(prefix: str = "sklookupctl-standin-") -> str:
     """A new 0700 directory in a parent nobody else can rename things in (never $TMPDIR, which
     `sudo -E` keeps from the user): /run for root, else /tmp (sticky)."""
+    import tempfile
+
     for parent in ("/run", "/tmp", "/var/tmp"):
         if trust.cache_problem(os.path.join(parent, "sklookupctl-probe")) is None:
             with contextlib.suppress(OSError):
@@ -197,6 +200,9 @@ def _private_tmp(prefix: str = "sklookupctl-standin-") -> str:
 
 
 def _make_standin(parent: str, target: str) -> str:
+    import shutil
+    import tempfile
+
     if not os.path.isfile("/usr/include/linux/bpf.h"):
         raise EnvironmentProblem(
             "no kernel headers for this kernel and no uapi headers to stand in for them",
@@ -233,6 +239,8 @@ def _make_standin(parent: str, target: str) -> str:
 @contextlib.contextmanager
 def _capture_stderr() -> Iterator[list[str]]:
     """Send fd 2 to a temp file for the block; the list gets what was written."""
+    import tempfile
+
     out: list[str] = []
     with tempfile.TemporaryFile(mode="w+b") as tmp:
         saved = os.dup(2)
@@ -278,6 +286,9 @@ def _fixed_env(ksrc: str) -> Iterator[None]:
     """Compile with COMPILE_ENV, BCC_KERNEL_SOURCE always set, TMPDIR a private directory, and
     in / (BCC searches the working directory for headers: a directory of another user's, where
     root happens to be, must not supply any)."""
+    import shutil
+    import tempfile
+
     saved = dict(os.environ)
     cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     tmp = _private_tmp("sklookupctl-tmp-")

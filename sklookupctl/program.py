@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import os
 import struct
-import tempfile
 
 from . import compiler, layout, trust
 from .bpfsys import BpfError, Program
@@ -100,6 +99,8 @@ def _write_cache(path: str | None, insns: bytes) -> None:
     if path is None:
         return
     with contextlib.suppress(OSError):
+        import tempfile
+
         fd, tmp = tempfile.mkstemp(prefix=".img-", dir=os.path.dirname(path))
         try:
             with os.fdopen(fd, "wb") as f:

@@ -539,3 +539,27 @@ def test_a_signal_while_click_parses_ends_as_it_would_later(sig: int, code: int,
     )
     assert p.returncode == code, p
     assert f"error: {word}: nothing was changed" in p.stderr, p.stderr
+
+
+def test_commands_import_only_what_they_use() -> None:
+    """Every command starts Python and imports the CLI: what only compiling the program or
+    printing a traceback needs (tempfile, shutil, importlib.resources, traceback: a few ms)
+    is imported when it is needed."""
+    import os
+    import subprocess
+    import sys
+
+    import sklookupctl
+
+    code = (
+        "import sys\n"
+        "from sklookupctl import api, cli, program, store\n"
+        "heavy = ('tempfile', 'shutil', 'importlib.resources', 'traceback')\n"
+        "got = [m for m in heavy if m in sys.modules]\n"
+        "assert not got, got\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        cwd=os.path.dirname(os.path.dirname(sklookupctl.__file__)),
+    )

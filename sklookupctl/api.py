@@ -259,16 +259,22 @@ def _change(
     legacy_ok: bool = False,
     force: bool = False,
     source: str = "",
+    grows: int | None = None,
 ) -> Outcome:
     """The one way every change goes: lock, repair, read what is live, ask `desire` what is
     wanted, plan, commit. With `dry_run`, only the plan is made (under a shared lock).
     `source`: the digest of the rule file the wanted rules were read from (apply), kept with
-    them. `desire` answers None for rules that stay the live ones."""
+    them. `desire` answers None for rules that stay the live ones. `grows`: by how many rules
+    the change most likely grows the live set (attach +1, detach -1), for the new generation's
+    counters to be made meanwhile (Session.expect); a guess that proves wrong costs nothing
+    but a little kernel time."""
     with (
         _no_gc(),
         store.session(bpffs, ns, write=not dry_run, wait=wait, legacy_ok=legacy_ok) as s,
     ):
         live = s.live_lazily()
+        if grows is not None and not dry_run and live.generation:
+            s.expect(len(live.rules) + grows)
         rules, wants = desire(live)
         if rules is None and force:
             rules = live_rules(live)  # a forced commit of a plan that changes nothing
@@ -502,7 +508,7 @@ def attach(
             result.rule_changed = rs.add(chosen, replace)
             return rs, wants
 
-        out = _change(ns, bpffs, disc, desire, wait=wait, command="attach")
+        out = _change(ns, bpffs, disc, desire, wait=wait, command="attach", grows=1)
         result.rule = chosen
         result.changed = out.committed
         result.loaded = out.loaded
@@ -593,7 +599,7 @@ def detach(
         return rs, wants
 
     with open_netns(netns) as ns, sockets.Discovery(ns) as disc:
-        out = _change(ns, bpffs, disc, desire, wait=wait, command="detach")
+        out = _change(ns, bpffs, disc, desire, wait=wait, command="detach", grows=-1)
         what = f"{key} {removed[0].describe()}" if removed else ""
         return DetachResult(
             ns.label,

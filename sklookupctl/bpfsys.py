@@ -382,12 +382,13 @@ class Map(Fd, Generic[K, V]):
                     return int(line.split()[1])
         return 0
 
-    def lookup_batch_raw(self, count: int, value_size: int) -> bytes:
+    def lookup_batch_raw(self, count: int, value_size: int) -> bytearray:
         """The values of keys 0..count-1 of an ARRAY (per-CPU: `value_size` covers every
         CPU's copy), in one BPF_MAP_LOOKUP_BATCH per chunk, written by the kernel straight
-        into one buffer (a large per-CPU map is megabytes: copies cost)."""
+        into one buffer, which is returned as it is (a large per-CPU map is megabytes: copies
+        cost)."""
         if count <= 0:
-            return b""
+            return bytearray()
         out = bytearray(count * value_size)
         view = (ctypes.c_char * len(out)).from_buffer(out)
         chunk = 65536
@@ -420,9 +421,8 @@ class Map(Fd, Generic[K, V]):
                 start = out_b.value
         finally:
             del view  # the buffer is ours again
-        if got == count:
-            return bytes(out)
-        return bytes(memoryview(out)[: got * value_size])
+        del out[got * value_size :]
+        return out
 
     def lookup(self, key: K) -> V | None:
         value: V = self.value_type()

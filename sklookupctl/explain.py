@@ -99,7 +99,7 @@ def parse_address(text: str) -> IPAddress:
     return addr
 
 
-def _counted(raw: bytes, rules: int) -> tuple[int, str] | None:
+def _counted(raw: bytes | bytearray, rules: int) -> tuple[int, str] | None:
     """The rule whose counters moved in a private counters map, and what moved most tellingly
     (missing or errors before the dropped or passed it ended in). One lookup moves one rule's
     counters: the first byte that is not zero finds it (in C, whatever the number of rules)."""

@@ -304,14 +304,14 @@ class Counted:
     rules: bytes
     count: int
     base: bytes
-    raw: bytes  # the per-CPU counters map: `cpus` copies of COUNTERS per entry
+    raw: bytes | bytearray  # the per-CPU counters map: `cpus` copies of COUNTERS per entry
     cpus: int
     tbase: bytes
     names: list[str]
 
     def anything(self) -> bool:
         """Whether any counter of any rule or group is non-zero."""
-        return any(b.count(0) != len(b) for b in (self.base, self.raw, self.tbase))
+        return any(b != bytes(len(b)) for b in (self.base, self.raw, self.tbase))
 
     def columns(self) -> list[list[int]]:
         """Each rule's counters (layout.KERNEL_COUNTERS), every CPU's plus `base`, as one list

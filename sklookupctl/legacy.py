@@ -74,7 +74,7 @@ class Legacy:
 
 
 def _read(m: Map[Any, Any], count: int, size: int) -> bytes:
-    return m.lookup_batch_raw(count, size)[: count * size]
+    return bytes(m.lookup_batch_raw(count, size))
 
 
 def read(path: str, inode: int) -> Legacy:

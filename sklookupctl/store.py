@@ -150,7 +150,7 @@ def _incomplete(path: str, e: FileNotFoundError) -> EnvironmentProblem:
 
 def _read_array(m: Map[Any, Any], count: int, size: int) -> bytes:
     if m.readonly:  # the kernel maps only fds opened read-write: batch lookups instead
-        return m.lookup_batch_raw(count, size)[: count * size]
+        return bytes(m.lookup_batch_raw(count, size))
     with m.mmap() as mm:
         return bytes(mm[: count * size])
 
@@ -269,7 +269,7 @@ class Generation:
     def rule(self, number: int) -> tuple[Any, int, int, int]:
         """One rule's record, decoded: (key, action, on_missing, target index)."""
         raw = self.maps["rules"].lookup_batch_raw(number + 1, image.RULE.size)
-        return next(image.records(raw[number * image.RULE.size : (number + 1) * image.RULE.size]))
+        return next(image.records(bytes(raw[number * image.RULE.size :])))
 
     def _rule_bytes(self) -> bytes:
         if self._rules is None:
@@ -439,6 +439,7 @@ class _Ahead:
     syscall lets go of the GIL) while this one goes on."""
 
     def __init__(self, rules: int) -> None:
+        self.rules = rules
         self.made: Map[Any, Any] | None = None
         self.thread = threading.Thread(target=self._make, args=(rules + 1,), daemon=True)
         self.thread.start()
@@ -521,8 +522,12 @@ class Dispatcher:
     stale: list[str] = field(default_factory=list)  # generation directories that are not live
     tracing: str | None = None  # the trace directory whose program the link runs
     traced: Program | None = None  # that program
+    ahead: _Ahead | None = None  # the next generation's counters, being made (expect)
 
     def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead.discard()
+            self.ahead = None
         if self.link is not None:
             self.link.close()
         if self.gen is not None:
@@ -831,9 +836,7 @@ class Dispatcher:
         # a trace running: the plain program back first (the switch replaces it; the tracer
         # then traces the new generation)
         self.untrace(force=True)
-        # a large rule set's per-CPU counters take the kernel a while to allocate (0.06 s per
-        # 100,000 rules): made by another thread while this one builds the tables
-        ahead = _Ahead(len(plan.rules)) if len(plan.rules) >= image.VECTOR_MIN else None
+        ahead = self._ahead_for(len(plan.rules))
         try:
             img = image.encode(
                 plan.rules, plan.targets, meta, source=plan.source, later=ahead is not None
@@ -905,6 +908,26 @@ class Dispatcher:
                 f"{' and '.join(caught)} arrived after the switch: the change was finished first"
             )
         return notes
+
+    def expect(self, rules: int) -> None:
+        """The command expects to commit a generation of `rules` rules: a large one's per-CPU
+        counters, which take the kernel a while to allocate (0.06 s per 100,000 rules), are
+        made from now on by another thread, while this one plans (and imports numpy). A commit
+        of another size discards them and makes its own."""
+        if self.ahead is None and rules >= image.VECTOR_MIN:
+            self.ahead = _Ahead(rules)
+
+    def _ahead_for(self, rules: int) -> _Ahead | None:
+        """The counters of a generation of `rules` rules being made by another thread (made
+        ahead by `expect`, or started now, while this thread builds the tables); None for a
+        small rule set."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead.rules != rules:
+            ahead.discard()
+            ahead = None
+        if ahead is None and rules >= image.VECTOR_MIN:
+            ahead = _Ahead(rules)
+        return ahead
 
     def _switch(self, gen: Generation, old: Generation | None, attach: bool, ns: Netns) -> None:
         """Make `gen` live: one BPF_LINK_UPDATE, or (first generation, or a detached link) a
@@ -1279,6 +1302,14 @@ class Session:
         that keeps them as they are never does)."""
         d = self.dispatcher
         return d.snapshot(lazy=True) if d is not None and d.gen is not None else NOTHING
+
+    def expect(self, rules: int) -> None:
+        """The command expects to commit a generation of `rules` rules (Dispatcher.expect);
+        nothing for a first commit."""
+        assert self.store.exclusive
+        d = self.dispatcher
+        if d is not None and d.gen is not None:
+            d.expect(rules)
 
     def commit(self, plan: Plan, socket_fd: Callable[[int, str], int]) -> list[str]:
         """Make `plan` live (see Dispatcher.commit); returns notes for the operator."""

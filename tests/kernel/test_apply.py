@@ -435,3 +435,66 @@ def test_large_rule_set_paths_steer_count_and_carry(
         ("203.0.113.0/24", "443", 1, 0),
         ("web", "", 6, 0),
     ]
+
+
+def test_counters_made_ahead_for_the_size_expected(
+    ns: NS, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """attach and detach of a large set start making the new generation's counters map (slow
+    for the kernel) before they plan, for one rule more or less; the generation then uses
+    that map. A change of another size (--replace keeps the count) makes its own, and one
+    that changes nothing (detach --if-exists of no rule) discards it: no map left behind, and
+    every generation's counters map has one entry per rule (and entry 0)."""
+    import glob
+    import os
+
+    from sklookupctl import api, image, store
+
+    from .conftest import assert_no_leaks, kernel_objects
+
+    monkeypatch.setattr(image, "VECTOR_MIN", 1)
+    events: list[str] = []
+    ahead, make_plan = store._Ahead.__init__, api.make_plan
+
+    def logged_ahead(self: Any, rules: int) -> None:
+        events.append(f"ahead {rules}")
+        ahead(self, rules)
+
+    def logged_plan(*a: Any, **k: Any) -> Any:
+        events.append("plan")
+        return make_plan(*a, **k)
+
+    monkeypatch.setattr(store._Ahead, "__init__", logged_ahead)
+    monkeypatch.setattr(api, "make_plan", logged_plan)
+    text = (
+        target("web", "127.0.0.1:9")
+        + rule("tcp", "192.0.2.0/24", "all", "web")
+        + rule("tcp", "198.51.100.0/24", "80", None)
+    )
+    ns.ok("apply", write(tmp_path, "rules.toml", text), "--allow-missing")
+    base = kernel_objects()
+
+    def counters() -> tuple[int, int]:
+        (path,) = glob.glob(os.path.join(ns.bpffs, "sklookupctl", "ns-*", store.GEN_PREFIX + "*"))
+        with store.Generation.open(path, readonly=True) as g:
+            return g.meta().rules, int(g.maps["counters"].info().max_entries)
+
+    cases = [
+        (("attach", "tcp", "203.0.113.0/24", "80", "--drop"), ["ahead 3", "plan"], 3),
+        (("detach", "tcp", "203.0.113.0/24", "80"), ["ahead 2", "plan"], 2),
+        # --replace of a rule that is there: one rule more was expected, the count stays
+        (
+            ("attach", "tcp", "192.0.2.0/24", "all", "--drop", "--replace"),
+            ["ahead 3", "plan", "ahead 2"],
+            2,
+        ),
+        (("detach", "tcp", "203.0.113.0/24", "80", "--if-exists"), ["ahead 1", "plan"], 2),
+    ]
+    for args, want, rules in cases:
+        events.clear()
+        ns.ok(*args)
+        assert events == want, args
+        assert counters() == (rules, rules + 1), args
+        assert_no_leaks(ns.bpffs, base)
+    got = [(r["prefix"], r["action"]) for r in ns.status()["rules"]]  # type: ignore[index]
+    assert got == [("192.0.2.0/24", "drop"), ("198.51.100.0/24", "drop")]

@@ -12,8 +12,10 @@ import ctypes
 import ipaddress
 import socket
 import struct
+import sys
 import threading
 from array import array
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -277,8 +279,14 @@ def rule_groups(raw: bytes, count: int, ntargets: int) -> list[int]:
     body = raw[RULE.size : (count + 1) * RULE.size]
     drop = {PROTOCOLS[p]: ntargets + i for i, p in enumerate(DROP_GROUPS)}
     ad = layout.ACTION_DROP
+    # the fields as columns, by slicing (RULE: protocol at byte 0, action at 3, the target
+    # index the fourth 32-bit word), not a record unpacked at a time
+    targets = array("I", body)[3 :: RULE.size // 4]
+    if sys.byteorder != "little":
+        targets.byteswap()
     return [
-        drop[p] if a == ad else t for p, _f, _pl, a, _m, _lo, _hi, t, _a in RULE.iter_unpack(body)
+        drop[p] if a == ad else t
+        for p, a, t in zip(body[0 :: RULE.size], body[3 :: RULE.size], targets, strict=True)
     ]
 
 
@@ -288,11 +296,34 @@ def sum_groups(
     """Each group's counters added up, and its number of rules, from each rule's group index
     and the rules' counters as columns (one list per counter, by rule number from 1): one
     pass to collect each group's rule indexes, then sums over the columns, in C."""
+    counted = [col.count(0) != len(col) for col in columns]
+    if not any(counted):  # nothing counted yet (a new rule set): only the groups' sizes
+        sizes = [0] * ngroups
+        for g, k in Counter(ids).items():
+            sizes[g] = k
+        return [[0] * len(columns) for _ in range(ngroups)], sizes
     members: list[list[int]] = [[] for _ in range(ngroups)]
     for i, g in enumerate(ids):
         members[g].append(i)
-    sums = [[sum(map(col.__getitem__, idx)) for col in columns] for idx in members]
+    sums = [
+        [
+            sum(map(col.__getitem__, idx)) if c else 0
+            for col, c in zip(columns, counted, strict=True)
+        ]
+        for idx in members
+    ]
     return sums, [len(idx) for idx in members]
+
+
+def _words(data: bytes | bytearray, count: int) -> array[int]:
+    """The first `count` little-endian uint64 of `data` (zeros past its end), copied once."""
+    words = array("Q")
+    words.frombytes(memoryview(data)[: min(len(data), count * 8) // 8 * 8])
+    if sys.byteorder != "little":
+        words.byteswap()
+    if len(words) < count:
+        words.extend([0] * (count - len(words)))
+    return words
 
 
 @dataclass
@@ -320,14 +351,22 @@ class Counted:
         memory than the sums take time)."""
         n, size, ncpu = self.count, COUNTERS.size, self.cpus
         width = size // 8
-        base = array("Q", self.base[: (n + 1) * size].ljust((n + 1) * size, b"\0"))
-        per = array("Q", self.raw[: size * ncpu * (n + 1)].ljust(size * ncpu * (n + 1), b"\0"))
-        # column j of rule i on cpu c is per[(i * ncpu + c) * width + j]: sum whole columns
+        base = _words(self.base, (n + 1) * width)
+        per = _words(self.raw, (n + 1) * ncpu * width)
+        # column j of rule i on cpu c is per[(i * ncpu + c) * width + j]: sum whole columns,
+        # leaving out those that are all zeros (CPUs that looked nothing up, a base that
+        # carried nothing: most of them on a large host, all of them for a new rule set)
         stride = ncpu * width
         columns = []
         for j in range(width):
-            cpus = [per[c * width + j :: stride] for c in range(ncpu)]
-            columns.append(list(map(sum, zip(base[j::width], *cpus, strict=True)))[1:])
+            parts = [per[c * width + j :: stride] for c in range(ncpu)] + [base[j::width]]
+            parts = [p for p in parts if p.count(0) != len(p)]
+            if not parts:
+                columns.append([0] * n)
+            elif len(parts) == 1:
+                columns.append(parts[0].tolist()[1:])
+            else:
+                columns.append(list(map(sum, zip(*parts, strict=True)))[1:])
         return columns
 
     def group_stats(

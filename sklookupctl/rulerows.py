@@ -141,13 +141,12 @@ class RuleRows:
         quoted: dict[str | None, str] = {None: "null"}
         counted: dict[tuple[int, ...], str] = {}
         spans: dict[tuple[int, int], str] = {}
-        inet_ntop, AF_INET = socket.inet_ntop, socket.AF_INET
-        for r in self.rows:
-            t = r[8]
+        inet_ntop, AF_INET, AF_INET6 = socket.inet_ntop, socket.AF_INET, socket.AF_INET6
+        zeros = bytes(10)
+        for proto, version, nplen, addr, n, lo, action, missing, t, c in self.rows:
             q = quoted.get(t)
             if q is None:
                 q = quoted[t] = json.dumps(t)
-            c = r[9]
             counters = counted.get(c)
             if counters is None:
                 st, dr, pa, mi, er = c
@@ -157,17 +156,17 @@ class RuleRows:
                 )
                 if len(counted) < _CACHED:  # rules that all counted differently: no cache
                     counted[c] = counters
-            span = r[5], r[4]
-            ports = spans.get(span)
+            ports = spans.get((lo, n))
             if ports is None:
-                lo, n = span
-                ports = spans[span] = "all" if n == 65534 else f"{lo}-{lo + n}" if n else str(lo)
-            if r[1] == 4:
-                prefix = f"{inet_ntop(AF_INET, r[3][:4])}/{-r[2]}"
+                ports = spans[lo, n] = "all" if n == 65534 else f"{lo}-{lo + n}" if n else str(lo)
+            if version == 4:
+                prefix = f"{inet_ntop(AF_INET, addr[:4])}/{-nplen}"
+            elif addr.startswith(zeros):  # perhaps an IPv4 tail: prefix_text's care
+                prefix = prefix_text(6, addr, -nplen)
             else:
-                prefix = prefix_text(6, r[3], -r[2])
+                prefix = f"{inet_ntop(AF_INET6, addr)}/{-nplen}"
             yield (
-                f'{{"action":"{r[6]}","counters":{counters},'
-                f'"on_missing":"{r[7]}","ports":"{ports}",'
-                f'"prefix":"{prefix}","protocol":"{r[0]}","target":{q}}}'
+                f'{{"action":"{action}","counters":{counters},'
+                f'"on_missing":"{missing}","ports":"{ports}",'
+                f'"prefix":"{prefix}","protocol":"{proto}","target":{q}}}'
             )

@@ -102,8 +102,14 @@ def test_a_v6_rule_next_to_its_v4_tail() -> None:
     rs = RuleSet()
     rs.add(make_rule("tcp", "::1.2.3.0/120", "80", drop=True))
     rs.add(make_rule("tcp", "::fffe:0:0/95", "80", drop=True))
+    rs.add(make_rule("tcp", "::1:0:0:0/80", "80", drop=True))
+    rs.add(make_rule("tcp", "::/0", "80", drop=True))
     rows, rules, counts = rows_of(rs, 0)
-    assert rows.dicts() == plain(rules, counts)
+    want = plain(rules, counts)
+    assert rows.dicts() == want
+    assert list(rows.json_lines()) == [
+        json.dumps(d, sort_keys=True, separators=(",", ":")) for d in want
+    ]
 
 
 @pytest.mark.parametrize("seed", range(4))

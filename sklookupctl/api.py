@@ -214,9 +214,20 @@ def _syslog(line: str) -> None:
 AUDIT: Callable[[str], None] = _syslog  # where the audit trail goes (tests replace it)
 
 
+_changes = [0]
+
+
+def changes_made() -> int:
+    """How many changes this process made (each one audited): the CLI tells a change whose
+    report could not be written from a command that failed."""
+    return _changes[0]
+
+
 def audit(command: str, netns: str, what: str) -> None:
     """One line per change to syslog (the journal): who, what, where. Never fails a change."""
     from .render import clean
+
+    _changes[0] += 1
 
     who = f"uid {os.getuid()}"
     if os.environ.get("SUDO_USER"):
@@ -1251,7 +1262,10 @@ def netns_add(name: str) -> bool:
     from . import netns as nsmod
 
     require_privileges()
-    return nsmod.create(name)
+    made = nsmod.create(name)
+    if made:
+        audit("netns add", name, "created the network namespace")
+    return made
 
 
 def netns_del(
@@ -1273,6 +1287,7 @@ def netns_del(
     with contextlib.suppress(EnvironmentProblem):
         had = detach_all(name, bpffs=bpffs, wait=wait).dispatcher_removed
     nsmod.delete(name)
+    audit("netns del", name, "deleted the network namespace")
     return had
 
 
@@ -1288,7 +1303,10 @@ def addr_add(netns: str | None, prefix: str) -> bool:
     net = parse_prefix(prefix)
     require_privileges()
     with open_netns(netns) as ns:
-        return nsmod.addr_add(ns, net)
+        added = nsmod.addr_add(ns, net)
+        if added:
+            audit("addr add", ns.label, f"AnyIP {net}")
+        return added
 
 
 def addr_del(netns: str | None, prefix: str, *, if_exists: bool = False) -> bool:
@@ -1301,6 +1319,7 @@ def addr_del(netns: str | None, prefix: str, *, if_exists: bool = False) -> bool
         if if_exists and net not in nsmod.addr_list(ns):
             return False
         nsmod.addr_del(ns, net)
+        audit("addr del", ns.label, f"AnyIP {net} removed")
         return True
 
 

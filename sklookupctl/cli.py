@@ -174,6 +174,7 @@ class Group(click.Group):
         # --json as parsed; for a usage error (parsing stopped), as written
         written = "--json" in (argv[: argv.index("--")] if "--" in argv else argv)
         _json_given[0] = False
+        changes = api.changes_made()
         saved_cache = os.environ.get(compiler.CACHE_ENV)
         notices.set_sink(lambda text: click.echo(f"note: {render.clean(text)}", err=True))
         try:
@@ -195,6 +196,13 @@ class Group(click.Group):
                 f"{'terminated' if term else 'interrupted'}: nothing was changed",
                 as_json=_json_given[0],
             )
+        except errors.OutputFailed as e:
+            if api.changes_made() == changes:
+                fail(e.exit_code, e.message, e.hint, as_json=_json_given[0])
+            # the change happened: it is not reported as failed because its report was lost
+            with contextlib.suppress(OSError):
+                click.echo(f"note: the change was made, but {e.message}", err=True)
+            rv = 0
         except CompileError as e:
             fail(e.exit_code, e.message, e.hint, log=e.log, as_json=_json_given[0])
         except SklookupError as e:

@@ -89,6 +89,11 @@ class Untrusted(EnvironmentProblem):
     """State or a directory that someone other than root could have made or changed."""
 
 
+class OutputFailed(EnvironmentProblem):
+    """The command's output could not be written (a full disk, an I/O error); a reader that
+    went away is not this (the output ends, the command goes on)."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, as the CLI turns it into an exception before anything has changed (after the
     switch it is held: see interrupts.py)."""

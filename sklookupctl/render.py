@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import faults
+from .errors import OutputFailed
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -31,6 +32,8 @@ class _Stdout:
         except BrokenPipeError:
             _stop_output()
             return len(text)
+        except OSError as e:
+            raise _failed(e) from None
 
     def flush(self) -> None:
         if sys.stdout is None:
@@ -39,6 +42,8 @@ class _Stdout:
             sys.stdout.flush()
         except BrokenPipeError:
             _stop_output()
+        except OSError as e:
+            raise _failed(e) from None
 
     def isatty(self) -> bool:
         return sys.stdout is not None and sys.stdout.isatty()
@@ -46,6 +51,10 @@ class _Stdout:
     @property
     def encoding(self) -> str:
         return (sys.stdout.encoding if sys.stdout is not None else None) or "utf-8"
+
+
+def _failed(e: OSError) -> OutputFailed:
+    return OutputFailed(f"cannot write the output: {e.strerror or e}")
 
 
 _stopped = [False]

@@ -599,3 +599,38 @@ def test_closed_output_streams_change_nothing_in_the_outcome(ns: NS, closed: str
     assert run("detach", "tcp", "192.0.2.0/24", "80") == 0
     assert run("detach", "tcp", "192.0.2.0/24", "80") == 1  # no such rule
     assert ns.status()["rules"] == []
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_a_change_whose_report_cannot_be_written_is_not_a_failure(
+    ns: NS, json_flag: list[str]
+) -> None:
+    """stdout on a full device (/dev/full: ENOSPC on every write): a command that changed
+    something exits 0, and a note on stderr says the change was made and its report lost;
+    one that changed nothing (a reader, a repeated attach, an error) fails with 4 as before.
+    With stderr full too, the same exit statuses."""
+
+    def run(*args: str, err: str = "pipe") -> subprocess.CompletedProcess[str]:
+        with open("/dev/full", "w") as full:
+            return subprocess.run(
+                ns.script_argv(*args, *json_flag),
+                stdout=full,
+                stderr=full if err == "full" else subprocess.PIPE,
+                text=True,
+                timeout=60,
+            )
+
+    note = "note: the change was made, but cannot write the output: No space left on device"
+    r = run("attach", "tcp", "192.0.2.0/24", "80", "--drop")
+    assert (r.returncode, r.stderr.strip()) == (0, note)
+    assert [r["prefix"] for r in ns.status()["rules"]] == ["192.0.2.0/24"]  # type: ignore[index]
+    r = run("attach", "tcp", "192.0.2.0/24", "80", "--drop")  # nothing to change
+    assert r.returncode == 4 and "cannot write the output" in r.stderr
+    assert "note:" not in r.stderr
+    assert run("status").returncode == 4
+    assert run("addr", "add", "2001:db8:99::/48").returncode == 0
+    assert run("addr", "add", "2001:db8:99::/48").returncode == 4  # there already
+    assert run("addr", "del", "2001:db8:99::/48", err="full").returncode == 0
+    assert run("detach", "tcp", "192.0.2.0/24", "80", err="full").returncode == 0
+    assert ns.status()["rules"] == []
+    assert run("detach", "tcp", "192.0.2.0/24", "80").returncode == 1  # no such rule

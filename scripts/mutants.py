@@ -240,6 +240,30 @@ MUTANTS = [
         "np.subtract.at(adjust, _group_ids(new_recs[mid_n], len(old.names)), totals[mid_o + 1])",
         "pass",
     ),
+    (
+        "image.py",
+        "readers leave out the counters of a CPU that counted when another one did too",
+        "            parts = [p for p in parts if p.count(0) != len(p)]",
+        "            parts = [p for p in parts if p.count(0) != len(p)][:1]",
+    ),
+    (
+        "image.py",
+        "group totals skip the counters that counted",
+        "            sum(map(col.__getitem__, idx)) if c else 0",
+        "            sum(map(col.__getitem__, idx)) if not c else 0",
+    ),
+    (
+        "image.py",
+        "a drop rule counts in a target's group",
+        "        drop[p] if a == ad else t\n",
+        "        t\n",
+    ),
+    (
+        "rulerows.py",
+        "status --json writes an IPv6 prefix with an IPv4 tail as glibc does, not as Python",
+        "            elif addr.startswith(zeros):",
+        "            elif False:",
+    ),
 ]
 
 

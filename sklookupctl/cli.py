@@ -75,19 +75,27 @@ def fail(code: int, message: str, hint: str = "", log: str = "", as_json: bool =
     """Report an error as one line on stderr (JSON with --json) and exit with `code`. The
     message is cleaned (render.clean) and cut, whatever it quotes."""
     message, hint = render.clean(message), render.clean(hint)
-    if as_json:
-        doc = {"error": message[:MESSAGE_MAX], "hint": hint[:MESSAGE_MAX], "exit_code": code}
-        if log:
-            doc["log"] = log
-        click.echo(json.dumps(doc, sort_keys=True), err=True)
-    else:
-        text = message + (f" ({hint})" if hint else "")
-        if len(text) > MESSAGE_MAX:
-            text = text[: MESSAGE_MAX - 3] + "..."
-        click.echo(f"error: {text}", err=True)
-        if log:
-            click.echo(log, err=True)
+    # stderr that cannot be written (a full disk) loses the line, not the exit status
+    with contextlib.suppress(OSError):
+        if as_json:
+            doc = {"error": message[:MESSAGE_MAX], "hint": hint[:MESSAGE_MAX], "exit_code": code}
+            if log:
+                doc["log"] = log
+            click.echo(json.dumps(doc, sort_keys=True), err=True)
+        else:
+            text = message + (f" ({hint})" if hint else "")
+            if len(text) > MESSAGE_MAX:
+                text = text[: MESSAGE_MAX - 3] + "..."
+            click.echo(f"error: {text}", err=True)
+            if log:
+                click.echo(log, err=True)
     sys.exit(code)
+
+
+# The exit status of a command whose change was made but whose report could not be written
+# (stdout on a full disk): 0, or what the command would have exited with after its report
+# (apply --exit-code); None for a command whose output is what it is for (demo): it fails
+_report_lost: list[int | None] = [0]
 
 
 GLOBAL_OPTIONS = ("-n", "--netns", "--bpffs", "--wait", "--cache-dir")  # each takes a value
@@ -175,6 +183,7 @@ class Group(click.Group):
         written = "--json" in (argv[: argv.index("--")] if "--" in argv else argv)
         _json_given[0] = False
         changes = api.changes_made()
+        _report_lost[0] = 0
         saved_cache = os.environ.get(compiler.CACHE_ENV)
         notices.set_sink(lambda text: click.echo(f"note: {render.clean(text)}", err=True))
         try:
@@ -197,12 +206,12 @@ class Group(click.Group):
                 as_json=_json_given[0],
             )
         except errors.OutputFailed as e:
-            if api.changes_made() == changes:
+            if api.changes_made() == changes or _report_lost[0] is None:
                 fail(e.exit_code, e.message, e.hint, as_json=_json_given[0])
             # the change happened: it is not reported as failed because its report was lost
             with contextlib.suppress(OSError):
                 click.echo(f"note: the change was made, but {e.message}", err=True)
-            rv = 0
+            rv = _report_lost[0]
         except CompileError as e:
             fail(e.exit_code, e.message, e.hint, log=e.log, as_json=_json_given[0])
         except SklookupError as e:
@@ -649,11 +658,14 @@ def apply(
             wait=obj.wait,
             allow_missing=allow_missing,
         )
+    differs = exit_code and res.to_json()["changed"]
+    if differs:
+        _report_lost[0] = errors.EXIT_DIFFERS
     if as_json:
         render.emit_json(res.to_json())
     else:
         render.apply_result(res)
-    if exit_code and res.to_json()["changed"]:
+    if differs:
         sys.exit(errors.EXIT_DIFFERS)
 
 
@@ -1156,6 +1168,7 @@ def demo(obj: Obj, keep: bool, samples: int, as_json: bool) -> None:
     """
     from . import demo as demo_mod
 
+    _report_lost[0] = None  # its output is what it is for (and its namespace is gone after)
     demo_mod.run(keep=keep, samples=samples, as_json=as_json, bpffs=obj.bpffs, name=obj.netns)
 
 
@@ -1173,8 +1186,9 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         caught = interrupts.release()
         if caught:
-            click.echo(
-                f"note: {' and '.join(caught)} arrived after the change was made; it was "
-                "finished and reported first",
-                err=True,
-            )
+            with contextlib.suppress(OSError):
+                click.echo(
+                    f"note: {' and '.join(caught)} arrived after the change was made; it was "
+                    "finished and reported first",
+                    err=True,
+                )

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from sklookupctl import compiler
 from sklookupctl.cli import cli
 
-from .conftest import NS, Proxy
+from .conftest import CONSOLE_SCRIPT, NS, Proxy
 
 
 @dataclass(frozen=True)
@@ -603,7 +603,7 @@ def test_closed_output_streams_change_nothing_in_the_outcome(ns: NS, closed: str
 
 @pytest.mark.parametrize("json_flag", [[], ["--json"]])
 def test_a_change_whose_report_cannot_be_written_is_not_a_failure(
-    ns: NS, json_flag: list[str]
+    ns: NS, json_flag: list[str], tmp_path: Path
 ) -> None:
     """stdout on a full device (/dev/full: ENOSPC on every write): a command that changed
     something exits 0, and a note on stderr says the change was made and its report lost;
@@ -634,3 +634,24 @@ def test_a_change_whose_report_cannot_be_written_is_not_a_failure(
     assert run("detach", "tcp", "192.0.2.0/24", "80", err="full").returncode == 0
     assert ns.status()["rules"] == []
     assert run("detach", "tcp", "192.0.2.0/24", "80").returncode == 1  # no such rule
+    assert run("detach", "tcp", "192.0.2.0/24", "80", err="full").returncode == 1
+    # apply --exit-code: 5 when it changed something, whether or not its report was written
+    rules = tmp_path / "rules.toml"
+    rules.write_text(
+        '[[rules]]\nprotocol = "tcp"\nprefix = "192.0.2.0/24"\nports = "80"\naction = "drop"\n'
+    )
+    r = run("apply", str(rules), "--exit-code")
+    assert (r.returncode, r.stderr.strip()) == (5, note)
+    assert run("apply", str(rules), "--exit-code").returncode == 4  # nothing changed
+    # the demo: its output is what it is for, and its namespace is gone afterwards
+    name = f"{ns.name}-demo"
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(
+            [CONSOLE_SCRIPT, "-n", name, "--bpffs", ns.bpffs, "demo", "--samples", "2", *json_flag],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    assert r.returncode == 4 and "note:" not in r.stderr, r.stderr
+    assert not os.path.exists(f"/run/netns/{name}")

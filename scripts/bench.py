@@ -851,8 +851,25 @@ def cli_times(sb: Sandbox, runs: int) -> dict[str, Any]:
 # -- data path per rule set ----------------------------------------------------------------
 
 
+def one_rule_changes(
+    sb: Sandbox, name: str, one: tuple[str, str, str], runs: int
+) -> tuple[list[float], list[float]]:
+    """`runs` pairs of whole CLI processes: one drop rule attached beside the rule set, then
+    detached; each process's wall time (a single 0.3 s process varies by 10%: medians)."""
+    attach, detach = [], []
+    for _ in range(runs):
+        attach.append(sb.cli(name, "attach", *one, "--drop"))
+        detach.append(sb.cli(name, "detach", *one))
+    return attach, detach
+
+
 def datapath(
-    sb: Sandbox, sizes: list[int], shapes: list[str], rounds: int, samples: int
+    sb: Sandbox,
+    sizes: list[int],
+    shapes: list[str],
+    rounds: int,
+    samples: int,
+    change_runs: int = 5,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     name = sb.netns("datapath")
     a = sb.echo(name, "[::]:0", "[::]:0")
@@ -898,9 +915,8 @@ def datapath(
             # one rule added and removed beside the whole set, a status --json of it all, and
             # the first apply's peak memory (a process of its own)
             one = ("tcp", "240.0.0.0/24", "80")  # RESERVED: no generated rule is there
-            t_attach = sb.cli(name, "attach", *one, "--drop")
-            t_detach = sb.cli(name, "detach", *one)
-            t_status = sb.cli(name, "status", "--json")
+            t_attach, t_detach = one_rule_changes(sb, name, one, change_runs)
+            t_status = [sb.cli(name, "status", "--json") for _ in range(change_runs)]
             sb.cli(name, "detach", "--all")
             rss = sb.peak_rss(name, "apply", path)
             with (
@@ -919,8 +935,7 @@ def datapath(
             # the same one-rule change once the rules have counted (the data path's runs
             # above count in the live maps): every counter is then carried to the new
             # generation, as on a host with traffic
-            t_attach_counted = sb.cli(name, "attach", *one, "--drop")
-            t_detach_counted = sb.cli(name, "detach", *one)
+            t_attach_counted, t_detach_counted = one_rule_changes(sb, name, one, change_runs)
             med = {k: statistics.median(v) for k, v in per.items() if v}
             for k in base_samples:
                 base_samples[k] += per[k]
@@ -931,11 +946,17 @@ def datapath(
                     "apply_first_s": t_first,
                     "apply_replace_1pct_s": t_replace,
                     "apply_unchanged_s": t_same,
-                    "attach_one_s": t_attach,
-                    "detach_one_s": t_detach,
-                    "attach_one_counted_s": t_attach_counted,
-                    "detach_one_counted_s": t_detach_counted,
-                    "status_json_s": t_status,
+                    # medians of change_runs runs (each run's time in the *_all_s lists)
+                    "attach_one_s": statistics.median(t_attach),
+                    "detach_one_s": statistics.median(t_detach),
+                    "attach_one_counted_s": statistics.median(t_attach_counted),
+                    "detach_one_counted_s": statistics.median(t_detach_counted),
+                    "status_json_s": statistics.median(t_status),
+                    "attach_one_all_s": t_attach,
+                    "detach_one_all_s": t_detach,
+                    "attach_one_counted_all_s": t_attach_counted,
+                    "detach_one_counted_all_s": t_detach_counted,
+                    "status_json_all_s": t_status,
                     "apply_peak_rss_mb": rss,
                     "memlock_bytes": memlock,
                     "ns": med,
@@ -1038,6 +1059,14 @@ def size_label(n: int) -> str:
     return {1: "1", 1000: "1k", 100_000: "100k", 1_000_000: "1M"}.get(n, str(n))
 
 
+def runs_text(res: dict[str, Any], what: str) -> str:
+    """What the one-rule changes' and statuses' figures are: one run each (results written
+    before they were repeated), or medians of several."""
+    rows = res.get("datapath") or [{}]
+    n = len(rows[0].get("attach_one_all_s", [0]))
+    return "one run each" if n == 1 else f"medians of {n} {what}"
+
+
 def markdown(res: dict[str, Any]) -> str:
     m = res["machine"]
     out = [
@@ -1075,8 +1104,8 @@ def markdown(res: dict[str, Any]) -> str:
             "Control plane, whole CLI processes on the same rule sets: the first apply, a 1% "
             "change, the same file again, one rule attached and detached beside the whole set "
             "(before any rule counted, and again after the data path's runs, when every "
-            "counter is carried over), `status --json` of it all, the first apply's peak "
-            "memory, and the maps' memory:",
+            f"counter is carried over; {runs_text(res, 'pairs')}), `status --json` of it all "
+            f"({runs_text(res, 'runs')}), the first apply's peak memory, and the maps' memory:",
             "",
             "| prefix lengths | rules | apply (first) | apply (1% changed) | apply (unchanged) "
             "| attach one | detach one | attach / detach, counted | status --json | peak RSS "
@@ -1221,6 +1250,9 @@ def main() -> None:
     ap.add_argument("--tcp-seconds", type=float, default=3.0)
     ap.add_argument("--tcp-rules", type=int, default=100_000, help="rules loaded beside ours")
     ap.add_argument("--cli-runs", type=int, default=7)
+    ap.add_argument(
+        "--change-runs", type=int, default=5, help="one-rule attach/detach pairs and statuses"
+    )
     ap.add_argument("--targets", default="2000,10000", help="target counts to apply")
     ap.add_argument("--targets-runs", type=int, default=5)
     ap.add_argument("--udp-rounds", type=int, default=11)
@@ -1247,7 +1279,7 @@ def main() -> None:
         if "datapath" not in skip:
             sizes = [int(s) for s in args.sizes.split(",")]
             res["datapath"], res["baseline_ns"] = datapath(
-                sb, sizes, args.shapes.split(","), args.rounds, args.samples
+                sb, sizes, args.shapes.split(","), args.rounds, args.samples, args.change_runs
             )
         if "cli" not in skip:
             log("CLI timings")

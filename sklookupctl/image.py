@@ -281,9 +281,7 @@ def rule_groups(raw: bytes, count: int, ntargets: int) -> list[int]:
     ad = layout.ACTION_DROP
     # the fields as columns, by slicing (RULE: protocol at byte 0, action at 3, the target
     # index the fourth 32-bit word), not a record unpacked at a time
-    targets = array("I", body)[3 :: RULE.size // 4]
-    if sys.byteorder != "little":
-        targets.byteswap()
+    targets = _words(body, count * RULE.size // 4, "I")[3 :: RULE.size // 4]
     return [
         drop[p] if a == ad else t
         for p, a, t in zip(body[0 :: RULE.size], body[3 :: RULE.size], targets, strict=True)
@@ -315,10 +313,12 @@ def sum_groups(
     return sums, [len(idx) for idx in members]
 
 
-def _words(data: bytes | bytearray, count: int) -> array[int]:
-    """The first `count` little-endian uint64 of `data` (zeros past its end), copied once."""
-    words = array("Q")
-    words.frombytes(memoryview(data)[: min(len(data), count * 8) // 8 * 8])
+def _words(data: bytes | bytearray, count: int, code: str = "Q") -> array[int]:
+    """The first `count` little-endian unsigned words of `data` (array typecode `code`: Q 64
+    bits, I 32), zeros past its end, copied once."""
+    words = array(code)
+    size = words.itemsize
+    words.frombytes(memoryview(data)[: min(len(data), count * size) // size * size])
     if sys.byteorder != "little":
         words.byteswap()
     if len(words) < count:

@@ -466,12 +466,14 @@ def test_counters_made_ahead_for_the_size_expected(
 
     monkeypatch.setattr(store._Ahead, "__init__", logged_ahead)
     monkeypatch.setattr(api, "make_plan", logged_plan)
+    web = ns.proxy(tcp="127.0.0.1:0", tag="web")
+    to = ("--to", f"127.0.0.1:{web.port}", "--name", "web")
     text = (
-        target("web", "127.0.0.1:9")
+        target("web", f"127.0.0.1:{web.port}")
         + rule("tcp", "192.0.2.0/24", "all", "web")
         + rule("tcp", "198.51.100.0/24", "80", None)
     )
-    ns.ok("apply", write(tmp_path, "rules.toml", text), "--allow-missing")
+    ns.ok("apply", write(tmp_path, "rules.toml", text))
     base = kernel_objects()
 
     def counters() -> tuple[int, int]:
@@ -479,22 +481,35 @@ def test_counters_made_ahead_for_the_size_expected(
         with store.Generation.open(path, readonly=True) as g:
             return g.meta().rules, int(g.maps["counters"].info().max_entries)
 
+    steered, new = "192.0.2.5 80 web", "203.0.113.5 80 web"
+    # (the command, what it logs, the rules after it, where connections to 192.0.2.5:80 and
+    # 203.0.113.5:80 then land)
     cases = [
-        (("attach", "tcp", "203.0.113.0/24", "80", "--drop"), ["ahead 3", "plan"], 3),
-        (("detach", "tcp", "203.0.113.0/24", "80"), ["ahead 2", "plan"], 2),
+        (("attach", "tcp", "203.0.113.0/24", "80", *to), ["ahead 3", "plan"], 3, steered, new),
+        (("detach", "tcp", "203.0.113.0/24", "80"), ["ahead 2", "plan"], 2, steered, "refused"),
         # --replace of a rule that is there: one rule more was expected, the count stays
         (
             ("attach", "tcp", "192.0.2.0/24", "all", "--drop", "--replace"),
             ["ahead 3", "plan", "ahead 2"],
             2,
+            "refused",
+            "refused",
         ),
-        (("detach", "tcp", "203.0.113.0/24", "80", "--if-exists"), ["ahead 1", "plan"], 2),
+        (
+            ("detach", "tcp", "203.0.113.0/24", "80", "--if-exists"),
+            ["ahead 1", "plan"],
+            2,
+            "refused",
+            "refused",
+        ),
     ]
-    for args, want, rules in cases:
+    for args, want, rules, at_steered, at_new in cases:
         events.clear()
         ns.ok(*args)
         assert events == want, args
         assert counters() == (rules, rules + 1), args
         assert_no_leaks(ns.bpffs, base)
+        assert ns.dial("tcp", "192.0.2.5", 80) == at_steered, args
+        assert ns.dial("tcp", "203.0.113.5", 80) == at_new, args
     got = [(r["prefix"], r["action"]) for r in ns.status()["rules"]]  # type: ignore[index]
     assert got == [("192.0.2.0/24", "drop"), ("198.51.100.0/24", "drop")]
